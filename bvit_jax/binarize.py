@@ -1,0 +1,154 @@
+"""Binarizers: the forward quantizers and their surrogate gradients.
+
+Every binarizer here is a ``jax.custom_vjp`` whose docstring states the forward
+value, the backward (surrogate) gradient, and where it comes from. All of them
+use ``sign(0) = +1`` (``jnp.sign(0)`` is 0 and would leave a third level).
+
+Naming follows larq's quantizers: ``ste_sign`` (clipped straight-through),
+``approx_sign`` (Bi-Real Net), ``weight_binarize`` (XNOR-Net / ReActNet scaled
+weights) and ``elastic_binarize`` (BiT's {0, c} binarizer for attention
+probabilities).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "sign",
+    "ste_sign",
+    "approx_sign",
+    "weight_binarize",
+    "elastic_binarize",
+    "ACTIVATION_BINARIZERS",
+    "get_activation_binarizer",
+]
+
+
+def sign(x: jax.Array) -> jax.Array:
+    """Hard sign with ``sign(0) = +1``: ``+1 if x >= 0 else -1`` (no gradient rule)."""
+    return jnp.where(x >= 0, 1, -1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def ste_sign(x: jax.Array) -> jax.Array:
+    """Sign with the clipped straight-through estimator.
+
+    forward:  ``sign(x)`` with ``sign(0) = +1``
+    backward: ``dL/dx = dL/dy * 1{|x| <= 1}``
+
+    Source: Hubara et al., "Binarized Neural Networks" (2016); larq ``ste_sign``.
+    """
+    return sign(x)
+
+
+def _ste_sign_fwd(x):
+    return sign(x), x
+
+
+def _ste_sign_bwd(x, g):
+    return (g * (jnp.abs(x) <= 1).astype(g.dtype),)
+
+
+ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+
+
+@jax.custom_vjp
+def approx_sign(x: jax.Array) -> jax.Array:
+    """Sign with Bi-Real Net's piecewise-polynomial ApproxSign gradient.
+
+    forward:  ``sign(x)`` with ``sign(0) = +1``
+    backward: ``dL/dx = dL/dy * d``, ``d = 2 + 2x`` on ``[-1, 0)``,
+              ``2 - 2x`` on ``[0, 1)``, ``0`` elsewhere (i.e. ``max(0, 2 - 2|x|)``),
+              the derivative of the quadratic approximation of sign.
+
+    Source: Liu et al., "Bi-Real Net" (ECCV 2018), Eq. 3-4; larq ``approx_sign``.
+    """
+    return sign(x)
+
+
+def _approx_sign_fwd(x):
+    return sign(x), x
+
+
+def _approx_sign_bwd(x, g):
+    return (g * jnp.maximum(0.0, 2.0 - 2.0 * jnp.abs(x)).astype(g.dtype),)
+
+
+approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
+
+
+ACTIVATION_BINARIZERS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "ste": ste_sign,
+    "approx": approx_sign,
+}
+
+
+def get_activation_binarizer(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Look up an activation binarizer by config name (``'ste'`` or ``'approx'``)."""
+    try:
+        return ACTIVATION_BINARIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown activation binarizer {name!r}; choose one of "
+            f"{sorted(ACTIVATION_BINARIZERS)} (config field model.act_binarizer)."
+        ) from None
+
+
+def weight_alpha(w: jax.Array, in_axes: int | tuple[int, ...] = 0) -> jax.Array:
+    """Per-output-channel scale ``alpha = mean(|W|)`` over the input axes (keepdims)."""
+    return jnp.mean(jnp.abs(w), axis=in_axes, keepdims=True)
+
+
+def weight_binarize(w: jax.Array, *, scale: bool = True) -> jax.Array:
+    """Scaled weight binarizer for a ``(in, out)`` kernel.
+
+    forward:  ``W_b = alpha * sign(W)``, ``alpha = mean_in(|W|)`` per output
+              channel (``alpha = 1`` when ``scale=False``)
+    backward: ``dL/dW = alpha * dL/dW_b * 1{|W| <= 1}`` (clipped straight-through;
+              ``alpha`` is treated as a constant, as ReActNet detaches it)
+
+    Sources: Rastegari et al., "XNOR-Net" (ECCV 2016) for the scale;
+    Liu et al., "ReActNet" (ECCV 2020) for the detached scale.
+    """
+    b = ste_sign(w)
+    if not scale:
+        return b
+    return jax.lax.stop_gradient(weight_alpha(w)) * b
+
+
+@jax.custom_vjp
+def elastic_binarize(p: jax.Array, c: jax.Array) -> jax.Array:
+    """{0, c} binarizer with a learnable level ``c`` (for attention probabilities).
+
+    forward:  ``q = c * clip(round(p / c), 0, 1)`` (``c > 0``; ``round`` is
+              half-to-even, so ``p = c/2`` maps to 0)
+    backward: ``dL/dp = dL/dq * 1{0 <= p <= c}`` (straight-through inside the range)
+              ``dL/dc = sum dL/dq * (round(p/c) - p/c)`` for ``0 <= p/c <= 1``,
+              ``1`` where ``p/c > 1`` and ``0`` where ``p/c < 0`` (LSQ's step-size
+              gradient; summed over all elements since ``c`` is shared).
+
+    Sources: Liu et al., "BiT: Robustly Binarized Multi-distilled Transformer"
+    (NeurIPS 2022), elastic binarization; Esser et al., "LSQ" (ICLR 2020).
+    """
+    return c * jnp.clip(jnp.round(p / c), 0, 1)
+
+
+def _elastic_fwd(p, c):
+    return elastic_binarize(p, c), (p, c)
+
+
+def _elastic_bwd(res, g):
+    p, c = res
+    r = p / c
+    inside = (r >= 0) & (r <= 1)
+    gp = g * inside.astype(g.dtype)
+    dq_dc = jnp.where(inside, jnp.round(r) - r, jnp.where(r > 1, 1.0, 0.0))
+    gc = jnp.sum(g * dq_dc.astype(g.dtype))
+    return gp, jnp.reshape(gc, jnp.shape(c)).astype(c.dtype)
+
+
+elastic_binarize.defvjp(_elastic_fwd, _elastic_bwd)

@@ -1,0 +1,293 @@
+"""Binary ViT building blocks in Flax NNX.
+
+Layers here read their switches from :class:`BinaryOptions`; with every switch
+off they are exactly the full-precision DeiT layers, so one implementation
+covers the teacher and every binary preset.
+
+Where the bits are (``../shared/DESIGN.md``): the inputs and weights of every
+linear layer inside the transformer blocks (q, k, v, attention output, fc1,
+fc2), and both attention matmuls (Q, K, V in +-1; probabilities in {0, c}).
+Patch embedding, tokens, LayerNorms, head, biases, scales and shifts stay in
+full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from bvit_jax.binarize import elastic_binarize, get_activation_binarizer, weight_binarize
+
+__all__ = [
+    "BinaryOptions",
+    "ActivationShift",
+    "SignActivation",
+    "BinaryLinear",
+    "LinearBlock",
+    "RPReLU",
+    "Attention",
+    "Mlp",
+    "Block",
+    "match_width",
+]
+
+trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryOptions:
+    """The switches of one model; every field is a config field (``model.*``).
+
+    Attributes:
+      binarize_weights: latent float kernels -> ``alpha * sign(W)`` in the forward.
+      binarize_acts: inputs of binary linears -> ``sign(x - shift)``.
+      act_binarizer: backward of the activation sign: ``'approx'`` (Bi-Real
+        ApproxSign) or ``'ste'`` (clipped straight-through).
+      weight_scale: multiply binary weights by ``alpha = mean|W|`` per output channel.
+      learnable_shift: static per-channel ``beta`` before every sign (RSign).
+      asm: the adaptive ASM term ``gamma * mean_tokens(x)`` before every sign.
+      linear_shortcut: ``x + LN(binary_linear(x))`` around every block linear.
+      rprelu: RPReLU in the MLP instead of GELU.
+      binary_attention: Q, K, V in +-1 and attention probabilities in {0, c}.
+      attn_level_init: initial ``c`` of the {0, c} binarizer; ``None`` -> ``1/N``.
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    binarize_weights: bool = False
+    binarize_acts: bool = False
+    act_binarizer: str = "approx"
+    weight_scale: bool = True
+    learnable_shift: bool = False
+    asm: bool = False
+    linear_shortcut: bool = False
+    rprelu: bool = False
+    binary_attention: bool = False
+    attn_level_init: float | None = None
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        get_activation_binarizer(self.act_binarizer)  # validates the name
+        if (self.asm or self.learnable_shift) and not (self.binarize_acts or self.binary_attention):
+            raise ValueError(
+                "model.asm / model.learnable_shift shift the input of a sign, but no "
+                "activation is binarized: set model.binarize_acts or model.binary_attention."
+            )
+
+    @property
+    def is_binary(self) -> bool:
+        return self.binarize_weights or self.binarize_acts or self.binary_attention
+
+
+class ActivationShift(nnx.Module):
+    """Per-channel shift subtracted before ``sign`` (RSign's beta and the ASM term).
+
+    ``shift(x) = beta + gamma * mean_tokens(x)`` for ``x`` of shape
+    ``(..., tokens, channels)``; ``beta`` and ``gamma`` are learnable,
+    zero-initialised, so an untrained module is plain ``sign``. ``beta`` alone is
+    ReActNet's RSign (Liu et al., ECCV 2020); the adaptive ``gamma`` term is this
+    project's activation shift module (ASM, ``../shared/DESIGN.md``): it removes
+    a learned share of each sample's own channel mean, cancelling the large
+    inter-channel offsets of ViT activations.
+    """
+
+    def __init__(self, dim: int, *, static: bool = True, adaptive: bool = False):
+        self.beta = nnx.Param(jnp.zeros((dim,))) if static else None
+        self.gamma = nnx.Param(jnp.zeros((dim,))) if adaptive else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shift = jnp.zeros((x.shape[-1],), x.dtype)
+        if self.beta is not None:
+            shift = shift + self.beta[...].astype(x.dtype)
+        if self.gamma is not None:
+            shift = shift + self.gamma[...].astype(x.dtype) * jnp.mean(x, axis=-2, keepdims=True)
+        return shift
+
+
+class SignActivation(nnx.Module):
+    """Binarize an activation: ``x_b = sign(x - shift(x))`` with a surrogate gradient.
+
+    With ``capture=True`` it records, as ``nnx.Intermediate`` values, its input
+    ``x`` and the shifted value ``x - shift(x)`` (the input of the sign) for the
+    diagnostics in :mod:`bvit_jax.diagnostics`.
+    """
+
+    def __init__(self, dim: int, opts: BinaryOptions):
+        self.binarizer = opts.act_binarizer
+        if opts.learnable_shift or opts.asm:
+            self.shift = ActivationShift(dim, static=opts.learnable_shift, adaptive=opts.asm)
+        else:
+            self.shift = None
+
+    def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        shifted = x if self.shift is None else x - self.shift(x)
+        if capture:
+            self.sow(nnx.Intermediate, "x", x)
+            self.sow(nnx.Intermediate, "shifted", shifted)
+        return get_activation_binarizer(self.binarizer)(shifted)
+
+
+class BinaryLinear(nnx.Module):
+    """Linear layer ``y = B_a(x) @ B_w(W) + b`` on latent float weights.
+
+    ``B_a(x) = sign(x - shift(x))`` when ``binarize_acts`` (else ``x``);
+    ``B_w(W) = alpha * sign(W)`` when ``binarize_weights`` (else ``W``), see
+    :func:`bvit_jax.binarize.weight_binarize`. The kernel stays a float
+    "latent" weight during training: the 1-bit model is what ``export`` packs.
+    With both switches off this is exactly ``nnx.Linear`` (DeiT's init:
+    truncated normal, std 0.02; zero bias).
+    """
+
+    def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.binarize_weights = opts.binarize_weights
+        self.weight_scale = opts.weight_scale
+        self.dtype = opts.dtype
+        self.kernel = nnx.Param(trunc_normal(rngs.params(), (in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.act = SignActivation(in_features, opts) if opts.binarize_acts else None
+
+    def binary_kernel(self) -> jax.Array:
+        """The kernel the forward multiplies by: ``alpha * sign(W)`` or ``W``."""
+        w = self.kernel[...]
+        return weight_binarize(w, scale=self.weight_scale) if self.binarize_weights else w
+
+    def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        if self.act is not None:
+            x = self.act(x, capture=capture)
+        w = self.binary_kernel()
+        y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
+
+
+def match_width(x: jax.Array, width: int) -> jax.Array:
+    """Match the channel width of a shortcut: repeat or average channel groups.
+
+    ``C -> k*C``: concatenate ``k`` copies of ``x`` (``jnp.tile``);
+    ``k*C -> C``: average the ``k`` consecutive groups of ``C`` channels
+    (Bi-Real / ReActNet-style shortcut for changing widths).
+    """
+    c = x.shape[-1]
+    if c == width:
+        return x
+    if width % c == 0:
+        return jnp.tile(x, (1,) * (x.ndim - 1) + (width // c,))
+    if c % width == 0:
+        return jnp.mean(rearrange(x, "... (k c) -> ... k c", c=width), axis=-2)
+    raise ValueError(f"cannot match a shortcut of width {c} to {width}: one must divide the other")
+
+
+class LinearBlock(nnx.Module):
+    """A block linear with the optional real-valued shortcut: ``match(x) + LN(linear(x))``.
+
+    Binary-CNN practice applied to every linear of a binary ViT (Bi-Real Net's
+    per-layer shortcut, with a LayerNorm on the binary branch), so real-valued
+    information bypasses each binarization. ``match`` is :func:`match_width`.
+    Without ``linear_shortcut`` this is just the linear layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
+        self.linear = BinaryLinear(in_features, out_features, opts, rngs=rngs)
+        self.norm = (
+            nnx.LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+            if opts.linear_shortcut
+            else None
+        )
+
+    def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        y = self.linear(x, capture=capture)
+        if self.norm is None:
+            return y
+        return match_width(x, y.shape[-1]).astype(y.dtype) + self.norm(y)
+
+
+class RPReLU(nnx.Module):
+    """RPReLU: ``PReLU(x - gamma) + zeta`` with per-channel ``gamma``, ``zeta`` and slope.
+
+    ``PReLU(z) = z if z >= 0 else a * z``; ``a`` initialised to 0.25, shifts to 0.
+    Source: Liu et al., "ReActNet" (ECCV 2020), Eq. 4.
+    """
+
+    def __init__(self, dim: int):
+        self.gamma = nnx.Param(jnp.zeros((dim,)))
+        self.zeta = nnx.Param(jnp.zeros((dim,)))
+        self.slope = nnx.Param(jnp.full((dim,), 0.25))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        z = x - self.gamma[...].astype(x.dtype)
+        return jnp.where(z >= 0, z, self.slope[...].astype(x.dtype) * z) + self.zeta[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention, optionally binary.
+
+    Full precision: ``softmax(Q K^T / sqrt(d)) V``. With ``binary_attention``:
+    ``Q_b, K_b, V_b = sign(. - shift)`` (each through a :class:`SignActivation`),
+    ``P = softmax(Q_b K_b^T / sqrt(d))``, ``P_b = c * clip(round(P / c), 0, 1)``
+    (:func:`bvit_jax.binarize.elastic_binarize`, learnable ``c`` initialised to
+    ``1/N`` for N tokens), output ``P_b V_b`` (both matmuls on binary operands).
+    q, k, v and the output projection are :class:`LinearBlock` layers.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_tokens: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = LinearBlock(dim, dim, opts, rngs=rngs)
+        self.k = LinearBlock(dim, dim, opts, rngs=rngs)
+        self.v = LinearBlock(dim, dim, opts, rngs=rngs)
+        self.proj = LinearBlock(dim, dim, opts, rngs=rngs)
+        if opts.binary_attention:
+            self.q_sign = SignActivation(dim, opts)
+            self.k_sign = SignActivation(dim, opts)
+            self.v_sign = SignActivation(dim, opts)
+            level = opts.attn_level_init if opts.attn_level_init is not None else 1.0 / num_tokens
+            self.attn_level = nnx.Param(jnp.asarray(level, jnp.float32))
+        else:
+            self.q_sign = self.k_sign = self.v_sign = self.attn_level = None
+
+    def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        q, k, v = (m(x, capture=capture) for m in (self.q, self.k, self.v))
+        if self.attn_level is not None:
+            q = self.q_sign(q, capture=capture)
+            k = self.k_sign(k, capture=capture)
+            v = self.v_sign(v, capture=capture)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in (q, k, v))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        if self.attn_level is not None:
+            probs = elastic_binarize(probs, self.attn_level[...])
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"), capture=capture)
+
+
+class Mlp(nnx.Module):
+    """Transformer MLP: ``fc2(act(fc1(x)))``, act = RPReLU (binary baseline) or GELU (DeiT)."""
+
+    def __init__(self, dim: int, hidden: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
+        self.fc1 = LinearBlock(dim, hidden, opts, rngs=rngs)
+        self.act = RPReLU(hidden) if opts.rprelu else None
+        self.fc2 = LinearBlock(hidden, dim, opts, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        h = self.fc1(x, capture=capture)
+        h = self.act(h) if self.act is not None else nnx.gelu(h, approximate=False)
+        return self.fc2(h, capture=capture)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (ViT/DeiT)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, num_tokens: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, num_tokens, opts, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), opts, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        x = x + self.attn(self.norm1(x), capture=capture)
+        return x + self.mlp(self.norm2(x), capture=capture)

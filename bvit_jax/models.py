@@ -1,0 +1,220 @@
+"""The ViT / DeiT family, full precision and binary, with named variants and presets.
+
+``create("deit_small", preset="binaryvit", num_classes=1000)`` builds a model.
+Variants fix the architecture (DeiT-Tiny/Small/Base at 224 px with 16 px
+patches, and small CPU-sized variants); presets fix the binarization recipe
+(``../shared/DESIGN.md``, "Presets"):
+
+=============== =========================================================
+``fp``          DeiT (teacher): no binarization, GELU, no extra shortcuts
+``baseline``    binary weights and activations (ApproxSign, scaled weights,
+                RSign shift ``beta``), RPReLU, real-valued shortcut + LN around
+                every linear, binary attention, KD; no GRS, no ASM
+``baseline+grs`` baseline + GRS (an optimizer transformation, :mod:`bvit_jax.grs`)
+``baseline+asm`` baseline + ASM (the adaptive ``gamma`` shift)
+``binaryvit``   baseline + GRS + ASM
+=============== =========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from bvit_jax.layers import BinaryOptions, Block, trunc_normal
+
+__all__ = ["ViTConfig", "Preset", "VARIANTS", "PRESETS", "VisionTransformer", "create", "get_preset", "get_variant"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a ViT: image and patch size, width, depth, heads."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+
+    @property
+    def num_patches(self) -> int:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + 1  # + class token
+
+
+VARIANTS: dict[str, ViTConfig] = {
+    # DeiT (Touvron et al., 2021), Table 1.
+    "deit_tiny": ViTConfig(embed_dim=192, depth=12, num_heads=3),
+    "deit_small": ViTConfig(embed_dim=384, depth=12, num_heads=6),
+    "deit_base": ViTConfig(embed_dim=768, depth=12, num_heads=12),
+    # CPU-sized: 28x28 (Fashion-MNIST, MNIST) and 32x32 (CIFAR) with 4 px patches.
+    "vit_micro_28": ViTConfig(image_size=28, patch_size=4, in_channels=1, embed_dim=96, depth=4, num_heads=3, num_classes=10),
+    "vit_micro_32": ViTConfig(image_size=32, patch_size=4, in_channels=3, embed_dim=96, depth=4, num_heads=3, num_classes=10),
+    # For tests: compiles in seconds.
+    "vit_nano": ViTConfig(image_size=16, patch_size=4, in_channels=3, embed_dim=32, depth=2, num_heads=2, num_classes=10),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A binarization recipe: the model switches plus the training-side switches."""
+
+    name: str
+    options: BinaryOptions
+    grs: bool = False  # gradient regularization scheme on latent binary weights
+    distill: bool = False  # knowledge distillation from the fp teacher
+
+    @property
+    def is_binary(self) -> bool:
+        return self.options.is_binary
+
+
+_BASELINE = BinaryOptions(
+    binarize_weights=True,
+    binarize_acts=True,
+    act_binarizer="approx",
+    weight_scale=True,
+    learnable_shift=True,
+    asm=False,
+    linear_shortcut=True,
+    rprelu=True,
+    binary_attention=True,
+)
+
+PRESETS: dict[str, Preset] = {
+    "fp": Preset("fp", BinaryOptions()),
+    "baseline": Preset("baseline", _BASELINE, distill=True),
+    "baseline+grs": Preset("baseline+grs", _BASELINE, grs=True, distill=True),
+    "baseline+asm": Preset("baseline+asm", dataclasses.replace(_BASELINE, asm=True), distill=True),
+    "binaryvit": Preset("binaryvit", dataclasses.replace(_BASELINE, asm=True), grs=True, distill=True),
+}
+
+
+def get_variant(name: str) -> ViTConfig:
+    """The architecture of a named variant (see ``VARIANTS``)."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"Unknown model variant {name!r}; choose one of {sorted(VARIANTS)} (config field model.variant).") from None
+
+
+def get_preset(name: str) -> Preset:
+    """The recipe of a named preset (see ``PRESETS``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)} (config field model.preset).") from None
+
+
+class VisionTransformer(nnx.Module):
+    """ViT / DeiT classifier (Dosovitskiy et al., 2021; Touvron et al., 2021).
+
+    ``logits = head(LN(z_L[cls]))`` with ``z_0 = [cls; patch_embed(x)] + pos``
+    and ``z_l = Block(z_{l-1})``. Patch embedding, class token, position
+    embedding, LayerNorms and head are always full precision; the blocks follow
+    ``opts`` (:class:`bvit_jax.layers.BinaryOptions`).
+
+    ``model(images)`` returns logits; ``model(images, capture=True)`` returns
+    ``(logits, intermediates)`` where ``intermediates`` maps the path of every
+    sign (e.g. ``"blocks/0/attn/q/linear/act"``) to ``{"x": input, "shifted":
+    input minus its shift}``.
+    """
+
+    def __init__(self, cfg: ViTConfig, opts: BinaryOptions = BinaryOptions(), *, rngs: nnx.Rngs):
+        self.cfg, self.opts = cfg, opts
+        d, p = cfg.embed_dim, cfg.patch_size
+        self.patch_embed = nnx.Conv(
+            cfg.in_channels, d, (p, p), strides=(p, p), padding="VALID",
+            kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs,
+        )
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
+        self.pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, cfg.num_tokens, d)))
+        self.blocks = nnx.List(
+            [Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.num_tokens, opts, rngs=rngs) for _ in range(cfg.depth)]
+        )
+        self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        self.head = nnx.Linear(d, cfg.num_classes, kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs)
+
+    def features(self, images: jax.Array, *, capture: bool = False) -> jax.Array:
+        """The class-token feature after the final LayerNorm, shape ``(B, embed_dim)``."""
+        cfg = self.cfg
+        if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
+            raise ValueError(
+                f"expected images of shape (B, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}), "
+                f"got {images.shape}; set data.image_size / data.channels to match the model"
+            )
+        x = self.patch_embed(images.astype(self.opts.dtype))
+        x = rearrange(x, "b h w d -> b (h w) d")
+        cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+        for block in self.blocks:
+            x = block(x, capture=capture)
+        return self.norm(x[:, 0])
+
+    def logits(self, images: jax.Array, *, capture: bool = False) -> jax.Array:
+        """Class logits (float32), shape ``(B, num_classes)``."""
+        return self.head(self.features(images, capture=capture)).astype(jnp.float32)
+
+    def __call__(self, images: jax.Array, *, capture: bool = False):
+        if not capture:
+            return self.logits(images)
+        logits, captured = nnx.capture(self.logits, nnx.Intermediate)(images, capture=True)
+        return logits, _group_intermediates(captured)
+
+
+def _group_intermediates(state) -> dict[str, dict[str, jax.Array]]:
+    """Flatten sown ``{path: {"x": (v,), "shifted": (v,)}}`` to ``{"a/b/c": {"x": v, ...}}``."""
+    out: dict[str, dict[str, jax.Array]] = {}
+    for path, leaf in nnx.to_flat_state(state):
+        *module_path, name = (str(k) for k in path)
+        value = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+        out.setdefault("/".join(module_path), {})[name] = value[0] if isinstance(value, tuple) else value
+    return out
+
+
+def create(
+    variant: str = "deit_small",
+    preset: str = "binaryvit",
+    *,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+    **overrides,
+) -> VisionTransformer:
+    """Build a model: ``create("deit_small", preset="binaryvit", num_classes=1000)``.
+
+    Args:
+      variant: a key of ``VARIANTS`` (architecture).
+      preset: a key of ``PRESETS`` (binarization recipe).
+      dtype: compute dtype, e.g. ``jnp.bfloat16`` (parameters stay float32).
+      seed: parameter initialisation seed.
+      **overrides: any :class:`ViTConfig` field (``num_classes``, ``image_size``,
+        ``in_channels``, ``embed_dim``, ``depth``, ...) or :class:`BinaryOptions`
+        field (``act_binarizer="ste"``, ``asm=False``, ...).
+    """
+    arch_fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    opt_fields = {f.name for f in dataclasses.fields(BinaryOptions)} - {"dtype"}
+    unknown = set(overrides) - arch_fields - opt_fields
+    if unknown:
+        raise ValueError(
+            f"Unknown model override(s) {sorted(unknown)}; valid architecture fields: {sorted(arch_fields)}, "
+            f"binarization fields: {sorted(opt_fields)}"
+        )
+    cfg = dataclasses.replace(get_variant(variant), **{k: v for k, v in overrides.items() if k in arch_fields})
+    cfg.num_patches  # validates image/patch sizes
+    opts = dataclasses.replace(
+        get_preset(preset).options, dtype=jnp.dtype(dtype), **{k: v for k, v in overrides.items() if k in opt_fields}
+    )
+    return VisionTransformer(cfg, opts, rngs=nnx.Rngs(seed))

@@ -1,0 +1,73 @@
+"""Defaults shared by every config: the training recipe's fields, documented once.
+
+Durations are given in epochs (``*_epochs``) or steps (``*_steps``, wins when
+> 0), so changing the batch size never silently changes the schedule. The
+learning rate scales linearly with the batch: ``lr = base_lr * B / 512``.
+"""
+
+import ml_collections
+
+from bvit_jax.data import default_data_config
+
+PRESETS = ("fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit")
+
+
+def base_config(preset: str, variant: str, dataset: str) -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} after ':' in --config; choose one of {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = variant
+    c.model.preset = preset
+    c.model.num_classes = 1000
+    c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters
+    c.model.overrides = ml_collections.ConfigDict()  # any ViTConfig / BinaryOptions field
+
+    c.data = default_data_config(dataset)
+
+    c.global_batch_size = 1024
+    c.eval_batch_size = 1024
+    c.total_epochs = 300.0
+    c.total_steps = 0  # > 0 overrides total_epochs
+    c.warmup_epochs = 5.0
+    c.warmup_steps = 0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.base_lr = 5e-4  # at lr_reference_batch; DeiT
+    c.optimizer.lr_reference_batch = 512
+    c.optimizer.min_lr = 1e-5
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.05  # never applied to latent binary weights
+    c.optimizer.clip_norm = 5.0  # 0 disables
+    c.optimizer.grad_accum_steps = 1
+
+    # GRS: g <- g + lambda * (|W| - alpha) sign(W) on latent binary weights.
+    c.grs = ml_collections.ConfigDict()
+    c.grs.strength = 1e-4 if preset in ("baseline+grs", "binaryvit") else 0.0
+    c.grs.warmup_epochs = 0.0
+    c.grs.warmup_steps = 0
+
+    # Knowledge distillation from an fp teacher (binary presets).
+    c.distill = ml_collections.ConfigDict()
+    c.distill.enabled = preset != "fp"
+    c.distill.teacher_workdir = ""
+    c.distill.temperature = 1.0
+    c.distill.kd_weight = 1.0
+    c.distill.label_weight = 0.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.mesh.fsdp_min_size = 2**14  # arrays smaller than this stay replicated
+
+    c.log_every_steps = 100
+    c.diagnostics_every_steps = 1000  # 0 disables
+    c.eval_every_steps = 5000  # 0: only at the end
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.inject_nan_at_step = -1  # fault injection for tests
+    return c

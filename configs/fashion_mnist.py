@@ -1,0 +1,55 @@
+"""CPU default: a small ViT on the real Fashion-MNIST (28x28 grayscale, 10 classes).
+
+Launch (2 cores, a few minutes per preset):
+
+    python train.py --config=configs/fashion_mnist.py:fp --workdir=workdirs/fmnist_fp
+    python train.py --config=configs/fashion_mnist.py:binaryvit --workdir=workdirs/fmnist_binaryvit \
+        --config.distill.teacher_workdir=workdirs/fmnist_fp
+
+Data: the Debian package ``dataset-fashion-mnist`` (IDX files under
+/usr/share/datasets/fashion-mnist), read through the project's grain pipeline.
+Validation for tuning: ``--config.data.train_split='train[:90%]'
+--config.data.eval_split='train[90%:]'``; the default evaluates on the test set.
+Expected after 2 epochs (scripts/quickstart.sh): see README "Quick start".
+
+``:PRESET,tiny`` (e.g. ``configs/fashion_mnist.py:binaryvit,tiny``) is a
+seconds-long smoke mode: a one-block, 32-wide model, 8 steps of 32 images,
+evaluation on 400 test images. The tests use it.
+"""
+
+from configs import common
+
+
+def get_config(arg: str = "binaryvit"):
+    preset, *flags = arg.split(",")
+    unknown = set(flags) - {"tiny"}
+    if unknown:
+        raise ValueError(f"unknown config flag(s) {sorted(unknown)} in {arg!r}; known: tiny")
+    c = common.base_config(preset, "vit_micro_28", "fashion_mnist")
+    c.model.num_classes = 10
+    c.data.image_size = 28
+    c.data.channels = 1
+    c.global_batch_size = 128
+    c.eval_batch_size = 500
+    c.total_epochs = 2.0
+    c.warmup_epochs = 0.2
+    c.optimizer.base_lr = 2e-3
+    c.optimizer.lr_reference_batch = 128
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.clip_norm = 1.0
+    c.log_every_steps = 50
+    c.diagnostics_every_steps = 200
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 500
+    if "tiny" in flags:
+        c.model.overrides = dict(embed_dim=32, depth=1, num_heads=2)
+        c.global_batch_size = 32
+        c.eval_batch_size = 200
+        c.data.eval_split = "test[:400]"
+        c.total_epochs = 0.0
+        c.total_steps = 8
+        c.warmup_steps = 2
+        c.log_every_steps = 1
+        c.diagnostics_every_steps = 4
+        c.checkpoint_every_steps = 4
+    return c

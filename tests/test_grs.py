@@ -1,0 +1,112 @@
+"""GRS: the transformed gradient, its penalty, its schedule, and its effect on weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bvit_jax import diagnostics
+from bvit_jax.grs import grs, grs_penalty
+
+
+def _params():
+    w = np.array(
+        [[0.3, -0.05, 1.2], [-0.6, 0.0, -0.2], [0.1, 0.25, -0.4], [-0.9, -0.15, 0.05]], np.float32
+    )
+    return {"layer": {"kernel": jnp.asarray(w), "bias": jnp.asarray([0.1, -0.2, 0.3], jnp.float32)}}
+
+
+MASK = {"layer": {"kernel": True, "bias": False}}
+
+
+def _expected(w, g, lam):
+    w = np.asarray(w, np.float64)
+    alpha = np.abs(w).mean(axis=0, keepdims=True)  # per output channel
+    return np.asarray(g) + lam * (np.abs(w) - alpha) * np.where(w >= 0, 1.0, -1.0)
+
+
+def test_grs_update_formula_on_masked_leaves_only():
+    params = _params()
+    grads = {"layer": {"kernel": jnp.full((4, 3), 0.01), "bias": jnp.asarray([1.0, 2.0, 3.0])}}
+    lam = 0.5
+    tx = grs(lam, mask=MASK)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(upd["layer"]["kernel"], _expected(params["layer"]["kernel"], grads["layer"]["kernel"], lam), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(upd["layer"]["bias"], grads["layer"]["bias"])
+    # sign(0) = +1: the zero weight gets (0 - alpha) * (+1)
+    alpha1 = np.abs(np.asarray(params["layer"]["kernel"])[:, 1]).mean()
+    assert float(upd["layer"]["kernel"][1, 1]) == pytest.approx(0.01 - lam * alpha1, rel=1e-6)
+
+
+def test_grs_equals_gradient_of_penalty():
+    params = _params()
+    lam = 0.3
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = grs(lam, mask=MASK)
+    w = params["layer"]["kernel"] + 1e-3  # move off the 0 kink of |W| (penalty is not differentiable there)
+    params_shift = {"layer": {"kernel": w, "bias": params["layer"]["bias"]}}
+    upd, _ = tx.update(zeros, tx.init(params_shift), params_shift)
+    auto = jax.grad(lambda k: lam * grs_penalty(k))(w)
+    np.testing.assert_allclose(upd["layer"]["kernel"], auto, rtol=1e-5, atol=1e-7)
+
+
+def test_grs_schedule_is_used():
+    params = _params()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    sched = optax.linear_schedule(0.0, 1.0, transition_steps=4)
+    tx = grs(sched, mask=MASK)
+    state = tx.init(params)
+    w = params["layer"]["kernel"]
+    for step in range(6):
+        upd, state = tx.update(zeros, state, params)
+        lam = float(sched(step))
+        np.testing.assert_allclose(upd["layer"]["kernel"], _expected(w, np.zeros((4, 3)), lam), rtol=1e-5, atol=1e-7)
+    # step 0 has lambda 0: nothing added
+    upd0, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_array_equal(upd0["layer"]["kernel"], 0.0)
+
+
+def test_grs_negative_strength_raises():
+    with pytest.raises(ValueError, match="strength"):
+        grs(-1e-4)
+
+
+def test_grs_needs_params():
+    params = _params()
+    tx = grs(0.1)
+    with pytest.raises(ValueError, match="parameters"):
+        tx.update(params, tx.init(params))
+
+
+def test_grs_alone_makes_gaussian_weights_bimodal():
+    key = jax.random.key(0)
+    params = {
+        "a": {"kernel": 0.02 * jax.random.normal(key, (64, 48))},
+        "b": {"kernel": 0.05 * jax.random.normal(jax.random.fold_in(key, 1), (96, 32)), "bias": jnp.zeros(32)},
+    }
+    mask = {"a": {"kernel": True}, "b": {"kernel": True, "bias": False}}
+    tx = optax.chain(grs(1.0, mask=mask), optax.sgd(0.1))
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    @jax.jit
+    def step(p, s):
+        upd, s = tx.update(zeros, s, p)
+        return optax.apply_updates(p, upd), s
+
+    near0 = diagnostics.near_zero_share(params, mask, frac=0.25)
+    bim0 = diagnostics.bimodality(params, mask)
+    p = params
+    for _ in range(100):
+        p, state = step(p, state)
+    near1 = diagnostics.near_zero_share(p, mask, frac=0.25)
+    bim1 = diagnostics.bimodality(p, mask)
+
+    assert float(near0["near_zero/all"]) > 0.1  # Gaussian: ~16% within alpha/4
+    assert float(near1["near_zero/all"]) <= float(near0["near_zero/all"]) / 10
+    for k in ("a/kernel", "b/kernel"):
+        assert float(bim0[f"bimodality/{k}"]) == pytest.approx(1 / 3, abs=0.05)  # Gaussian
+        assert float(bim1[f"bimodality/{k}"]) > 5 / 9  # above the uniform's value: bimodal
+        assert float(bim1[f"bimodality/{k}"]) > float(bim0[f"bimodality/{k}"]) + 0.3
+    np.testing.assert_array_equal(p["b"]["bias"], params["b"]["bias"])  # unmasked untouched

@@ -1,0 +1,140 @@
+"""Accounting against published figures (DeiT, Touvron et al. 2021; BinaryViT abstract).
+
+Models are built abstractly with ``nnx.eval_shape`` (no parameter memory).
+"""
+
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bvit_jax import summary as S
+from bvit_jax.models import create
+from bvit_jax.param_groups import latent_weight_mask
+
+
+@functools.lru_cache(maxsize=None)
+def abstract(variant, preset):
+    return nnx.eval_shape(lambda: create(variant, preset))
+
+
+@functools.lru_cache(maxsize=None)
+def summ(variant, preset):
+    return S.summary(abstract(variant, preset))
+
+
+# Published: DeiT Table 1 / timm (params), DeiT "FLOPs" (= MACs).
+@pytest.mark.parametrize(
+    "variant,params_m,gmacs",
+    [("deit_tiny", 5.72, 1.25), ("deit_small", 22.05, 4.60), ("deit_base", 86.57, 17.56)],
+)
+def test_deit_published_params_and_macs(variant, params_m, gmacs):
+    s = summ(variant, "fp")
+    assert round(s.params / 1e6, 2) == params_m
+    assert round(s.macs / 1e9, 2) == gmacs
+    assert s.binary_macs == 0 and s.params_1bit == 0
+    # the three size conventions agree on an fp model: 4 bytes per parameter
+    for conv in S.CONVENTIONS:
+        assert s.size_bytes(conv) == 4 * s.params
+
+
+def test_deit_small_breakdown_from_design():
+    """DESIGN: 48 encoder linears hold 21.23M params and 4.18 GMAC; attention matmuls 0.36 GMAC."""
+    b = summ("deit_small", "binaryvit")
+    assert round(b.params_1bit / 1e6, 2) == 21.23
+    lin_bmacs = sum(r.binary_macs for r in b.rows if r.kind.startswith("BinaryLinear"))
+    # timm's 48 (fused qkv, proj, fc1, fc2 per block) are 72 here: q, k, v are separate layers
+    assert sum(r.kind.startswith("BinaryLinear") for r in b.rows) == 72
+    assert round(lin_bmacs / 1e9, 2) == 4.18
+    assert round(b.attention_binary_macs / 1e9, 2) == 0.36
+    # binarization moves MACs between precisions, it does not add any
+    assert b.macs == summ("deit_small", "fp").macs
+
+
+def test_size_ratio_paper_convention_reproduces_16_18():
+    c = S.compare(summ("deit_small", "fp"), summ("deit_small", "binaryvit"))
+    assert c.size_ratio["paper"] == pytest.approx(16.18, abs=0.02)
+    assert "paper convention" in c.conventions["paper"]
+
+
+def test_size_ratio_full_counts_are_lower():
+    c = S.compare(summ("deit_small", "fp"), summ("deit_small", "binaryvit"))
+    # DESIGN's 14.5-15.5x: every parameter of the DeiT architecture, binarization additions left out
+    assert 14.5 <= c.size_ratio["fp-arch"] <= 15.5
+    assert c.size_ratio["fp-arch"] < c.size_ratio["paper"]
+    # every parameter (incl. shifts, RPReLU, shortcut LNs, c, weight scales): lower still
+    assert c.size_ratio["full"] < c.size_ratio["fp-arch"]
+
+
+def test_full_count_matches_an_independent_count():
+    """Full count = latent kernels at 1 bit + every other Param at 32 bits + one 32-bit alpha per output channel."""
+    model = abstract("vit_micro_32", "binaryvit")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mask = latent_weight_mask(model, params)
+    leaves, masks = jax.tree.leaves(params), jax.tree.leaves(mask)
+    bits = sum(math.prod(p.shape) * (1 if m else 32) for p, m in zip(leaves, masks))
+    alphas = sum(p.shape[-1] for p, m in zip(leaves, masks) if m)
+    s = S.summary(model)
+    assert s.size_bytes("full") == pytest.approx(bits / 8 + 4 * alphas)
+    assert s.params == sum(math.prod(p.shape) for p in leaves)
+    assert s.params_1bit == sum(math.prod(p.shape) for p, m in zip(leaves, masks) if m)
+    assert s.derived_32bit == alphas
+
+
+def test_ops_ratio_conventions():
+    c = S.compare(summ("deit_small", "fp"), summ("deit_small", "binaryvit"))
+    assert c.ops_ratio == pytest.approx(35.6, abs=0.05)  # both attention matmuls binary
+    assert c.ops_ratio_one_fp_attention_matmul == pytest.approx(15.1, abs=0.05)
+    assert "both attention matmuls binary" in c.conventions["ops"]
+    assert "17.7" in c.conventions["note"]
+    # OPs formula
+    b = c.binary
+    assert b.ops == pytest.approx(b.binary_macs / 64 + b.fp_macs)
+
+
+def test_attention_precision_follows_options():
+    m = nnx.eval_shape(lambda: create("deit_small", "baseline", binary_attention=False))
+    s = S.summary(m)
+    assert s.attention_binary_macs == 0
+    fp_attn = sum(r.fp_macs for r in s.rows if r.kind.startswith("Attention"))
+    assert round(fp_attn / 1e9, 2) == 0.36
+    # weights binary but inputs real: no BOPs from that linear
+    m2 = nnx.eval_shape(lambda: create("vit_nano", "fp", binarize_weights=True))
+    s2 = S.summary(m2)
+    assert s2.binary_macs == 0 and s2.params_1bit > 0
+
+
+def test_abstract_and_concrete_models_agree():
+    concrete = S.summary(create("vit_nano", "binaryvit"))
+    abstract_ = S.summary(nnx.eval_shape(lambda: create("vit_nano", "binaryvit")))
+    assert concrete.rows == abstract_.rows
+    leaf = jax.tree.leaves(nnx.state(abstract("vit_nano", "binaryvit"), nnx.Param))[0]
+    assert isinstance(leaf, jax.ShapeDtypeStruct)  # really abstract
+
+
+def test_table_and_data():
+    s = summ("deit_small", "binaryvit")
+    text = s.table()
+    for label in ("paper convention", "full count", "fp-architecture count", "BOPs/64"):
+        assert label in text
+    assert "blocks/11/mlp/fc2/linear" in text
+    grouped = s.table(depth=2)
+    assert "blocks/0 " in grouped and "blocks/0/attn" not in grouped
+    d = s.as_dict()
+    assert d["params"] == s.params and d["size_bytes_paper"] == s.size_bytes("paper")
+    c = S.compare(summ("deit_small", "fp"), s)
+    assert "16.18x" in c.table()
+    with pytest.raises(ValueError, match="convention"):
+        s.size_bytes("bogus")
+    with pytest.raises(ValueError, match="full precision"):
+        S.compare(s, s)
+
+
+def test_print_summary(capsys):
+    s = S.print_summary(abstract("vit_nano", "binaryvit"))
+    out = capsys.readouterr().out
+    assert "Total" in out and isinstance(s, S.Summary)
+    np.testing.assert_allclose(s.ops, s.binary_macs / 64 + s.fp_macs)
