@@ -1,0 +1,38 @@
+"""Input pipeline: TFDS / IDX sources, grain iterators, DeiT augmentation.
+
+See docs/data.md. Main entry points::
+
+  from bvit_jax import data
+  cfg = data.default_data_config('imagenet2012')
+  info = data.dataset_info(cfg)
+  it = data.create_train_iterator(cfg, local_batch_size=128, seed=0)
+  ev = data.create_eval_iterator(cfg, local_batch_size=128)
+"""
+
+from bvit_jax.data.config import default_data_config
+from bvit_jax.data.pipeline import (
+    DatasetInfo,
+    create_eval_iterator,
+    create_train_dataset,
+    create_train_iterator,
+    data_stats,
+    dataset_info,
+    num_eval_batches,
+    reset_data_stats,
+    steps_per_epoch,
+)
+from bvit_jax.data.sources import DatasetNotPreparedError
+
+__all__ = [
+    "DatasetInfo",
+    "DatasetNotPreparedError",
+    "create_eval_iterator",
+    "create_train_dataset",
+    "create_train_iterator",
+    "data_stats",
+    "dataset_info",
+    "default_data_config",
+    "num_eval_batches",
+    "reset_data_stats",
+    "steps_per_epoch",
+]
