@@ -1,0 +1,210 @@
+"""Checkpoints with orbax: resumable training state, the best model, and restore helpers.
+
+A workdir holds
+
+    config.json           the run's config (also saved inside every checkpoint)
+    checkpoints/<step>/   the last ``keep`` train states: {state, data, config}
+    best/<step>/          the parameters with the best eval top-1 (one kept)
+
+``state`` is the train state pytree (params, optimizer state, step, ...),
+``data`` the input iterator's position (grain's own checkpoint handler, one
+file per process), so a resumed run continues the same sample sequence.
+Saves are asynchronous; :meth:`CheckpointStore.close` waits for them.
+
+Safety rules: a checkpoint is written only from finite state (the trainer
+checks first), and at resume a latest checkpoint that fails to restore is
+reported and the previous one is tried; when none restores, the run refuses
+to start rather than silently starting from scratch over existing work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+__all__ = ["CheckpointStore", "CheckpointError", "restore_params", "load_config", "abstract_params"]
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used; the message says what to do."""
+
+
+def _abstract(tree: Any) -> Any:
+    """``ShapeDtypeStruct`` (with sharding) for every array leaf: the restore target."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+
+
+class CheckpointStore:
+    """The two orbax managers of a workdir: the last ``keep`` states and the best params."""
+
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.workdir = Path(workdir)
+        self.latest = ocp.CheckpointManager(
+            (self.workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            item_names=("state", "data", "config"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
+        self.best = ocp.CheckpointManager(
+            (self.workdir / "best").absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m["eval_top1"], best_mode="max",
+                enable_async_checkpointing=async_save, create=True,
+            ),
+            item_names=("params",),
+        )
+
+    # -- saving ---------------------------------------------------------------
+    def save(self, step: int, state: Any, data_iterator: Any, config: dict) -> None:
+        """Save the train state, the iterator position and the config at ``step``."""
+        self.latest.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
+
+    def save_best(self, step: int, params: Any, eval_top1: float) -> None:
+        """Offer ``params`` as the best model; orbax keeps the one with the highest top-1."""
+        self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                       metrics={"eval_top1": float(eval_top1)}, force=True)
+
+    def close(self) -> None:
+        """Wait for the asynchronous saves and release the managers."""
+        for m in (self.latest, self.best):
+            m.wait_until_finished()
+            m.close()
+
+    # -- restoring ------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore(self, state_like: Any, data_iterator: Any) -> tuple[int, Any] | None:
+        """Restore the newest usable checkpoint into ``state_like``'s structure and shardings.
+
+        Restores the iterator position in place. Returns ``(step, state)``, or
+        ``None`` when the workdir has no checkpoint. A checkpoint that fails to
+        restore is logged and the previous one is tried; if none restores, a
+        :class:`CheckpointError` says how to proceed.
+        """
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        if not steps:
+            return None
+        target = _abstract(state_like)
+        errors = []
+        for step in steps:
+            try:
+                out = self.latest.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                log.error("Checkpoint at step %d in %s cannot be restored (%s); trying an older one.",
+                          step, self.latest.directory, errors[-1])
+                continue
+            if errors:
+                self._set_aside(s for s in steps if s > step)
+                log.warning("Resumed from step %d after skipping damaged checkpoint(s): %s", step, "; ".join(errors))
+            return step, out["state"]
+        raise CheckpointError(
+            f"No checkpoint in {self.latest.directory} can be restored:\n  " + "\n  ".join(errors) +
+            "\nRefusing to start from scratch over them. Move the damaged step folders away "
+            "(or use a new --workdir) and run again."
+        )
+
+
+    def _set_aside(self, steps) -> None:
+        """Move damaged step folders to ``workdir/damaged_checkpoints/`` (kept, never deleted)."""
+        if jax.process_index() == 0:
+            aside = self.workdir / "damaged_checkpoints"
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                src = Path(self.latest.directory) / str(step)
+                dst = aside / f"{step}-{int(time.time())}"
+                src.rename(dst)
+                log.error("Moved damaged checkpoint %s to %s.", src, dst)
+        self.latest.reload()
+
+
+def load_config(workdir: str | Path) -> dict:
+    """The ``config.json`` a run wrote into its workdir, as a dict."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path} not found: {workdir} is not a workdir of this trainer (no config.json).")
+    return json.loads(path.read_text())
+
+
+def abstract_params(config: dict) -> Any:
+    """Shape/dtype tree of the parameters of the model ``config['model']`` describes."""
+    from bvit_jax.models import create  # checkpoint stands on models, not the other way
+
+    m = config["model"]
+    model = nnx.eval_shape(lambda: create(
+        m["variant"], m["preset"], num_classes=m["num_classes"],
+        image_size=config["data"]["image_size"], in_channels=config["data"]["channels"],
+        **m.get("overrides", {}),
+    ))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]:
+    """``(config, params)`` from a workdir: its best model or its latest train state.
+
+    ``which="best"`` falls back to the latest checkpoint when no eval has run.
+    Parameters come back as host-local arrays in the model's pure-dict layout.
+    """
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # restore on this host, any topology
+    as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
+    target = jax.tree.map(as_target, abstract_params(config))
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    if which == "best" and (workdir / "best").exists():
+        with ocp.CheckpointManager((workdir / "best").absolute(), item_names=("params",),
+                                   item_handlers={"params": ocp.StandardCheckpointHandler()},
+                                   options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+            step = mngr.best_step() if mngr.best_step() is not None else mngr.latest_step()
+            if step is not None:
+                out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+                return config, out["params"]
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=("state",),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise CheckpointError(f"{workdir} holds no checkpoint; train first or check the path.")
+        meta = mngr.item_metadata(step)["state"].tree  # dict keys come back as strings
+        state_target = jax.tree.map(as_target, meta)
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target)))
+        return config, _conform(target, out["state"]["params"])
+
+
+def _conform(like: Any, tree: Any) -> Any:
+    """``tree`` re-keyed like ``like`` (orbax metadata turns int dict keys into strings)."""
+    if isinstance(like, dict):
+        return {k: _conform(v, tree[k] if k in tree else tree[str(k)]) for k, v in like.items()}
+    return tree

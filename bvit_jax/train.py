@@ -1,0 +1,346 @@
+"""``train_and_evaluate(config, workdir)``: the whole training run, top to bottom.
+
+Sections, in order: config checks -> mesh -> input -> model (and teacher) ->
+optimizer -> train state and shardings -> step functions -> restore -> loop
+(log, diagnostics, eval, checkpoint, preemption). The same code runs in a
+Colab cell on CPU, on one GPU, on 8 fake CPU devices and on a multi-host TPU
+pod (each process feeds its own share of every global batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from bvit_jax import data as input_pipeline
+from bvit_jax import diagnostics, sharding
+from bvit_jax.checkpoint import CheckpointStore, restore_params
+from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
+from bvit_jax.metric_writers import MetricWriter
+from bvit_jax.models import PRESETS, VARIANTS, create, get_preset
+from bvit_jax.optim import build_optimizer
+from bvit_jax.param_groups import latent_weight_mask
+
+__all__ = ["train_and_evaluate", "validate_config", "ConfigError", "steps_from", "build_model", "evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- config
+def steps_from(config, name: str, steps_per_epoch: float) -> int:
+    """A duration given as ``{name}_steps`` (if > 0) or ``{name}_epochs``, in steps."""
+    steps = config.get(f"{name}_steps", 0) or 0
+    if steps > 0:
+        return int(steps)
+    return int(round((config.get(f"{name}_epochs", 0) or 0) * steps_per_epoch))
+
+
+def validate_config(config, num_devices: int, process_count: int) -> None:
+    """Catch config errors before anything compiles, each with its fix."""
+    m = config.model
+    if m.variant not in VARIANTS:
+        raise ConfigError(f"config.model.variant={m.variant!r} is unknown; choose one of {sorted(VARIANTS)}")
+    if m.preset not in PRESETS:
+        raise ConfigError(f"config.model.preset={m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+    b = config.global_batch_size
+    if b <= 0 or b % num_devices:
+        raise ConfigError(
+            f"config.global_batch_size={b} is not divisible by the {num_devices} devices of the mesh "
+            f"(data x fsdp); use a multiple of {num_devices}"
+        )
+    if config.eval_batch_size <= 0 or config.eval_batch_size % num_devices:
+        raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be a positive multiple of the {num_devices} devices")
+    if b % process_count:
+        raise ConfigError(f"config.global_batch_size={b} is not divisible by the {process_count} processes")
+    if config.optimizer.grad_accum_steps < 1:
+        raise ConfigError("config.optimizer.grad_accum_steps must be >= 1")
+    if config.grs.strength < 0:
+        raise ConfigError(f"config.grs.strength={config.grs.strength} is negative; GRS strength must be >= 0 (0 turns it off)")
+    if (config.get("total_steps", 0) or 0) <= 0 and (config.get("total_epochs", 0) or 0) <= 0:
+        raise ConfigError("set config.total_steps or config.total_epochs to a positive value")
+    d = config.distill
+    if get_preset(m.preset).distill and d.enabled:
+        if not d.teacher_workdir:
+            raise ConfigError(
+                f"preset {m.preset!r} distils from an fp teacher but config.distill.teacher_workdir is empty: "
+                "train the teacher first (preset 'fp') and pass its workdir, or set config.distill.enabled=False"
+            )
+        if not (Path(d.teacher_workdir) / "config.json").exists():
+            raise ConfigError(
+                f"config.distill.teacher_workdir={d.teacher_workdir!r} holds no run of this trainer "
+                "(no config.json); check the path or train the teacher first"
+            )
+        if d.kd_weight < 0 or d.label_weight < 0 or d.kd_weight + d.label_weight == 0:
+            raise ConfigError("config.distill.kd_weight and label_weight must be >= 0 and not both 0")
+
+
+def _config_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
+
+
+# ----------------------------------------------------------------------------- model
+def build_model(model_cfg, data_cfg, seed: int = 0) -> nnx.Module:
+    """The student (or teacher) model of a config."""
+    return create(
+        model_cfg.variant, model_cfg.preset, num_classes=model_cfg.num_classes,
+        image_size=data_cfg.image_size, in_channels=data_cfg.channels,
+        dtype=jnp.dtype(model_cfg.dtype), seed=seed, **dict(model_cfg.get("overrides", {})),
+    )
+
+
+def _load_teacher(config) -> tuple[nnx.GraphDef, Any]:
+    """The frozen fp teacher from a workdir of this trainer; checks it fits the student."""
+    tcfg, tparams = restore_params(config.distill.teacher_workdir, which="best")
+    t, s = tcfg["model"], config.model
+    if t["num_classes"] != s.num_classes:
+        raise ConfigError(f"teacher in {config.distill.teacher_workdir} has {t['num_classes']} classes, student {s.num_classes}")
+    for k in ("image_size", "channels"):
+        if tcfg["data"][k] != config.data[k]:
+            raise ConfigError(f"teacher was trained with data.{k}={tcfg['data'][k]}, student uses {config.data[k]}: they must see the same inputs")
+    tmodel = build_model(ml_collections.ConfigDict(t), ml_collections.ConfigDict(tcfg["data"]))
+    graphdef, _ = nnx.split(tmodel, nnx.Param)
+    return graphdef, tparams
+
+
+# ----------------------------------------------------------------------------- train
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final eval metrics."""
+    workdir = Path(workdir)
+    pid, nproc = jax.process_index(), jax.process_count()
+
+    # -- mesh -----------------------------------------------------------------
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    validate_config(config, mesh.size, nproc)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if pid == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    # -- input ----------------------------------------------------------------
+    info = input_pipeline.dataset_info(config.data)
+    if info.num_classes != config.model.num_classes:
+        raise ConfigError(f"dataset {config.data.name} has {info.num_classes} classes but config.model.num_classes={config.model.num_classes}")
+    local_batch = config.global_batch_size // nproc
+    train_iter = input_pipeline.create_train_iterator(
+        config.data, local_batch_size=local_batch, seed=config.seed, process_index=pid, process_count=nproc)
+    steps_per_epoch = info.num_train / config.global_batch_size
+    total_steps = steps_from(config, "total", steps_per_epoch)
+
+    # -- model ----------------------------------------------------------------
+    preset = get_preset(config.model.preset)
+    model = build_model(config.model, config.data, seed=config.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    latent = latent_weight_mask(model, params)
+    has_latent = any(jax.tree.leaves(latent))  # False for the fp preset
+    distill = preset.distill and config.distill.enabled
+    teacher_graphdef, teacher_params = _load_teacher(config) if distill else (None, None)
+
+    def apply(p, images, capture=False):
+        return nnx.merge(graphdef, p)(images, capture=capture)
+
+    # -- optimizer ------------------------------------------------------------
+    tx, lr_schedule = build_optimizer(
+        config, params, latent, use_grs=preset.grs, total_steps=total_steps,
+        warmup_steps=steps_from(config, "warmup", steps_per_epoch),
+        grs_warmup_steps=steps_from(config.grs, "warmup", steps_per_epoch),
+    )
+
+    # -- train state and shardings -----------------------------------------------
+    def init_state(p):
+        return {
+            "step": jnp.zeros([], jnp.int32),
+            "params": p,
+            "opt_state": tx.init(p),
+            "oscillation": diagnostics.oscillation_init(p, latent) if has_latent else {},
+        }
+
+    min_size = config.mesh.get("fsdp_min_size", 2**14)
+    state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_state, params), min_size)
+    state = jax.jit(init_state, out_shardings=state_shardings)(params)
+    repl = sharding.replicated(mesh)
+    if distill:
+        teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params, min_size))
+    del model, params
+
+    # -- step functions -----------------------------------------------------------
+    d = config.distill
+
+    def loss_fn(p, batch, tparams):
+        logits = apply(p, batch["image"])
+        label_loss = cross_entropy(logits, batch["label"])
+        if not distill:
+            return label_loss, (logits, {"label_loss": label_loss})
+        teacher_logits = nnx.merge(teacher_graphdef, tparams)(batch["image"])
+        kd = distillation_kl(logits, teacher_logits, d.temperature)
+        loss = d.kd_weight * kd + d.label_weight * label_loss
+        return loss, (logits, {"label_loss": label_loss, "kd_loss": kd})
+
+    def train_step(state, batch, tparams):
+        p = state["params"]
+        (loss, (logits, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, tparams)
+        updates, opt_state = tx.update(grads, state["opt_state"], p)
+        new_p = optax.apply_updates(p, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves params and optimizer untouched; the host stops the run.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_p, opt_state = keep(new_p, p), keep(opt_state, state["opt_state"])
+        osc, weight_stats = state["oscillation"], {}
+        if has_latent:  # sign flips of this step; EMA oscillation frequency per weight
+            osc, osc_metrics = diagnostics.oscillation_update(osc, new_p, latent)
+            weight_stats = {**diagnostics.flip_rate(p, new_p, latent), **osc_metrics}
+            weight_stats = {k: v for k, v in weight_stats.items() if k.endswith("/all")}
+        metrics = {
+            "loss": loss, **parts, "nonfinite": (~finite).astype(jnp.int32),
+            "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"]),
+            "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_p),
+            "lr": lr_schedule(state["step"]), **weight_stats,
+        }
+        return {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}, metrics
+
+    def eval_step(p, batch):
+        logits = apply(p, batch["image"])
+        mask = batch["mask"].astype(jnp.float32)
+        labels = batch["label"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {"top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
+                "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
+                "loss": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+
+    def diag_step(state, batch):
+        """Per-layer oscillation and activation-information diagnostics (binary presets)."""
+        p = state["params"]
+        _, captured = apply(p, batch["image"], capture=True)
+        osc_freq = {f"osc_freq/{k}": jnp.mean(f) for k, f in state["oscillation"].freq.items()}
+        return {**diagnostics.activation_metrics(captured), **osc_freq,
+                **diagnostics.near_zero_share(p, latent), **diagnostics.bimodality(p, latent)}
+
+    teacher_sh = sharding.tree_shardings(mesh, teacher_params, min_size) if distill else None
+    batch_sh = sharding.batch_sharding(mesh)
+    p_train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sh, teacher_sh),
+                           out_shardings=(state_shardings, repl), donate_argnums=0)
+    p_eval_step = jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_sh), out_shardings=repl)
+    p_diag_step = jax.jit(diag_step, in_shardings=(state_shardings, batch_sh), out_shardings=repl)
+
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(p_eval_step, state["params"], config, mesh, pid, nproc)
+
+    # -- restore --------------------------------------------------------------------
+    store = CheckpointStore(workdir, keep=config.keep_checkpoints)
+    restored = store.restore(state, train_iter)
+    if restored is not None:
+        start, state = restored
+        log.info("Resumed from %s at step %d.", workdir / "checkpoints", start)
+    start = int(jax.device_get(state["step"]))
+    writer = MetricWriter(workdir, total_steps=total_steps, start_step=start, active=pid == 0)
+
+    # -- loop ------------------------------------------------------------------------
+    preempted = _install_sigterm_flag() if nproc == 1 else None
+    cfg_dict = _config_dict(config)
+    pending: list[dict] = []
+    eval_metrics: dict[str, float] = {}
+    t_last, step_last = time.perf_counter(), start
+    step = start
+    try:
+        while step < total_steps:
+            local = next(train_iter)
+            if step + 1 == config.get("inject_nan_at_step", -1):  # fault injection for tests
+                local = {**local, "image": local["image"] * np.float32("nan")}
+            batch = sharding.global_batch(local, mesh)
+            state, metrics = p_train_step(state, batch, teacher_params)
+            step += 1
+            pending.append(metrics)
+
+            last = step == total_steps
+            if step % config.log_every_steps == 0 or last:
+                rows = jax.device_get(pending)
+                pending = []
+                _stop_if_nonfinite(rows, step, store)
+                now = time.perf_counter()
+                rate = (step - step_last) * config.global_batch_size / (now - t_last)
+                t_last, step_last = now, step
+                row = {k: float(v) for k, v in rows[-1].items() if k != "nonfinite"}
+                row["loss_avg"] = float(np.mean([r["loss"] for r in rows]))
+                writer.write(step, "train", {**row, "img_per_s": rate,
+                                             "eta_s": (total_steps - step) * config.global_batch_size / rate,
+                                             "data_skipped": input_pipeline.data_stats().get("skipped", 0)})
+            writer.advance(step)
+            if has_latent and config.diagnostics_every_steps and (step % config.diagnostics_every_steps == 0 or last):
+                writer.write(step, "diagnostics", jax.device_get(p_diag_step(state, batch)))
+            if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
+                eval_metrics = evaluate_now()
+                writer.write(step, "eval", eval_metrics)
+                store.save_best(step, state["params"], eval_metrics["top1"])
+            stop = preempted is not None and preempted["flag"]
+            if step % config.checkpoint_every_steps == 0 or last or stop:
+                _stop_if_nonfinite(jax.device_get(pending), step, store)
+                store.save(step, state, train_iter, cfg_dict)
+            if stop:
+                log.warning("SIGTERM received: saved a checkpoint at step %d; exiting. Run again to resume.", step)
+                break
+        if not eval_metrics:  # resumed a finished run: report its final accuracy again
+            eval_metrics = evaluate_now()
+    finally:
+        writer.close()
+        store.close()
+    return eval_metrics
+
+
+def _stop_if_nonfinite(rows: list[dict], step: int, store: CheckpointStore) -> None:
+    """Stop the run on a NaN/Inf loss, before anything is written from it."""
+    if any(int(r["nonfinite"]) for r in rows):
+        store.close()
+        good = store.latest_step()
+        raise FloatingPointError(
+            f"Non-finite loss or gradient at or before step {step}; the run stopped without saving it. "
+            f"The last good checkpoint is step {good} in {store.latest.directory}. Lower the learning rate "
+            "(config.optimizer.base_lr), enable clipping (config.optimizer.clip_norm) or check the input data, "
+            "then rerun to resume from that checkpoint."
+        )
+
+
+def _install_sigterm_flag() -> dict:
+    """Turn SIGTERM (preemption notice) into a flag the loop checks after each step."""
+    flag = {"flag": False}
+
+    def handler(signum, frame):
+        flag["flag"] = True
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some notebook runners)
+        pass
+    return flag
+
+
+def evaluate(p_eval_step, params, config, mesh, pid: int, nproc: int) -> dict[str, float]:
+    """Top-1 / top-5 / loss over the full eval split: padded batches, masked, each example once."""
+    totals = None
+    it = input_pipeline.create_eval_iterator(
+        config.data, local_batch_size=config.eval_batch_size // nproc, process_index=pid, process_count=nproc)
+    for local in it:
+        out = p_eval_step(params, sharding.global_batch(local, mesh))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    n = float(totals["count"])
+    return {"top1": float(totals["top1"]) / n, "top5": float(totals["top5"]) / n,
+            "loss": float(totals["loss"]) / n, "examples": n}

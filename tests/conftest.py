@@ -1,0 +1,17 @@
+"""Test set-up: 8 fake CPU devices (sharding tests), the repo on sys.path, shared fixtures."""
+
+import os
+import sys
+from pathlib import Path
+
+# Before JAX is imported anywhere: 8 host devices, as on an 8-chip host.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from absl import logging as absl_logging  # noqa: E402
+
+absl_logging.set_verbosity(absl_logging.WARNING)

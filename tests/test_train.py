@@ -1,0 +1,228 @@
+"""The trainer: sharding parity, resume, multi-process, NaN, corrupt checkpoints, KD, accuracy."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bvit_jax import sharding
+from bvit_jax.checkpoint import CheckpointError, restore_params
+from bvit_jax.losses import distillation_kl
+from bvit_jax.metric_writers import read_metrics
+from bvit_jax.train import ConfigError, train_and_evaluate
+from tests.train_helpers import ROOT, flat, free_port, run_env, run_train, tiny_config, train_cmd
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny fp teacher trained for a few steps (for the distillation paths)."""
+    wd = tmp_path_factory.mktemp("teacher")
+    train_and_evaluate(tiny_config("fp", total_steps=6), wd)
+    return wd
+
+
+# ----------------------------------------------------------------------------- losses
+def test_kd_loss_is_zero_for_equal_logits_and_its_gradient_points_to_the_teacher():
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+    assert float(distillation_kl(t, t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_kl(s, t)) > 0.01
+    for temp in (1.0, 2.0):
+        g = jax.grad(distillation_kl)(s, t, temp)
+        expected = temp * (jax.nn.softmax(s / temp) - jax.nn.softmax(t / temp)) / s.shape[0]
+        np.testing.assert_allclose(g, expected, atol=1e-6)
+    # A small step against the gradient brings the student closer to the teacher.
+    g = jax.grad(distillation_kl)(s, t)
+    assert float(distillation_kl(s - 0.5 * g, t)) < float(distillation_kl(s, t))
+
+
+# ----------------------------------------------------------------------------- config errors
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(model__preset="binaryvt"), "config.model.preset='binaryvt' is unknown"),
+        (dict(model__variant="deit_huge"), "config.model.variant='deit_huge' is unknown"),
+        (dict(global_batch_size=30, mesh__data=8), "not divisible by the 8 devices"),
+        (dict(grs__strength=-1.0), "GRS strength must be >= 0"),
+        (dict(model__dtype="float16"), "use 'float32' or 'bfloat16'"),
+    ],
+)
+def test_config_errors_are_caught_before_compiling(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train_and_evaluate(tiny_config("fp", **fields), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_or_mismatched_teacher_is_a_clear_error(tmp_path, teacher):
+    cfg = tiny_config("binaryvit", distill__teacher_workdir=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="holds no run of this trainer"):
+        train_and_evaluate(cfg, tmp_path / "a")
+    cfg = tiny_config("binaryvit", distill__teacher_workdir="")
+    with pytest.raises(ConfigError, match="train the teacher first"):
+        train_and_evaluate(cfg, tmp_path / "b")
+    cfg = tiny_config("binaryvit", distill__teacher_workdir=str(teacher), data__image_size=24)
+    with pytest.raises(ConfigError, match="data.image_size=28"):
+        train_and_evaluate(cfg, tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- sharding
+def test_one_step_on_8_devices_matches_1_device_data_parallel_and_fsdp(tmp_path, teacher):
+    assert jax.device_count() == 8
+    results = {}
+    for name, (data, fsdp) in {"single": (1, 1), "dp": (8, 1), "fsdp": (2, 4)}.items():
+        cfg = tiny_config("binaryvit", total_steps=1, mesh__data=data, mesh__fsdp=fsdp, mesh__fsdp_min_size=64,
+                          distill__teacher_workdir=str(teacher), diagnostics_every_steps=0)
+        train_and_evaluate(cfg, tmp_path / name)
+        results[name] = (flat(restore_params(tmp_path / name, "latest")[1]),
+                         read_metrics(tmp_path / name, "train")[-1]["loss"])
+    # FSDP really shards something in that configuration.
+    mesh = sharding.create_mesh(2, 4)
+    specs = jax.tree.leaves(sharding.tree_shardings(mesh, restore_params(tmp_path / "fsdp", "latest")[1], 64))
+    assert any("fsdp" in str(s.spec) for s in specs)
+    ref_params, ref_loss = results["single"]
+    for name in ("dp", "fsdp"):
+        params, loss = results[name]
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for k in ref_params:
+            np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
+
+
+# ----------------------------------------------------------------------------- resume
+def test_sigterm_then_resume_equals_uninterrupted_run_bitwise(tmp_path, teacher):
+    steps = 300
+    flags = [f"--config.total_steps={steps}", "--config.checkpoint_every_steps=100000",
+             f"--config.distill.teacher_workdir={teacher}", "--config.diagnostics_every_steps=0"]
+    run_train(tmp_path / "full", "binaryvit,tiny", *flags)
+
+    wd = tmp_path / "interrupted"
+    log = tmp_path / "interrupted.log"
+    proc = subprocess.Popen(train_cmd(wd, "binaryvit,tiny", *flags), env=run_env(), cwd=ROOT,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        m = wd / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 20:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=240)
+    err = log.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    stopped = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert 20 <= stopped < steps, f"SIGTERM should stop mid-run, stopped at {stopped}"
+    assert "SIGTERM" in err
+
+    run_train(wd, "binaryvit,tiny", *flags)  # resumes
+    a = flat(restore_params(tmp_path / "full", "latest")[1])
+    b = flat(restore_params(wd, "latest")[1])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    la = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full", "train")]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(wd, "train")]
+    assert la == lb and len(la) == steps
+
+
+# ----------------------------------------------------------------------------- multi-process
+def test_two_processes_on_loopback_match_one_process(tmp_path):
+    flags = ["--config.total_steps=4", "--config.global_batch_size=16", "--config.eval_batch_size=200",
+             "--config.data.train_crop=resize", "--config.data.flip_prob=0.0", "--config.mesh.data=-1",
+             "--config.diagnostics_every_steps=0"]
+    run_train(tmp_path / "one", "fp,tiny", *flags, devices=2)
+    port = free_port()
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            train_cmd(tmp_path / "two", "fp,tiny", *flags, f"--coordinator_address=127.0.0.1:{port}",
+                      "--num_processes=2", f"--process_id={i}"),
+            env=run_env(1), cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for i, log in enumerate(logs)
+    ]  # files, not pipes: a full pipe would block one process and deadlock its peer
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-4000:]
+    a = flat(restore_params(tmp_path / "one", "latest")[1])
+    b = flat(restore_params(tmp_path / "two", "latest")[1])
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    la = [r["loss"] for r in read_metrics(tmp_path / "one", "train")]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "two", "train")]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    ea, eb = read_metrics(tmp_path / "one", "eval")[-1], read_metrics(tmp_path / "two", "eval")[-1]
+    assert ea["examples"] == eb["examples"] == 400
+    assert ea["top1"] == pytest.approx(eb["top1"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_restores(tmp_path):
+    cfg = tiny_config("baseline+grs", total_steps=12, inject_nan_at_step=7, checkpoint_every_steps=4,
+                      distill__enabled=False)
+    with pytest.raises(FloatingPointError, match="last good checkpoint is step 4"):
+        train_and_evaluate(cfg, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4]
+    _, params = restore_params(tmp_path, "latest")
+    assert all(np.isfinite(v).all() for v in flat(params).values())
+    # Rerunning without the fault resumes from step 4 and finishes.
+    cfg.inject_nan_at_step = -1
+    out = train_and_evaluate(cfg, tmp_path)
+    assert out["examples"] == 400
+    rows = read_metrics(tmp_path, "train")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+
+
+def _corrupt(step_dir: Path) -> None:
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage" * 8)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    cfg = tiny_config("fp", total_steps=8, checkpoint_every_steps=4)
+    train_and_evaluate(cfg, tmp_path)
+    before = flat(restore_params(tmp_path, "latest")[1])
+    _corrupt(tmp_path / "checkpoints" / "8")
+    cfg.total_steps = 10
+    with caplog.at_level("ERROR"):
+        train_and_evaluate(cfg, tmp_path)
+    assert "step 8" in caplog.text and "cannot be restored" in caplog.text
+    rows = read_metrics(tmp_path, "train")
+    assert [r["step"] for r in rows] == list(range(1, 11))  # resumed at 4, not from scratch
+    assert flat(restore_params(tmp_path, "latest")[1]).keys() == before.keys()
+
+
+def test_all_checkpoints_corrupt_refuses_to_start_from_scratch(tmp_path):
+    cfg = tiny_config("fp", total_steps=8, checkpoint_every_steps=4)
+    train_and_evaluate(cfg, tmp_path)
+    for step in ("4", "8"):
+        _corrupt(tmp_path / "checkpoints" / step)
+    mtime = (tmp_path / "metrics.jsonl").stat().st_mtime
+    cfg.total_steps = 12
+    with pytest.raises(CheckpointError, match="Refusing to start from scratch"):
+        train_and_evaluate(cfg, tmp_path)
+    assert (tmp_path / "metrics.jsonl").stat().st_mtime == mtime
+
+
+# ----------------------------------------------------------------------------- accuracy
+def test_fashion_mnist_short_run_is_well_above_chance(tmp_path):
+    # ViTs learn slowly at first (no convolutional prior): ~500 steps of 64 images.
+    cfg = tiny_config("fp", total_steps=500, warmup_steps=25, global_batch_size=64, log_every_steps=100,
+                      checkpoint_every_steps=1000, data__eval_split="test[:2000]", eval_batch_size=400,
+                      optimizer__base_lr=3e-3, data__train_crop="resize", data__flip_prob=0.0)
+    cfg.model.overrides = dict(embed_dim=48, depth=2, num_heads=3)
+    out = train_and_evaluate(cfg, tmp_path)
+    assert out["examples"] == 2000
+    assert out["top1"] >= 0.6, out
