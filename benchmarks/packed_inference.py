@@ -1,0 +1,211 @@
+"""Packed (XNOR-popcount) inference vs the training-time forward, on this CPU.
+
+Run (not a test; takes a few minutes on 2 cores)::
+
+    nice -n 10 .venv/bin/python benchmarks/packed_inference.py [--variants=deit_tiny,deit_small] [--batches=1,8]
+
+Prints markdown tables (the ones in ``docs/export.md``):
+
+1. End to end, per variant and batch: the ``binaryvit`` model's training-time
+   forward ``model(x)`` under ``jax.jit`` in float32 and in bfloat16 (latent
+   float weights, binarized on the fly, float matmuls) vs
+   :func:`bvit_jax.export.packed_forward` (XNOR-popcount linears and binary
+   attention; also with the attention matmuls left in float), with the max
+   |logit| difference packed vs float32.
+2. The linear layers alone at DeiT-S shapes: fp32 and bf16 ``x @ W`` vs the
+   popcount matmul on packed words (``packed_matmul``), and vs the whole packed
+   linear (sign + pack of the activation, popcount matmul, ``alpha``, bias).
+3. The file sizes vs the accounting (full count and paper convention).
+
+Times are medians of repeated calls after a warm-up (compilation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bvit_jax.export import export_model, pack_model, size_accounting  # noqa: E402
+from bvit_jax.models import create  # noqa: E402
+from bvit_jax.packed import pack_planes, packed_forward, packed_matmul  # noqa: E402
+
+
+def time_interleaved(fns, min_time=1.0, min_reps=5, max_reps=200):
+    """Median wall times (ms) of several zero-argument functions, timed in turn.
+
+    Round-robin order, so that a machine whose load changes (other users on a
+    shared CPU) slows every contender alike.
+    """
+    for f in fns.values():
+        jax.block_until_ready(f())
+        jax.block_until_ready(f())
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    while True:
+        for k, f in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t)
+        n = len(times[next(iter(fns))])
+        if n >= max_reps or (n >= min_reps and time.perf_counter() - start >= min_time * len(fns)):
+            break
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def perturb(model, seed=1, scale=0.1):
+    """Move every parameter off its initial value, as training does (see ``end_to_end``)."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    new = []
+    for i, leaf in enumerate(leaves):
+        k = jax.random.fold_in(jax.random.key(seed), i)
+        new.append(leaf * (1 + 0.3 * jax.random.uniform(k)) if leaf.ndim == 0 else leaf + scale * jax.random.normal(k, leaf.shape))
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
+
+
+def jit_model(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    return lambda x: fwd(state, x)
+
+
+def end_to_end(variants, batches, min_time):
+    rows = []
+    for variant in variants:
+        # Perturbed like a trained model: a fresh one has every shift exactly 0, so the
+        # attention output P_b V_b (often exactly 0) meets its sign unshifted and the float
+        # model takes the sign of rounding noise there (docs/export.md, "Exactness").
+        model = perturb(create(variant, "binaryvit"))
+        model_bf16 = create(variant, "binaryvit", dtype=jnp.bfloat16)
+        nnx.update(model_bf16, nnx.state(model, nnx.Param))
+        packed = pack_model(model)
+        f32, bf16 = jit_model(model), jit_model(model_bf16)
+        cfg = model.cfg
+        for b in batches:
+            x = jax.random.normal(jax.random.key(b), (b, cfg.image_size, cfg.image_size, cfg.in_channels))
+            diff = float(jnp.max(jnp.abs(packed_forward(packed, x) - f32(x))))
+            agree = float(jnp.mean(jnp.argmax(packed_forward(packed, x), -1) == jnp.argmax(f32(x), -1)))
+            t = time_interleaved({
+                "fp32": lambda: f32(x),
+                "bf16": lambda: bf16(x),
+                "packed": lambda: packed_forward(packed, x),
+                "packed_float_attn": lambda: packed_forward(packed, x, attention="float"),
+            }, min_time=min_time)
+            t32, t16, tp, tpf = t["fp32"], t["bf16"], t["packed"], t["packed_float_attn"]
+            rows.append((variant, b, t32, t16, tp, tpf, diff, agree))
+            print(f"  {variant} b={b}: fp32 {t32:.2f} ms, bf16 {t16:.2f} ms, packed {tp:.2f} ms "
+                  f"(float attention {tpf:.2f} ms), max|dlogit| {diff:.2e}, top-1 agreement {agree:.2f}", flush=True)
+    return rows
+
+
+def linear_layers(batches, min_time, dim=384, hidden=1536, tokens=197):
+    rows = []
+    rng = np.random.default_rng(0)
+    fp32_mm = jax.jit(lambda x, w: x @ w)
+    bf16_mm = jax.jit(lambda x, w: x @ w)
+    popc = jax.jit(packed_matmul, static_argnums=2)
+
+    @jax.jit
+    def packed_linear(x, shift, words, alpha, bias, live):
+        """sign + pack of the activation, popcount matmul, alpha and bias (as in packed_forward)."""
+        return packed_matmul(
+            pack_planes(x - shift), words, x.shape[-1], live=live,
+            epilogue=lambda acc, a, b: acc.astype(jnp.float32) * a + b, epilogue_args=(alpha, bias),
+        )
+
+    live = np.bool_(True)
+
+    for b in batches:
+        m = b * tokens
+        for k, n in ((dim, dim), (dim, hidden), (hidden, dim)):
+            x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+            w = jnp.asarray(np.where(rng.standard_normal((k, n)) >= 0, 1.0, -1.0).astype(np.float32))
+            words = pack_planes(w.T).T  # (k/32, n)
+            xw = pack_planes(x)
+            shift, alpha, bias = jnp.zeros((k,)), jnp.ones((n,)), jnp.zeros((n,))
+            ok = bool(jnp.all(popc(xw, words, k) == (jnp.where(x >= 0, 1.0, -1.0) @ w).astype(jnp.int32)))
+            x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+            t = time_interleaved({
+                "fp32": lambda: fp32_mm(x, w),
+                "bf16": lambda: bf16_mm(x16, w16),
+                "popc": lambda: popc(xw, words, k),
+                "linear": lambda: packed_linear(x, shift, words, alpha, bias, live),
+            }, min_time=min_time)
+            t32, t16, tpc, tpl = t["fp32"], t["bf16"], t["popc"], t["linear"]
+            rows.append((m, k, n, t32, t16, tpc, tpl, ok))
+            print(f"  M={m} K={k} N={n}: fp32 {t32:.3f} ms, bf16 {t16:.3f}, popcount {tpc:.3f}, "
+                  f"packed linear {tpl:.3f} (exact: {ok})", flush=True)
+    return rows
+
+
+def sizes(variants):
+    rows = []
+    for variant in variants:
+        model = create(variant, "binaryvit")
+        acc = size_accounting(model)
+        rows.append((variant, len(export_model(model)), acc))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="deit_tiny,deit_small")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--min_time", type=float, default=2.0, help="seconds of timed calls per measurement")
+    p.add_argument("--sizes_only", action="store_true", help="only the size table (no timing)")
+    args = p.parse_args()
+    variants = args.variants.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.sizes_only:
+        print_size_table(sizes(variants))
+        return
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
+    print("end to end:", flush=True)
+    e2e = end_to_end(variants, batches, args.min_time)
+    print("linear layers (DeiT-S shapes):", flush=True)
+    lin = linear_layers(batches, args.min_time)
+    size_rows = sizes(variants)
+
+    print("\n| model (binaryvit) | batch | fp32 forward ms | bf16 forward ms | packed ms | packed, float attention ms "
+          "| packed vs fp32 | packed vs bf16 | max abs logit diff | top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for v, b, t32, t16, tp, tpf, d, agree in e2e:
+        print(f"| {v} | {b} | {t32:.2f} | {t16:.2f} | {tp:.2f} | {tpf:.2f} | {t32 / tp:.1f}x | {t16 / tp:.1f}x "
+              f"| {d:.1e} | {agree:.2f} |")
+    print("\n| M x K x N | fp32 matmul ms | bf16 matmul ms | popcount matmul ms | packed linear ms "
+          "| popcount vs fp32 | packed linear vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for m, k, n, t32, t16, tpc, tpl, ok in lin:
+        assert ok
+        print(f"| {m} x {k} x {n} | {t32:.3f} | {t16:.3f} | {tpc:.3f} | {tpl:.3f} | {t32 / tpc:.1f}x | {t32 / tpl:.1f}x |")
+    print_size_table(size_rows)
+
+
+def print_size_table(size_rows):
+    print("\n| model (binaryvit) | fp model (preset fp) | binary checkpoint (fp32 latent) | file | accounting, full count "
+          "| file / full | accounting, paper convention | file / paper | fp model / file |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v, nbytes, a in size_rows:
+        print(f"| {v} | {a['fp_model_bytes'] / 1e6:.2f} MB | {a['fp32_bytes'] / 1e6:.2f} MB | {nbytes / 1e6:.3f} MB "
+              f"| {a['full_bytes'] / 1e6:.3f} MB | {nbytes / a['full_bytes']:.3f} | {a['paper_bytes'] / 1e6:.3f} MB "
+              f"| {nbytes / a['paper_bytes']:.3f} | {a['fp_model_bytes'] / nbytes:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

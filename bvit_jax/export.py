@@ -1,0 +1,577 @@
+"""Export a trained binary ViT as a truly 1-bit file, and load it for packed inference.
+
+A trained checkpoint holds float *latent* weights; the model only ever uses
+their signs (and ``alpha = mean|W|`` per output channel). Export keeps exactly
+what inference needs:
+
+* every binary block linear ``P`` (q, k, v, proj, fc1, fc2):
+  ``P/kernel_bits`` (the signs, 1 bit each, ``uint32`` words packed along the
+  input axis: ``(ceil(in/32), out)``), ``P/alpha`` (``mean|W|`` over the input
+  axis, float32, precomputed; ones without ``weight_scale``) and ``P/bias``;
+* every other parameter (patch embedding, class token, position embedding,
+  LayerNorms, shifts ``beta``/``gamma``, RPReLU, attention levels ``c``,
+  head) unchanged in float32.
+
+Bits (see :mod:`bvit_jax.packed`): bit ``1`` is ``+1`` (``W >= 0``, so
+``sign(0) = +1``), bit ``0`` is ``-1``; element ``k`` of the input axis is bit
+``k % 32`` (LSB-first) of word ``k // 32``, i.e. ``numpy.packbits(...,
+bitorder="little")`` read as little-endian ``uint32``; padding bits are 0.
+
+File format (``.bvit``), version 1, all integers little-endian::
+
+    offset 0   8 bytes   magic b"BVITPK\\r\\n"
+    offset 8   uint32    header length H
+    offset 12  H bytes   header: zlib-compressed UTF-8 JSON
+    ...        zeros to the next multiple of 64: payload start
+    payload    tensors, each at header["tensors"][i]["offset"] (from the
+               payload start, 16-byte aligned), raw C-order bytes
+
+The header records ``format``, ``version``, ``variant``, ``preset``, the
+architecture (``config``), the binarization switches (``options``), the
+bit convention, the eval preprocessing (``preprocess``), optional
+``class_names`` and ``meta``, the tensor table (name, dtype, shape, offset,
+nbytes, and ``bits`` = true input length for packed kernels), and the
+payload size and CRC-32, so that truncated or corrupted files fail loudly
+(:class:`PackedFormatError`).
+
+Python API::
+
+    blob = export_model(model, "model.bvit", variant="deit_small", preset="binaryvit")
+    packed = load_packed("model.bvit")
+    logits = packed_forward(packed, images)
+
+Command line (a trainer workdir's best checkpoint -> file)::
+
+    python -m bvit_jax.export --workdir=/tmp/run --out=model.bvit [--which=best|latest] [--labels=names.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import struct
+import sys
+import zlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bvit_jax.binarize import weight_alpha
+from bvit_jax.layers import BinaryOptions
+from bvit_jax.models import ViTConfig, VisionTransformer, create
+from bvit_jax.packed import PackedModel, check_packable, num_words, pack_signs, packed_forward, to_planes
+from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "PackedFormatError",
+    "export_model",
+    "export_params",
+    "pack_model",
+    "load_packed",
+    "read_header",
+    "packed_forward",
+    "size_accounting",
+    "default_preprocess",
+    "export_workdir",
+    "main",
+]
+
+MAGIC = b"BVITPK\r\n"
+FORMAT_VERSION = 1
+FORMAT_NAME = "bvit_jax.packed"
+_PREFIX = struct.Struct("<8sI")
+_PAYLOAD_ALIGN = 64
+_TENSOR_ALIGN = 16
+_DTYPES = {"float32": np.dtype("<f4"), "uint32": np.dtype("<u4")}
+
+BIT_CONVENTION = {
+    "word": "uint32, little-endian",
+    "axis": "input axis of the (in, out) kernel: kernel_bits has shape (ceil(in/32), out)",
+    "order": "element k -> word k // 32, bit k % 32 (LSB-first); = numpy.packbits(bitorder='little')",
+    "one": "+1 (latent weight >= 0, sign(0) = +1)",
+    "zero": "-1",
+    "padding": "bits k >= in are 0",
+    "layer": "y = alpha * (in - 2 * popcount(xor(x_bits, w_bits))) + bias",
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PackedFormatError(ValueError):
+    """A ``.bvit`` file that cannot be read: not one, truncated, corrupt, or inconsistent."""
+
+
+# --------------------------------------------------------------------------
+# Accounting (bvit_jax.summary: 1-bit weights 1/8 byte, everything else 4 bytes).
+# --------------------------------------------------------------------------
+
+
+def size_accounting(model: nnx.Module) -> dict[str, float]:
+    """What :mod:`bvit_jax.summary` says the 1-bit model should weigh, to set a file against.
+
+    Works on a real or an abstract (``nnx.eval_shape``) model. Returns
+    ``params``, ``binary_params`` (latent binary kernels), ``full_bytes``,
+    ``fp_arch_bytes`` and ``paper_bytes`` (the summary's three labelled
+    conventions; ``full`` includes the derived per-channel scales ``alpha`` a
+    1-bit export stores), ``fp32_bytes`` (this model's parameters all in
+    float32: what its checkpoint holds) and ``fp_model_bytes`` (the
+    full-precision model of the same architecture, preset ``fp``: the reference
+    of the paper's 16.2x).
+    """
+    from bvit_jax.summary import summary
+
+    s = summary(model)
+    fp = summary(_abstract_model(model.cfg, BinaryOptions()))
+    return {
+        "params": s.params,
+        "binary_params": s.params_1bit,
+        "fp32_bytes": 4.0 * s.params,
+        "full_bytes": s.size_bytes("full"),
+        "fp_arch_bytes": s.size_bytes("fp-arch"),
+        "paper_bytes": s.size_bytes("paper"),
+        "fp_model_bytes": fp.size_bytes("full"),
+    }
+
+
+def default_preprocess(cfg: ViTConfig) -> dict[str, Any]:
+    """Eval preprocessing stored when the exporter is not given one.
+
+    Matches :func:`bvit_jax.data.config.default_data_config`: 3-channel models
+    at 64 px or more get ImageNet's (resize shorter side to
+    ``image_size / 0.875``, centre crop, bicubic, ImageNet mean/std); smaller
+    ones a plain bilinear resize with mean 0.5, std 0.5 per channel.
+    """
+    large = cfg.image_size >= 64
+    rgb = cfg.in_channels == 3
+    return {
+        "image_size": cfg.image_size,
+        "channels": cfg.in_channels,
+        "eval_crop": "center_crop" if large else "resize",
+        "crop_ratio": 0.875,
+        "interpolation": "bicubic" if large else "bilinear",
+        "mean": list(IMAGENET_MEAN) if rgb else [0.5] * cfg.in_channels,
+        "std": list(IMAGENET_STD) if rgb else [0.5] * cfg.in_channels,
+    }
+
+
+# --------------------------------------------------------------------------
+# Packing a parameter dict.
+# --------------------------------------------------------------------------
+
+
+def _options_to_json(opts: BinaryOptions) -> dict[str, Any]:
+    d = dataclasses.asdict(opts)
+    d.pop("dtype")
+    return d
+
+
+def _options_from_json(d: Mapping[str, Any]) -> BinaryOptions:
+    known = {f.name for f in dataclasses.fields(BinaryOptions)} - {"dtype"}
+    unknown = set(d) - known
+    if unknown:
+        raise PackedFormatError(f"unknown model options in header: {sorted(unknown)}")
+    return BinaryOptions(**d, dtype=jnp.float32)
+
+
+def _abstract_model(cfg: ViTConfig, opts: BinaryOptions) -> VisionTransformer:
+    return nnx.eval_shape(lambda: VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
+
+
+def _expected_params(cfg: ViTConfig, opts: BinaryOptions) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """``{path: shape}`` of the model's parameters and the set of latent binary kernel paths."""
+    model = _abstract_model(cfg, opts)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {p: tuple(v.shape) for p, v in flatten_with_paths(params)}, latent_weight_paths(model)
+
+
+def _expected_tensors(cfg: ViTConfig, opts: BinaryOptions) -> dict[str, tuple[str, tuple[int, ...], int | None]]:
+    """``{name: (dtype, shape, bits)}`` a packed file of this architecture holds."""
+    shapes, binary = _expected_params(cfg, opts)
+    out = {}
+    for path, shape in shapes.items():
+        if path in binary:
+            base = path[: -len("/kernel")]
+            n_in, n_out = shape
+            out[base + "/kernel_bits"] = ("uint32", (num_words(n_in), n_out), n_in)
+            out[base + "/alpha"] = ("float32", (n_out,), None)
+        else:
+            out[path] = ("float32", shape, None)
+    return out
+
+
+def _pack_flat(
+    flat: Mapping[str, Any], cfg: ViTConfig, opts: BinaryOptions
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Float params ``{path: array}`` -> (file tensors ``{name: array}``, ``{kernel_bits name: in}``)."""
+    check_packable(opts)
+    shapes, binary = _expected_params(cfg, opts)
+    missing = sorted(set(shapes) - set(flat))
+    unexpected = sorted(set(flat) - set(shapes))
+    wrong = sorted(p for p in set(shapes) & set(flat) if tuple(np.shape(flat[p])) != shapes[p])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "parameters do not match the model architecture: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"wrong shape {[(p, np.shape(flat[p]), shapes[p]) for p in wrong[:5]]}"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    bits: dict[str, int] = {}
+    for path in sorted(shapes):
+        value = np.asarray(jax.device_get(flat[path]), dtype=np.float32)
+        if path in binary:
+            base = path[: -len("/kernel")]
+            tensors[base + "/kernel_bits"] = pack_signs(value, axis=0)
+            # alpha exactly as the training forward computes it (XLA's float32 reduction,
+            # bvit_jax.binarize.weight_alpha), not numpy's pairwise sum: a few ulp matter
+            # at the sign thresholds of later layers.
+            alpha = np.asarray(weight_alpha(jnp.asarray(value)))[0] if opts.weight_scale else np.ones(value.shape[1])
+            tensors[base + "/alpha"] = alpha.astype(np.float32)
+            bits[base + "/kernel_bits"] = value.shape[0]
+        else:
+            tensors[path] = value
+    return tensors, bits
+
+
+def _model_flat_params(model: VisionTransformer) -> dict[str, Any]:
+    return dict(flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+# --------------------------------------------------------------------------
+# Serialisation.
+# --------------------------------------------------------------------------
+
+
+def _serialize(header: dict[str, Any], tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> bytes:
+    table, chunks, offset = [], [], 0
+    for name, arr in tensors.items():
+        dt = "uint32" if arr.dtype == np.uint32 else "float32"
+        data = np.ascontiguousarray(arr, dtype=_DTYPES[dt]).tobytes()
+        pad = -offset % _TENSOR_ALIGN
+        if pad:
+            chunks.append(b"\0" * pad)
+            offset += pad
+        entry = {"name": name, "dtype": dt, "shape": list(arr.shape), "offset": offset, "nbytes": len(data)}
+        if name in bits:
+            entry["bits"] = int(bits[name])
+        table.append(entry)
+        chunks.append(data)
+        offset += len(data)
+    payload = b"".join(chunks)
+    header = dict(header, tensors=table, payload_nbytes=len(payload), payload_crc32=zlib.crc32(payload))
+    hjson = zlib.compress(json.dumps(header, separators=(",", ":")).encode("utf-8"), 9)
+    prefix = _PREFIX.pack(MAGIC, len(hjson)) + hjson
+    return prefix + b"\0" * (-len(prefix) % _PAYLOAD_ALIGN) + payload
+
+
+def _write(blob: bytes, path) -> None:
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+
+
+def export_params(
+    params: Mapping[str, Any],
+    cfg: ViTConfig,
+    opts: BinaryOptions,
+    path: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    preset: str | None = None,
+    preprocess: Mapping[str, Any] | None = None,
+    class_names: list[str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Pack a float parameter dict (nested pure dict or flat ``{"a/b": array}``) into a ``.bvit`` file.
+
+    Returns the file's bytes; also writes them to ``path`` when given. Raises
+    ``ValueError`` if the parameters do not fit ``cfg``/``opts`` or the model
+    has no binary linears (see :func:`bvit_jax.packed.check_packable`).
+    """
+    flat = dict(flatten_with_paths(params))  # "a/b/c" keys; a flat dict's keys pass through unchanged
+    tensors, bits = _pack_flat(flat, cfg, opts)
+    if class_names is not None and len(class_names) != cfg.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {cfg.num_classes} classes")
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "variant": variant,
+        "preset": preset,
+        "config": dataclasses.asdict(cfg),
+        "options": _options_to_json(opts),
+        "trained_dtype": _dtype_name(opts.dtype),
+        "bits": BIT_CONVENTION,
+        "preprocess": dict(preprocess) if preprocess is not None else default_preprocess(cfg),
+        "class_names": list(class_names) if class_names is not None else None,
+        "meta": dict(meta or {}),
+    }
+    blob = _serialize(header, tensors, bits)
+    if path is not None:
+        _write(blob, path)
+    return blob
+
+
+def export_model(
+    model: VisionTransformer,
+    path: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    preset: str | None = None,
+    preprocess: Mapping[str, Any] | None = None,
+    class_names: list[str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Export a binary :class:`~bvit_jax.models.VisionTransformer` to the 1-bit ``.bvit`` format.
+
+    Returns the file's bytes and writes them to ``path`` when given.
+    ``variant``/``preset`` are recorded for humans (the file itself holds the
+    full architecture and options); ``preprocess`` is the eval preprocessing
+    :mod:`bvit_jax.predict` applies (default :func:`default_preprocess`).
+    """
+    return export_params(
+        _model_flat_params(model), model.cfg, model.opts, path,
+        variant=variant, preset=preset, preprocess=preprocess, class_names=class_names, meta=meta,
+    )
+
+
+def _runtime(tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> dict[str, jax.Array]:
+    """File tensors -> device arrays for :func:`packed_forward` (kernels re-ordered to plane order)."""
+    out = {}
+    for name, arr in tensors.items():
+        if name in bits:
+            arr = to_planes(arr, bits[name], axis=0)
+        out[name] = jnp.asarray(arr)
+    return out
+
+
+def pack_model(model: VisionTransformer) -> PackedModel:
+    """The :class:`~bvit_jax.packed.PackedModel` of a model, in memory (no file)."""
+    tensors, bits = _pack_flat(_model_flat_params(model), model.cfg, model.opts)
+    opts = dataclasses.replace(model.opts, dtype=jnp.float32)
+    header = {"config": dataclasses.asdict(model.cfg), "options": _options_to_json(opts), "preprocess": default_preprocess(model.cfg)}
+    return PackedModel(model.cfg, opts, _runtime(tensors, bits), header)
+
+
+# --------------------------------------------------------------------------
+# Loading.
+# --------------------------------------------------------------------------
+
+
+def _read_bytes(source) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "<bytes>"
+    if hasattr(source, "read"):
+        return source.read(), getattr(source, "name", "<file>")
+    with open(source, "rb") as f:
+        return f.read(), os.fspath(source)
+
+
+def _parse_header(blob: bytes, where: str) -> tuple[dict[str, Any], int]:
+    if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
+        if len(blob) < _PREFIX.size and MAGIC.startswith(blob[:8]):
+            raise PackedFormatError(f"{where}: truncated .bvit file ({len(blob)} bytes, not even the {_PREFIX.size}-byte prefix)")
+        raise PackedFormatError(f"{where}: not a bvit_jax packed model (bad magic {blob[:8]!r}, expected {MAGIC!r})")
+    _, hlen = _PREFIX.unpack_from(blob)
+    end = _PREFIX.size + hlen
+    if end > len(blob):
+        raise PackedFormatError(f"{where}: truncated .bvit file: the header needs {end} bytes but the file has {len(blob)}")
+    try:
+        header = json.loads(zlib.decompress(blob[_PREFIX.size:end]).decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PackedFormatError(f"{where}: corrupt .bvit header ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise PackedFormatError(f"{where}: corrupt .bvit header (format {header.get('format') if isinstance(header, dict) else None!r})")
+    version = header.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PackedFormatError(
+            f"{where}: .bvit format version {version!r} is not supported by this bvit_jax (reads up to {FORMAT_VERSION})"
+        )
+    return header, end + (-end % _PAYLOAD_ALIGN)
+
+
+def read_header(source) -> dict[str, Any]:
+    """The JSON header of a ``.bvit`` file (path, bytes or binary file object)."""
+    blob, where = _read_bytes(source)
+    return _parse_header(blob, where)[0]
+
+
+def load_packed(source) -> PackedModel:
+    """Read a ``.bvit`` file (path, bytes or binary file object) into a :class:`PackedModel`.
+
+    Checks the magic, version, sizes, CRC-32 and that the tensors are exactly
+    those of the recorded architecture; raises :class:`PackedFormatError`
+    with the reason otherwise (e.g. ``truncated .bvit file: expected N bytes,
+    the file has M``).
+    """
+    blob, where = _read_bytes(source)
+    header, start = _parse_header(blob, where)
+    try:
+        nbytes = int(header["payload_nbytes"])
+        crc = int(header["payload_crc32"])
+        table = list(header["tensors"])
+        cfg = ViTConfig(**header["config"])
+        opts = _options_from_json(header["options"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackedFormatError(f"{where}: corrupt .bvit header ({type(e).__name__}: {e})") from None
+    if len(blob) < start + nbytes:
+        raise PackedFormatError(
+            f"{where}: truncated .bvit file: expected {start + nbytes} bytes, the file has {len(blob)} "
+            f"({start + nbytes - len(blob)} missing); re-export or copy it again"
+        )
+    if len(blob) > start + nbytes:
+        raise PackedFormatError(f"{where}: corrupt .bvit file: {len(blob) - start - nbytes} unexpected trailing bytes")
+    payload = memoryview(blob)[start:]
+    if zlib.crc32(payload) != crc:
+        raise PackedFormatError(f"{where}: corrupt .bvit file: payload CRC-32 mismatch (the file was damaged)")
+
+    expected = _expected_tensors(cfg, opts)
+    tensors, bits = {}, {}
+    for entry in table:
+        name, dt, shape = entry["name"], entry["dtype"], tuple(entry["shape"])
+        if name not in expected:
+            raise PackedFormatError(f"{where}: unexpected tensor {name!r} for this architecture")
+        want_dt, want_shape, want_bits = expected[name]
+        if (dt, shape, entry.get("bits")) != (want_dt, want_shape, want_bits):
+            raise PackedFormatError(
+                f"{where}: tensor {name!r} is {dt}{list(shape)} (bits={entry.get('bits')}), "
+                f"the architecture needs {want_dt}{list(want_shape)} (bits={want_bits})"
+            )
+        off, n = int(entry["offset"]), int(entry["nbytes"])
+        if n != int(np.prod(shape)) * 4 or off < 0 or off + n > nbytes:
+            raise PackedFormatError(f"{where}: corrupt tensor table entry for {name!r}")
+        tensors[name] = np.frombuffer(payload[off:off + n], dtype=_DTYPES[dt]).reshape(shape)
+        if want_bits is not None:
+            bits[name] = want_bits
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise PackedFormatError(f"{where}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return PackedModel(cfg, opts, _runtime(tensors, bits), header)
+
+
+# --------------------------------------------------------------------------
+# Workdir export (command line).
+# --------------------------------------------------------------------------
+
+
+def _cfg_get(config, dotted: str, default=None):
+    node = config
+    for key in dotted.split("."):
+        if node is None:
+            return default
+        if isinstance(node, Mapping):
+            node = node.get(key, None)
+        else:
+            node = getattr(node, key, None)
+    return default if node is None else node
+
+
+def _preprocess_from_config(config, cfg: ViTConfig) -> dict[str, Any]:
+    pre = default_preprocess(cfg)
+    for key in ("eval_crop", "crop_ratio", "interpolation", "mean", "std"):
+        value = _cfg_get(config, f"data.{key}")
+        if value is not None:
+            pre[key] = list(value) if isinstance(value, (list, tuple)) else value
+    for key in ("mean", "std"):
+        if len(pre[key]) == 1 and cfg.in_channels > 1:
+            pre[key] = pre[key] * cfg.in_channels
+    return pre
+
+
+def export_workdir(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    which: str = "best",
+    class_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Export a trainer workdir's checkpoint (``which``: ``best`` or ``latest``) to ``out``.
+
+    Reads ``(config, params)`` through ``bvit_jax.checkpoint.restore_params``,
+    rebuilds the architecture from ``config.model.{variant, preset,
+    num_classes, overrides}`` and ``config.data.{image_size, channels}`` (as
+    :func:`bvit_jax.checkpoint.abstract_params` does),
+    and stores the eval preprocessing from ``config.data``. Returns a summary
+    (path, bytes, accounting).
+    """
+    try:
+        checkpoint = importlib.import_module("bvit_jax.checkpoint")
+        restore_params = checkpoint.restore_params
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            "exporting a workdir needs bvit_jax.checkpoint.restore_params (the trainer's checkpoint module): " + str(e)
+        ) from e
+    config, params = restore_params(os.fspath(workdir), which=which)
+    variant = _cfg_get(config, "model.variant")
+    preset = _cfg_get(config, "model.preset")
+    if variant is None or preset is None:
+        raise ValueError(f"{workdir}: config has no model.variant / model.preset")
+    overrides = dict(_cfg_get(config, "model.overrides", {}) or {})  # BinaryOptions fields, as the trainer
+    abstract = nnx.eval_shape(lambda: create(
+        variant, preset,
+        num_classes=_cfg_get(config, "model.num_classes"),
+        image_size=_cfg_get(config, "data.image_size"),
+        in_channels=_cfg_get(config, "data.channels"),
+        **overrides,
+    ))
+    cfg, opts = abstract.cfg, abstract.opts
+    meta = {"workdir": os.path.abspath(os.fspath(workdir)), "checkpoint": str(which)}
+    blob = export_params(
+        jax.device_get(params), cfg, opts, out,
+        variant=variant, preset=preset, preprocess=_preprocess_from_config(config, cfg),
+        class_names=class_names, meta=meta,
+    )
+    acc = size_accounting(abstract)
+    return {"out": os.fspath(out), "bytes": len(blob), **acc}
+
+
+def _fmt_mb(n: float) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bvit_jax.export",
+        description="Export a trainer workdir's checkpoint as a 1-bit packed .bvit model file.",
+    )
+    parser.add_argument("--workdir", required=True, help="trainer workdir (holds config.json and checkpoints/)")
+    parser.add_argument("--out", required=True, help="output file, e.g. model.bvit")
+    parser.add_argument("--which", default="best", choices=("best", "latest"),
+                        help="best (default: the best eval checkpoint, else the latest) or latest")
+    parser.add_argument("--labels", default=None, help="optional text file with one class name per line")
+    args = parser.parse_args(argv)
+    names = None
+    if args.labels:
+        with open(args.labels, encoding="utf-8") as f:
+            names = [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        s = export_workdir(args.workdir, args.out, which=args.which, class_names=names)
+    except (PackedFormatError, ValueError, RuntimeError, OSError) as e:  # CheckpointError is a RuntimeError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n = s["bytes"]
+    print(f"wrote {s['out']}: {n} bytes ({_fmt_mb(n)})")
+    print(f"  checkpoint parameters in fp32:      {_fmt_mb(s['fp32_bytes'])} ({s['fp32_bytes'] / n:.2f}x the file)")
+    print(f"  fp model of this architecture:      {_fmt_mb(s['fp_model_bytes'])} ({s['fp_model_bytes'] / n:.2f}x the file)")
+    for key, label in (("full", "full count"), ("fp_arch", "fp-arch convention"), ("paper", "paper convention")):
+        b = s[key + "_bytes"]
+        print(f"  accounting, {label + ':':23s} {_fmt_mb(b)} (file / accounting {n / b:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""1-bit export, the .bvit file format, XNOR-popcount ops and packed inference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from bvit_jax import export, predict
+from bvit_jax.export import PackedFormatError, export_model, load_packed, pack_model, read_header, size_accounting
+from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
+from bvit_jax.param_groups import flatten_with_paths
+from bvit_jax.packed import (
+    from_planes,
+    masked_sign_sum,
+    num_words,
+    pack_bits_planes,
+    pack_planes,
+    pack_signs,
+    packed_forward,
+    packed_matmul,
+    packed_sign_dot,
+    to_planes,
+    unpack_signs,
+)
+
+BINARY_PRESETS = ["baseline", "baseline+grs", "baseline+asm", "binaryvit"]
+
+
+def sign(x):
+    return np.where(np.asarray(x) >= 0, 1.0, -1.0).astype(np.float32)
+
+
+def perturb(model, seed=1, scale=0.1):
+    """Move every parameter off its init (shifts, gammas, LN, levels), as training would.
+
+    A fresh model has all shifts exactly 0, so the attention output ``P_b V_b``
+    (often exactly 0) meets its sign with no shift: the float model then takes
+    the sign of rounding noise (see docs/export.md, "Exactness").
+    """
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    key, new = jax.random.key(seed), []
+    for i, leaf in enumerate(leaves):
+        k = jax.random.fold_in(key, i)
+        if leaf.ndim == 0:  # attention level c > 0
+            new.append(leaf * (1 + 0.3 * jax.random.uniform(k)))
+        else:
+            new.append(leaf + scale * jax.random.normal(k, leaf.shape))
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
+
+
+# --------------------------------------------------------------------------
+# Packing.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 64, 100, 384])
+def test_pack_roundtrip_and_bit_order(n):
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((n, 7)).astype(np.float32)
+    w[rng.random(w.shape) < 0.1] = 0.0  # sign(0) = +1
+    words = pack_signs(w, axis=0)
+    assert words.dtype == np.uint32 and words.shape == (num_words(n), 7)
+    np.testing.assert_array_equal(unpack_signs(words, n, axis=0), sign(w))
+    # Bit convention: element k is bit k % 32 of word k // 32; padding bits are 0.
+    for k in range(n):
+        assert ((words[k // 32, 0] >> np.uint32(k % 32)) & 1) == (w[k, 0] >= 0)
+    if n % 32:
+        assert words[-1, 0] >> np.uint32(n % 32) == 0
+    # Same bytes as numpy.packbits(bitorder="little").
+    b = np.packbits(w[:, 0] >= 0, bitorder="little")
+    np.testing.assert_array_equal(words[:, 0].astype("<u4").view(np.uint8)[: b.size], b)
+    # Standard <-> plane order, and the on-device packer agrees with the plane order.
+    planes = to_planes(words, n, axis=0)
+    np.testing.assert_array_equal(from_planes(planes, n, axis=0), words)
+    np.testing.assert_array_equal(np.asarray(pack_planes(jnp.asarray(w.T))), planes.T)
+
+
+def test_pack_signs_last_axis_batch():
+    x = np.random.default_rng(0).standard_normal((2, 3, 45)).astype(np.float32)
+    np.testing.assert_array_equal(unpack_signs(pack_signs(x), 45), sign(x))
+
+
+@pytest.mark.parametrize("k", [20, 32, 100, 384])
+def test_packed_matmul_equals_float_pm1_matmul(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((3, 11, k)).astype(np.float32)
+    w = rng.standard_normal((k, 13)).astype(np.float32)
+    ref = (sign(x) @ sign(w)).astype(np.int32)
+    a, b = pack_planes(jnp.asarray(x)), jnp.asarray(to_planes(pack_signs(w, axis=0), k, axis=0))
+    got = jax.jit(packed_matmul, static_argnums=2)(a, b, k)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    # Isolated kernel (runtime live flag) and the grouped form give the same integers.
+    live = jnp.bool_(True)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b, l: packed_matmul(a, b, k, live=l))(a, b, live)), ref)
+    g = jax.jit(lambda a, b: packed_matmul(a, b, k))(jnp.stack([a.reshape(-1, a.shape[-1])] * 2), jnp.stack([b, b]))
+    np.testing.assert_array_equal(np.asarray(g[1]).reshape(ref.shape), ref)
+
+
+@pytest.mark.parametrize("d,n", [(12, 17), (64, 40), (20, 197)])
+def test_attention_popcount_matmuls_exact(d, n):
+    rng = np.random.default_rng(d + n)
+    q = rng.standard_normal((2, 3, n, d)).astype(np.float32)
+    k = rng.standard_normal((2, 3, n, d)).astype(np.float32)
+    scores = jax.jit(lambda q, k: packed_sign_dot(pack_planes(q), pack_planes(k), d))(q, k)
+    np.testing.assert_array_equal(np.asarray(scores), np.einsum("bhqd,bhkd->bhqk", sign(q), sign(k)).astype(np.int32))
+    m = rng.random((2, 3, n, n)) > 0.7
+    pv = jax.jit(lambda m, v: masked_sign_sum(pack_bits_planes(m), pack_planes(jnp.swapaxes(v, -1, -2))))(m, k)
+    np.testing.assert_array_equal(np.asarray(pv), np.einsum("bhqk,bhkd->bhqd", m.astype(np.float32), sign(k)).astype(np.int32))
+
+
+# --------------------------------------------------------------------------
+# Packed forward vs the training-time forward.
+# --------------------------------------------------------------------------
+
+
+def model_forward(model, x):
+    """``model(x)`` under one jit (compiles faster than op-by-op dispatch)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+
+
+def _images(cfg, b=2, seed=3):
+    return jax.random.normal(jax.random.key(seed), (b, cfg.image_size, cfg.image_size, cfg.in_channels))
+
+
+@pytest.mark.parametrize("preset", BINARY_PRESETS)
+def test_packed_forward_matches_model(preset):
+    model = perturb(create("vit_nano", preset))
+    x = _images(model.cfg)
+    ref = model_forward(model, x)
+    got = np.asarray(packed_forward(pack_model(model), x))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_forward_odd_widths_through_file():
+    # embed 36 (not a multiple of 32), head dim 12, MLP 144, 37 tokens (2 mask words).
+    cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3)
+    model = perturb(VisionTransformer(cfg, get_preset("binaryvit").options, rngs=nnx.Rngs(0)))
+    x = _images(cfg)
+    ref = model_forward(model, x)
+    loaded = load_packed(export_model(model, preset="binaryvit"))
+    assert loaded.cfg == cfg
+    np.testing.assert_allclose(np.asarray(packed_forward(loaded, x)), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(packed_forward(loaded, x, attention="float")), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="expected images of shape"):
+        packed_forward(loaded, x[:, :16])
+
+
+def test_integer_dot_of_a_model_layer_is_exact():
+    """The popcount dot of a real layer equals sign(x - shift) @ sign(W) exactly."""
+    model = perturb(create("vit_nano", "binaryvit"))
+    _, inter = model(_images(model.cfg), capture=True)
+    pk = pack_model(model)
+    params = dict(flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    for path in ["blocks/0/attn/q/linear", "blocks/1/mlp/fc2/linear"]:
+        shifted = np.asarray(inter[path + "/act"]["shifted"])
+        kernel = np.asarray(params[path + "/kernel"])
+        ref = (sign(shifted) @ sign(kernel)).astype(np.int32)
+        got = packed_matmul(pack_planes(jnp.asarray(shifted)), pk.tensors[path + "/kernel_bits"], shifted.shape[-1])
+        np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_fp_preset_is_refused():
+    with pytest.raises(ValueError, match="binarize both weights and activations"):
+        export_model(create("vit_nano", "fp"))
+
+
+# --------------------------------------------------------------------------
+# The file: size, header, corruption.
+# --------------------------------------------------------------------------
+
+
+def test_deit_small_file_size_vs_accounting():
+    model = create("deit_small", "binaryvit")
+    blob = export_model(model, variant="deit_small", preset="binaryvit")
+    acc = size_accounting(model)
+    assert acc["binary_params"] == 21_233_664  # the 48 encoder linears (DESIGN.md)
+    # bvit_jax.summary's full count (every parameter + the alpha scales): the file
+    # adds only its compressed header and alignment.
+    assert 1.0 < len(blob) / acc["full_bytes"] < 1.01
+    # The paper convention leaves out pos-embed, biases, shifts, extra norms: 5.45 MB.
+    assert 5.4e6 < acc["paper_bytes"] < 5.5e6
+    assert 88.1e6 < acc["fp_model_bytes"] < 88.3e6  # fp DeiT-S: 22.05M params
+    assert acc["fp_model_bytes"] / len(blob) > 12
+    header = read_header(blob)
+    assert header["variant"] == "deit_small" and header["preset"] == "binaryvit" and header["version"] == 1
+    kb = [t for t in header["tensors"] if t["name"] == "blocks/0/mlp/fc2/linear/kernel_bits"][0]
+    assert kb["dtype"] == "uint32" and kb["shape"] == [48, 384] and kb["bits"] == 1536
+
+
+@pytest.fixture(scope="module")
+def nano_blob():
+    return export_model(perturb(create("vit_nano", "baseline")), preset="baseline")
+
+
+def test_roundtrip_file(tmp_path, nano_blob):
+    path = tmp_path / "m.bvit"
+    path.write_bytes(nano_blob)
+    a, b = load_packed(path), load_packed(nano_blob)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert a.header["preset"] == "baseline" and a.header["bits"]["one"].startswith("+1")
+
+
+@pytest.mark.parametrize("cut", [0, 5, 11, 40, -1000, -1])
+def test_truncated_file_is_a_clear_error(tmp_path, nano_blob, cut):
+    path = tmp_path / "t.bvit"
+    path.write_bytes(nano_blob[:cut] if cut else b"")
+    with pytest.raises(PackedFormatError, match="truncated"):
+        load_packed(path)
+
+
+def test_corrupt_files_are_clear_errors(nano_blob):
+    with pytest.raises(PackedFormatError, match="not a bvit_jax packed model"):
+        load_packed(b"PK\x03\x04" + nano_blob[4:])
+    flipped = bytearray(nano_blob)
+    flipped[-7] ^= 0x10
+    with pytest.raises(PackedFormatError, match="CRC-32"):
+        load_packed(bytes(flipped))
+    with pytest.raises(PackedFormatError, match="trailing"):
+        load_packed(nano_blob + b"\0")
+    garbled = bytearray(nano_blob)
+    garbled[20] ^= 0xFF  # inside the compressed header
+    with pytest.raises(PackedFormatError, match="header"):
+        load_packed(bytes(garbled))
+
+
+def test_newer_version_is_refused(nano_blob):
+    import struct
+    import zlib
+
+    header = read_header(nano_blob)
+    header["version"] = 99
+    hlen = struct.unpack_from("<I", nano_blob, 8)[0]
+    new = zlib.compress(json.dumps(header).encode())
+    blob = nano_blob[:8] + struct.pack("<I", len(new)) + new + nano_blob[12 + hlen:]
+    with pytest.raises(PackedFormatError, match="version 99"):
+        load_packed(blob)
+
+
+# --------------------------------------------------------------------------
+# Command lines, on a real (tiny) workdir of the trainer.
+# --------------------------------------------------------------------------
+
+
+def test_export_and_predict_command_lines(tmp_path, capsys):
+    from bvit_jax.checkpoint import restore_params
+    from bvit_jax.train import build_model, train_and_evaluate
+    from tests.train_helpers import tiny_config
+
+    cfg = tiny_config("binaryvit", total_steps=2, checkpoint_every_steps=2, distill__enabled=False)
+    run = tmp_path / "run"
+    train_and_evaluate(cfg, run)
+    _, params = restore_params(run)
+    model = build_model(cfg.model, cfg.data)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    names = [f"class{i}" for i in range(10)]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(n + "\n" for n in names))
+    out = tmp_path / "model.bvit"
+    assert export.main([f"--workdir={run}", f"--out={out}", f"--labels={labels}"]) == 0
+    assert "accounting, full count" in capsys.readouterr().out
+
+    pk = load_packed(out)
+    assert pk.header["class_names"] == names
+    mean, std = float(cfg.data.mean[0]), float(cfg.data.std[0])
+    np.testing.assert_allclose(pk.header["preprocess"]["std"], [std], rtol=1e-6)
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L").save(p)
+        paths.append(str(p))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    assert predict.main([f"--model={out}", "--top_k=2", "--json", *paths, str(bad)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in lines] == paths + [str(bad)]
+    assert lines[2]["error"] and not lines[0]["error"]
+    # The CLI's probabilities are the model's on the same preprocessing.
+    x = np.stack([(np.asarray(Image.open(p), np.float32)[..., None] / 255 - mean) / std for p in paths])
+    probs = np.asarray(jax.nn.softmax(model_forward(model, jnp.asarray(x)), axis=-1))
+    for r, p in zip(lines, probs):
+        assert r["top"][0]["name"] == names[int(np.argmax(p))]
+        np.testing.assert_allclose(r["top"][0]["prob"], p.max(), rtol=1e-4)
