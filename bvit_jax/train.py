@@ -34,7 +34,7 @@ from bvit_jax.models import PRESETS, VARIANTS, create, get_preset
 from bvit_jax.optim import build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 
-__all__ = ["train_and_evaluate", "validate_config", "ConfigError", "steps_from", "build_model", "evaluate"]
+__all__ = ["train_and_evaluate", "make_train_step", "init_train_state", "validate_config", "ConfigError", "steps_from", "build_model", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,70 @@ def _load_teacher(config) -> tuple[nnx.GraphDef, Any]:
     return graphdef, tparams
 
 
+# ----------------------------------------------------------------------------- step
+def init_train_state(params: Any, tx: optax.GradientTransformation, latent: Any) -> dict[str, Any]:
+    """The train state: step counter, params, optimizer state, oscillation EMA (binary presets)."""
+    has_latent = any(jax.tree.leaves(latent))
+    return {
+        "step": jnp.zeros([], jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "oscillation": diagnostics.oscillation_init(params, latent) if has_latent else {},
+    }
+
+
+def make_train_step(config, graphdef: nnx.GraphDef, latent: Any, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, teacher_graphdef: nnx.GraphDef | None = None):
+    """``train_step(state, batch, teacher_params) -> (state, metrics)``, not yet jitted.
+
+    The loss is the label cross-entropy, or with a teacher (``teacher_graphdef``
+    not None) ``kd_weight * KL(teacher || student) + label_weight * CE`` from
+    ``config.distill``; then ``tx`` (GRS -> clip -> AdamW), a non-finite guard,
+    and the flip-rate / oscillation statistics when ``latent`` marks binary kernels.
+    """
+    has_latent = any(jax.tree.leaves(latent))
+    distill = teacher_graphdef is not None
+    d = config.distill
+
+    def apply(p, images, capture=False):
+        return nnx.merge(graphdef, p)(images, capture=capture)
+
+    def loss_fn(p, batch, tparams):
+        logits = apply(p, batch["image"])
+        label_loss = cross_entropy(logits, batch["label"])
+        if not distill:
+            return label_loss, (logits, {"label_loss": label_loss})
+        teacher_logits = nnx.merge(teacher_graphdef, tparams)(batch["image"])
+        kd = distillation_kl(logits, teacher_logits, d.temperature)
+        loss = d.kd_weight * kd + d.label_weight * label_loss
+        return loss, (logits, {"label_loss": label_loss, "kd_loss": kd})
+
+    def train_step(state, batch, tparams):
+        p = state["params"]
+        (loss, (logits, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, tparams)
+        updates, opt_state = tx.update(grads, state["opt_state"], p)
+        new_p = optax.apply_updates(p, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves params and optimizer untouched; the host stops the run.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_p, opt_state = keep(new_p, p), keep(opt_state, state["opt_state"])
+        osc, weight_stats = state["oscillation"], {}
+        if has_latent:  # sign flips of this step; EMA oscillation frequency per weight
+            osc, osc_metrics = diagnostics.oscillation_update(osc, new_p, latent)
+            weight_stats = {**diagnostics.flip_rate(p, new_p, latent), **osc_metrics}
+            weight_stats = {k: v for k, v in weight_stats.items() if k.endswith("/all")}
+        metrics = {
+            "loss": loss, **parts, "nonfinite": (~finite).astype(jnp.int32),
+            "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"]),
+            "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_p),
+            "lr": lr_schedule(state["step"]), **weight_stats,
+        }
+        return {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}, metrics
+
+    return train_step
+
+
 # ----------------------------------------------------------------------------- train
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final eval metrics."""
@@ -166,12 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # -- train state and shardings -----------------------------------------------
     def init_state(p):
-        return {
-            "step": jnp.zeros([], jnp.int32),
-            "params": p,
-            "opt_state": tx.init(p),
-            "oscillation": diagnostics.oscillation_init(p, latent) if has_latent else {},
-        }
+        return init_train_state(p, tx, latent)
 
     min_size = config.mesh.get("fsdp_min_size", 2**14)
     state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_state, params), min_size)
@@ -182,40 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     del model, params
 
     # -- step functions -----------------------------------------------------------
-    d = config.distill
-
-    def loss_fn(p, batch, tparams):
-        logits = apply(p, batch["image"])
-        label_loss = cross_entropy(logits, batch["label"])
-        if not distill:
-            return label_loss, (logits, {"label_loss": label_loss})
-        teacher_logits = nnx.merge(teacher_graphdef, tparams)(batch["image"])
-        kd = distillation_kl(logits, teacher_logits, d.temperature)
-        loss = d.kd_weight * kd + d.label_weight * label_loss
-        return loss, (logits, {"label_loss": label_loss, "kd_loss": kd})
-
-    def train_step(state, batch, tparams):
-        p = state["params"]
-        (loss, (logits, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, tparams)
-        updates, opt_state = tx.update(grads, state["opt_state"], p)
-        new_p = optax.apply_updates(p, updates)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves params and optimizer untouched; the host stops the run.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_p, opt_state = keep(new_p, p), keep(opt_state, state["opt_state"])
-        osc, weight_stats = state["oscillation"], {}
-        if has_latent:  # sign flips of this step; EMA oscillation frequency per weight
-            osc, osc_metrics = diagnostics.oscillation_update(osc, new_p, latent)
-            weight_stats = {**diagnostics.flip_rate(p, new_p, latent), **osc_metrics}
-            weight_stats = {k: v for k, v in weight_stats.items() if k.endswith("/all")}
-        metrics = {
-            "loss": loss, **parts, "nonfinite": (~finite).astype(jnp.int32),
-            "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"]),
-            "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_p),
-            "lr": lr_schedule(state["step"]), **weight_stats,
-        }
-        return {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}, metrics
+    train_step = make_train_step(config, graphdef, latent, tx, lr_schedule, teacher_graphdef if distill else None)
 
     def eval_step(p, batch):
         logits = apply(p, batch["image"])
@@ -278,8 +304,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 now = time.perf_counter()
                 rate = (step - step_last) * config.global_batch_size / (now - t_last)
                 t_last, step_last = now, step
-                row = {k: float(v) for k, v in rows[-1].items() if k != "nonfinite"}
-                row["loss_avg"] = float(np.mean([r["loss"] for r in rows]))
+                # Means over the steps since the last log (lr: its current value).
+                row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k != "nonfinite"}
+                row["lr"] = float(rows[-1]["lr"])
                 writer.write(step, "train", {**row, "img_per_s": rate,
                                              "eta_s": (total_steps - step) * config.global_batch_size / rate,
                                              "data_skipped": input_pipeline.data_stats().get("skipped", 0)})

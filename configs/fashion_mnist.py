@@ -10,7 +10,9 @@ Data: the Debian package ``dataset-fashion-mnist`` (IDX files under
 /usr/share/datasets/fashion-mnist), read through the project's grain pipeline.
 Validation for tuning: ``--config.data.train_split='train[:90%]'
 --config.data.eval_split='train[90%:]'``; the default evaluates on the test set.
-Expected after 2 epochs (scripts/quickstart.sh): see README "Quick start".
+Expected (scripts/quickstart.sh: 1 epoch each, seed 0, 2 cores): fp 72.0%,
+binaryvit (distilled from it) 70.6% test top-1; about 3 + 9 minutes. More
+epochs help both: ``--config.total_epochs=6``.
 
 ``:PRESET,tiny`` (e.g. ``configs/fashion_mnist.py:binaryvit,tiny``) is a
 seconds-long smoke mode: a one-block, 32-wide model, 8 steps of 32 images,
@@ -31,7 +33,7 @@ def get_config(arg: str = "binaryvit"):
     c.data.channels = 1
     c.global_batch_size = 128
     c.eval_batch_size = 500
-    c.total_epochs = 2.0
+    c.total_epochs = 1.0
     c.warmup_epochs = 0.2
     c.optimizer.base_lr = 2e-3
     c.optimizer.lr_reference_batch = 128

@@ -1,0 +1,305 @@
+r"""Train-step throughput: ``fp`` vs ``binaryvit``, side by side, on the current backend.
+
+The step timed is the trainer's own (:func:`bvit_jax.train.make_train_step`):
+the same loss, optimizer chain (GRS -> clip -> AdamW with the config's masks),
+non-finite guard, flip-rate / oscillation statistics and, for ``binaryvit``,
+the KD teacher forward (an ``fp`` model of the same size, randomly
+initialised). Configs are the real recipes: ``configs/fashion_mnist.py`` for
+``vit_micro_28`` and ``configs/deit_*.py`` (224 px, 1000 classes) for DeiT;
+only the batch size and the compute dtype are changed. Inputs are synthetic
+(one fixed device-resident batch: no input pipeline in the timing).
+
+Timing: every (variant, preset) step is compiled (and run twice: a second
+compile would be reported) first; then ``--reps`` rounds each run ``--steps``
+steps of every preset of a variant back to back (A, B, A, B, ...) and the
+median per-step time is reported, so a noisy shared machine hits both presets
+alike. ``ratio`` = step time / the first preset's step time (the issue's
+target: binaryvit <= 1.25x fp). On CPU the table adds the process CPU time
+per step (all threads), which other load on a shared machine disturbs less
+than wall time. ``PRESET:nokd`` (e.g. ``binaryvit:nokd``) is the preset with
+distillation off: the same student step without the teacher forward.
+
+MFU = model FLOPs per second / peak. Model FLOPs per step
+``= 3 x 2 x forward MACs x batch`` with MACs from :func:`bvit_jax.summary.summary`
+(binary and full-precision MACs both count: training runs the binary layers
+as float matmuls). ``MFU+T`` adds the teacher forward (``2 x teacher MACs x
+batch``) for presets that distil. Peak: CPU ``--peak-gflops`` (default
+DESIGN.md's ~100 GFLOP/s per core in float32, x2 for bfloat16, times the cores
+this process may run on); GPU / TPU a table of dense per-chip peaks by
+``device_kind`` (``--peak-gflops`` overrides).
+
+  python benchmarks/train_step.py                                  # CPU default (~6 minutes on 2 cores)
+  python benchmarks/train_step.py --variants vit_micro_28 --batch 128 --steps 10 --reps 7
+  python benchmarks/train_step.py --presets fp,binaryvit,binaryvit:nokd --json out.json
+  python benchmarks/train_step.py --variants deit_tiny,deit_small --batch 256 --dtype bfloat16   # GPU/TPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bvit_jax.models import get_preset  # noqa: E402
+from bvit_jax.optim import build_optimizer  # noqa: E402
+from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
+from bvit_jax.summary import summary  # noqa: E402
+from bvit_jax.train import build_model, init_train_state, make_train_step  # noqa: E402
+
+# Dense peak TFLOP/s per chip: (bfloat16, float32). float32 on A100/H100 is TF32
+# (XLA's default matmul precision on those GPUs); TPUs run float32 matmuls as
+# bfloat16 passes at default precision, so both columns hold the bf16 peak.
+# Matched against jax.devices()[0].device_kind, first substring that matches wins.
+PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
+    ("H200", (989.0, 494.7)),
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100 NVL", (835.0, 418.0)),
+    ("H100", (989.0, 494.7)),  # SXM
+    ("A100", (312.0, 156.0)),
+    ("L4", (121.0, 60.0)),
+    ("A10", (125.0, 62.5)),
+    ("V100", (125.0, 15.7)),  # fp16 tensor cores; bf16 is not native on V100
+    ("T4", (65.0, 8.1)),
+    ("TPU v2", (45.0, 45.0)),
+    ("TPU v3", (123.0, 123.0)),
+    ("TPU v4", (275.0, 275.0)),
+    ("TPU v5 lite", (197.0, 197.0)),
+    ("TPU v5e", (197.0, 197.0)),
+    ("TPU v5p", (459.0, 459.0)),
+    ("TPU v5", (459.0, 459.0)),
+    ("TPU v6 lite", (918.0, 918.0)),
+    ("TPU v6e", (918.0, 918.0)),
+]
+CPU_GFLOPS_PER_CORE = 100.0  # DESIGN.md "Measured anchors": XLA fp32 matmul; bf16 ~2x
+
+DEFAULT_BATCH = {"cpu": {"vit_micro_28": 128, "deit_tiny": 16, "deit_small": 8},
+                 "accel": {"vit_micro_28": 1024, "deit_tiny": 256, "deit_small": 256}}
+DEFAULT_STEPS = {"cpu": {"vit_micro_28": 10, "deit_tiny": 2, "deit_small": 2},
+                 "accel": {"vit_micro_28": 20, "deit_tiny": 10, "deit_small": 10}}
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def peak_flops(dtype: str, override_gflops: float | None) -> tuple[float, str]:
+    """Peak FLOP/s of the devices this process uses, and where the number comes from."""
+    if override_gflops:
+        return override_gflops * 1e9, "--peak-gflops"
+    backend = jax.default_backend()
+    if backend == "cpu":
+        cores = cpu_cores()
+        per = CPU_GFLOPS_PER_CORE * (2 if dtype == "bfloat16" else 1)
+        return per * cores * 1e9, f"{per:.0f} GFLOP/s/core x {cores} cores (DESIGN.md anchor)"
+    kind = jax.devices()[0].device_kind
+    for key, (bf16, fp32) in PEAK_TFLOPS:
+        if key.lower() in kind.lower():
+            t = bf16 if dtype == "bfloat16" else fp32
+            return t * 1e12, f"{kind}: {t:g} TFLOP/s {dtype} dense (table)"
+    return float("nan"), f"{kind}: unknown peak (pass --peak-gflops)"
+
+
+def get_config(variant: str, preset: str, batch: int, dtype: str):
+    """The trainer's config for ``variant`` / ``preset`` (the real recipe), batch and dtype set."""
+    if variant.startswith("vit_micro_28"):
+        from configs import fashion_mnist
+
+        c = fashion_mnist.get_config(preset)
+    elif variant.startswith("deit_"):
+        from configs.imagenet_deit import imagenet_config
+
+        c = imagenet_config(variant, preset)
+    else:
+        from configs import common
+
+        from bvit_jax.models import get_variant
+
+        v = get_variant(variant)
+        c = common.base_config(preset, variant, "imagenet2012")
+        c.model.num_classes = v.num_classes
+        c.data.image_size, c.data.channels = v.image_size, v.in_channels
+    c.global_batch_size = batch
+    c.model.dtype = dtype
+    c.total_steps = 10_000
+    return c
+
+
+class Case:
+    """One (variant, preset): the jitted trainer step, its state, a batch and its FLOPs."""
+
+    def __init__(self, variant: str, preset_name: str, batch: int, dtype: str, seed: int = 0):
+        self.variant, self.preset, self.batch = variant, preset_name, batch
+        preset_name, _, suffix = preset_name.partition(":")
+        if suffix not in ("", "nokd"):
+            raise SystemExit(f"unknown preset suffix {suffix!r} in {self.preset!r} (known: ':nokd')")
+        config = get_config(variant, preset_name, batch, dtype)
+        if suffix == "nokd":  # the same student step without the teacher forward (KD off)
+            config.distill.enabled = False
+        preset = get_preset(preset_name)
+        model = build_model(config.model, config.data, seed=seed)
+        self.macs = summary(model).macs
+        graphdef, params = nnx.split(model, nnx.Param)
+        params = nnx.to_pure_dict(params)
+        latent = latent_weight_mask(model, params)
+        tx, lr_schedule = build_optimizer(config, params, latent, use_grs=preset.grs,
+                                          total_steps=config.total_steps, warmup_steps=100, grs_warmup_steps=0)
+        self.teacher_macs = 0
+        teacher_graphdef = self.teacher_params = None
+        if preset.distill and config.distill.enabled:
+            tcfg = get_config(variant, "fp", batch, dtype)
+            teacher = build_model(tcfg.model, tcfg.data, seed=seed + 1)
+            self.teacher_macs = summary(teacher).macs
+            teacher_graphdef, tparams = nnx.split(teacher, nnx.Param)
+            self.teacher_params = nnx.to_pure_dict(tparams)
+        self.state = jax.jit(lambda p: init_train_state(p, tx, latent))(params)
+        step = make_train_step(config, graphdef, latent, tx, lr_schedule, teacher_graphdef)
+        self.step = jax.jit(step, donate_argnums=0)
+        rng = np.random.default_rng(seed)
+        s, ch, k = config.data.image_size, config.data.channels, config.model.num_classes
+        labels = rng.integers(0, k, batch)
+        self.batch_arrays = {
+            "image": jnp.asarray(rng.normal(size=(batch, s, s, ch)).astype(np.float32)),
+            "label": jnp.asarray(np.eye(k, dtype=np.float32)[labels]),
+            "label_index": jnp.asarray(labels.astype(np.int32)),
+        }
+        self.cpu_times: list[float] = []
+        t0 = time.perf_counter()
+        self.run(1)
+        self.compile_s = time.perf_counter() - t0
+        self.run(1)  # a second call must not compile again (it did while a parameter was weak-typed)
+        if hasattr(self.step, "_cache_size") and self.step._cache_size() != 1:
+            print(f"  warning: {variant}/{preset_name}: the train step compiled {self.step._cache_size()} times", flush=True)
+        self.cpu_times.clear()
+        self.times: list[float] = []
+
+    def run(self, steps: int) -> float:
+        """Run ``steps`` steps; records and returns wall seconds per step (CPU seconds in ``cpu_times``)."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batch_arrays, self.teacher_params)
+        jax.block_until_ready((self.state, metrics))
+        dt = (time.perf_counter() - t0) / steps
+        self.cpu_times.append((time.process_time() - c0) / steps)
+        if not np.isfinite(float(metrics["loss"])):
+            raise FloatingPointError(f"{self.variant}/{self.preset}: non-finite loss")
+        return dt
+
+    @property
+    def flops(self) -> float:
+        """Model FLOPs per step: 3 (forward + backward) x 2 FLOPs/MAC x MACs x batch."""
+        return 6.0 * self.macs * self.batch
+
+    @property
+    def teacher_flops(self) -> float:
+        return 2.0 * self.teacher_macs * self.batch
+
+
+def parse_per_variant(text: str | None, variants: list[str], defaults: dict[str, int], name: str) -> dict[str, int]:
+    """``"128"`` (all variants) or ``"vit_micro_28=128,deit_tiny=16"``; unset -> defaults."""
+    out = {v: defaults.get(v, defaults.get("deit_tiny", 8)) for v in variants}
+    if not text:
+        return out
+    for part in text.split(","):
+        if "=" in part:
+            k, v = part.split("=")
+            if k not in out:
+                raise SystemExit(f"--{name}: {k!r} is not in --variants")
+            out[k] = int(v)
+        else:
+            out = {k: int(part) for k in out}
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="vit_micro_28,deit_tiny,deit_small", help="comma-separated model variants")
+    ap.add_argument("--presets", default="fp,binaryvit", help="comma-separated presets; the first is the ratio's base; "
+                    "PRESET:nokd is PRESET with distillation off (no teacher forward)")
+    ap.add_argument("--batch", default=None, help="batch size: N for all, or variant=N,... (defaults per backend)")
+    ap.add_argument("--steps", default=None, help="steps per timed round: N or variant=N,... (defaults per backend)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved timed rounds; the median is reported")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)")
+    ap.add_argument("--peak-gflops", type=float, default=None, help="peak GFLOP/s of the devices used (overrides the defaults)")
+    ap.add_argument("--json", default=None, help="also write the rows (and machine facts) to this JSON file")
+    args = ap.parse_args(argv)
+
+    variants = [v for v in args.variants.split(",") if v]
+    presets = [p for p in args.presets.split(",") if p]
+    kind = "cpu" if jax.default_backend() == "cpu" else "accel"
+    batches = parse_per_variant(args.batch, variants, DEFAULT_BATCH[kind], "batch")
+    steps = parse_per_variant(args.steps, variants, DEFAULT_STEPS[kind], "steps")
+    peak, peak_src = peak_flops(args.dtype, args.peak_gflops)
+    dev = jax.devices()[0]
+    print(f"backend={jax.default_backend()} device={dev.device_kind} devices_used=1"
+          f"{' cores=%d' % cpu_cores() if kind == 'cpu' else ''} jax={jax.__version__} dtype={args.dtype}")
+    print(f"peak={peak / 1e9:,.0f} GFLOP/s ({peak_src}); reps={args.reps}, median per-step time")
+
+    rows = []
+    for variant in variants:
+        cases = []
+        for preset in presets:
+            t0 = time.perf_counter()
+            cases.append(Case(variant, preset, batches[variant], args.dtype))
+            print(f"  built+compiled {variant}/{preset} in {time.perf_counter() - t0:.1f}s", flush=True)
+        for _ in range(args.reps):
+            for c in cases:
+                c.times.append(c.run(steps[variant]))
+        base = statistics.median(cases[0].times)
+        base_cpu = statistics.median(cases[0].cpu_times)
+        for c in cases:
+            t, cpu = statistics.median(c.times), statistics.median(c.cpu_times)
+            rows.append({
+                "variant": variant, "preset": c.preset, "batch": c.batch, "step_ms": 1e3 * t,
+                "img_s": c.batch / t, "gmacs": c.macs / 1e9, "gflop_step": c.flops / 1e9,
+                "mfu": c.flops / t / peak, "mfu_t": (c.flops + c.teacher_flops) / t / peak,
+                "ratio": t / base, "cpu_ms": 1e3 * cpu, "cpu_ratio": cpu / base_cpu,
+                "compile_s": c.compile_s,
+            })
+        del cases
+
+    cpu = kind == "cpu"
+    print()
+    head = ["variant", "preset", "batch", "step ms", "img/s", "GMAC/img", "GFLOP/step", "MFU", "MFU+T",
+            f"ratio vs {presets[0]}"] + (["CPU-s/step", "CPU-time ratio"] if cpu else [])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+    for r in rows:
+        cells = [r["variant"], r["preset"], str(r["batch"]), f"{r['step_ms']:,.1f}", f"{r['img_s']:,.1f}",
+                 f"{r['gmacs']:.3f}", f"{r['gflop_step']:,.1f}", f"{100 * r['mfu']:.1f}%", f"{100 * r['mfu_t']:.1f}%",
+                 f"{r['ratio']:.2f}x"]
+        if cpu:
+            cells += [f"{r['cpu_ms'] / 1e3:,.2f}", f"{r['cpu_ratio']:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    if "binaryvit" in presets and presets[0] == "fp":
+        print()
+        for r in rows:
+            if r["preset"] == "binaryvit":
+                verdict = "met" if r["ratio"] <= 1.25 else "not met"
+                print(f"target binaryvit <= 1.25x fp at {r['variant']}: {r['ratio']:.2f}x ({verdict})")
+    if args.json:
+        import json
+
+        facts = {"backend": jax.default_backend(), "device_kind": dev.device_kind, "jax": jax.__version__,
+                 "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src, "reps": args.reps,
+                 "cores": cpu_cores() if cpu else None}
+        Path(args.json).write_text(json.dumps({"machine": facts, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
