@@ -13,11 +13,13 @@ Timing: every (variant, preset) step is compiled (and run twice: a second
 compile would be reported) first; then ``--reps`` rounds each run ``--steps``
 steps of every preset of a variant back to back (A, B, A, B, ...) and the
 median per-step time is reported, so a noisy shared machine hits both presets
-alike. ``ratio`` = step time / the first preset's step time (the issue's
-target: binaryvit <= 1.25x fp). On CPU the table adds the process CPU time
-per step (all threads), which other load on a shared machine disturbs less
-than wall time. ``PRESET:nokd`` (e.g. ``binaryvit:nokd``) is the preset with
-distillation off: the same student step without the teacher forward.
+alike. ``ratio`` = step time / the first preset's step time in the same
+round, median over rounds (the issue's target: binaryvit <= 1.25x fp);
+``IQR`` = the interquartile range of the step times, a measure of the noise.
+On CPU the table adds the process CPU time per step (all threads), which
+other load on a shared machine disturbs less than wall time. ``PRESET:nokd``
+(e.g. ``binaryvit:nokd``) is the preset with distillation off: the same
+student step without the teacher forward.
 
 MFU = model FLOPs per second / peak. Model FLOPs per step
 ``= 3 x 2 x forward MACs x batch`` with MACs from :func:`bvit_jax.summary.summary`
@@ -259,27 +261,30 @@ def main(argv=None) -> list[dict]:
         for _ in range(args.reps):
             for c in cases:
                 c.times.append(c.run(steps[variant]))
-        base = statistics.median(cases[0].times)
-        base_cpu = statistics.median(cases[0].cpu_times)
+        base = cases[0]
         for c in cases:
             t, cpu = statistics.median(c.times), statistics.median(c.cpu_times)
+            q = statistics.quantiles(c.times, n=4) if len(c.times) > 1 else [t, t, t]
             rows.append({
                 "variant": variant, "preset": c.preset, "batch": c.batch, "step_ms": 1e3 * t,
-                "img_s": c.batch / t, "gmacs": c.macs / 1e9, "gflop_step": c.flops / 1e9,
-                "mfu": c.flops / t / peak, "mfu_t": (c.flops + c.teacher_flops) / t / peak,
-                "ratio": t / base, "cpu_ms": 1e3 * cpu, "cpu_ratio": cpu / base_cpu,
-                "compile_s": c.compile_s,
+                "iqr_pct": 100 * (q[2] - q[0]) / t, "img_s": c.batch / t, "gmacs": c.macs / 1e9,
+                "gflop_step": c.flops / 1e9, "mfu": c.flops / t / peak,
+                "mfu_t": (c.flops + c.teacher_flops) / t / peak,
+                # ratios of rounds run back to back (the same load on a shared machine), median over rounds
+                "ratio": statistics.median(a / b for a, b in zip(c.times, base.times)),
+                "cpu_ms": 1e3 * cpu, "cpu_ratio": statistics.median(a / b for a, b in zip(c.cpu_times, base.cpu_times)),
+                "compile_s": c.compile_s, "times_s": list(c.times), "cpu_times_s": list(c.cpu_times),
             })
         del cases
 
     cpu = kind == "cpu"
     print()
-    head = ["variant", "preset", "batch", "step ms", "img/s", "GMAC/img", "GFLOP/step", "MFU", "MFU+T",
+    head = ["variant", "preset", "batch", "step ms", "IQR", "img/s", "GMAC/img", "GFLOP/step", "MFU", "MFU+T",
             f"ratio vs {presets[0]}"] + (["CPU-s/step", "CPU-time ratio"] if cpu else [])
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
     for r in rows:
-        cells = [r["variant"], r["preset"], str(r["batch"]), f"{r['step_ms']:,.1f}", f"{r['img_s']:,.1f}",
+        cells = [r["variant"], r["preset"], str(r["batch"]), f"{r['step_ms']:,.1f}", f"{r['iqr_pct']:.0f}%", f"{r['img_s']:,.1f}",
                  f"{r['gmacs']:.3f}", f"{r['gflop_step']:,.1f}", f"{100 * r['mfu']:.1f}%", f"{100 * r['mfu_t']:.1f}%",
                  f"{r['ratio']:.2f}x"]
         if cpu:

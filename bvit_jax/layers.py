@@ -14,6 +14,7 @@ full precision.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -33,10 +34,134 @@ __all__ = [
     "Attention",
     "Mlp",
     "Block",
+    "LayerNorm",
+    "layer_norm",
+    "rprelu",
     "match_width",
 ]
 
 trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+# ----------------------------------------------------------------------------- fused ops
+# Hand-written backward passes for the elementwise layers that a binary ViT has
+# many of (a LayerNorm after every block linear, RPReLU in every MLP). The math
+# is that of the plain jnp code; autodiff of that code makes XLA (CPU
+# especially) materialise full-size broadcasts of per-row statistics and
+# per-channel parameters and read the activations more often than needed.
+
+
+def _row_mean(a: jax.Array, w: jax.Array | None = None) -> jax.Array:
+    """``mean(a * w, axis=-1, keepdims=True)`` (``w`` per channel, default 1).
+
+    On CPU this is a matrix-vector product: XLA's CPU reductions of
+    elementwise expressions with per-channel operands materialise those
+    operands broadcast to the full activation shape, a dot does not. Elsewhere
+    it is the plain reduction.
+    """
+    def by_dot(a, w):
+        v = jnp.full(a.shape[-1:], 1.0 / a.shape[-1], a.dtype) if w is None else w.astype(a.dtype) / a.shape[-1]
+        return jnp.einsum("...d,d->...", a, v, precision=jax.lax.Precision.HIGHEST)[..., None]
+
+    def by_reduce(a, w):
+        return jnp.mean(a if w is None else a * w, axis=-1, keepdims=True)
+
+    return jax.lax.platform_dependent(a, w, cpu=by_dot, default=by_reduce)
+
+
+def _ln_stats(x: jax.Array, epsilon: float):
+    """float32 (or wider) ``x``, its per-row mean and ``1/sqrt(var + eps)``, var = E[x^2] - E[x]^2 >= 0."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = _row_mean(xf)
+    var = jnp.maximum(0.0, _row_mean(xf * xf) - mean * mean)
+    return xf, mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float = 1e-6, dtype: Any = None) -> jax.Array:
+    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    Statistics and arithmetic in float32 (at least), result in ``dtype``
+    (default ``x.dtype``); the variance is ``E[x^2] - E[x]^2`` clipped at 0,
+    as in ``flax.nnx.LayerNorm`` (``use_fast_variance=True``), whose values
+    this matches up to float rounding. The backward is the closed form
+    (``xhat`` the normalised input, ``g`` the output gradient, ``r = 1/sqrt(var + eps)``)::
+
+        d scale = sum_rows g * xhat,    d bias = sum_rows g
+        d x     = r * (g*scale - mean(g*scale) - xhat * mean(g*scale * xhat))   (means over the last axis)
+
+    saving only ``x`` and two numbers per row.
+    """
+    return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+    xf, mean, rstd = _ln_stats(x, epsilon)
+    y = ((xf - mean) * rstd) * scale + bias
+    return y.astype(dtype or x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, dtype, res, g):
+    x, mean, rstd, scale = res
+    xhat = (x.astype(mean.dtype) - mean) * rstd
+    g = g.astype(mean.dtype)
+    rows = tuple(range(x.ndim - 1))
+    d_scale = jnp.sum(g * xhat, axis=rows)
+    d_bias = jnp.sum(g, axis=rows)
+    dx = rstd * (g * scale - _row_mean(g, scale) - xhat * _row_mean(g * xhat, scale))
+    dx = dx.astype(x.dtype)
+    return dx, d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` (same parameters, same values) computed by :func:`layer_norm`.
+
+    Only the default layout takes the fast path: normalisation and features
+    on the last axis, scale and bias, fast variance, no mask, no ``axis_name``;
+    anything else falls back to flax's implementation.
+    """
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        if (mask is not None or self.scale is None or self.bias is None or self.axis_name is not None
+                or not self.use_fast_variance or self.reduction_axes not in (-1, (-1,), x.ndim - 1)
+                or self.feature_axes not in (-1, (-1,), x.ndim - 1)):
+            return super().__call__(x, mask=mask)
+        # flax promotes x, scale and bias to the compute dtype first; so does this.
+        dtype = self.dtype or jnp.result_type(x, self.scale[...], self.bias[...])
+        x, scale, bias = (a.astype(dtype) for a in (x, self.scale[...], self.bias[...]))
+        return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
+
+
+@jax.custom_vjp
+def rprelu(x: jax.Array, gamma: jax.Array, zeta: jax.Array, slope: jax.Array) -> jax.Array:
+    """``z = x - gamma``; ``where(z >= 0, z, slope * z) + zeta`` (per-channel ``gamma``, ``zeta``, ``slope``).
+
+    Backward (closed form, one pass over the activations)::
+
+        d x = g * where(z >= 0, 1, slope),  d gamma = -sum_rows d x,
+        d zeta = sum_rows g,                d slope = sum_rows g * where(z >= 0, 0, z)
+    """
+    z = x - gamma
+    return jnp.where(z >= 0, z, slope * z) + zeta
+
+
+def _rprelu_fwd(x, gamma, zeta, slope):
+    return rprelu(x, gamma, zeta, slope), (x, gamma, slope)
+
+
+def _rprelu_bwd(res, g):
+    x, gamma, slope = res
+    z = x - gamma
+    neg = z < 0
+    dx = jnp.where(neg, slope * g, g)
+    rows = tuple(range(x.ndim - 1))
+    return dx, -jnp.sum(dx, axis=rows), jnp.sum(g, axis=rows), jnp.sum(jnp.where(neg, g * z, 0), axis=rows)
+
+
+rprelu.defvjp(_rprelu_fwd, _rprelu_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +285,12 @@ class BinaryLinear(nnx.Module):
         if self.act is not None:
             x = self.act(x, capture=capture)
         w = self.binary_kernel()
-        y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+        # A 2-D matmul: for (batch, tokens, channels) inputs the weight gradient is then a plain
+        # (channels x rows) @ (rows x out) product; contracting batch and tokens as two axes made
+        # XLA CPU transpose the output gradient (fused with its producer) before that product.
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = jnp.dot(x2, w.astype(self.dtype)).reshape(*lead, w.shape[-1])
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -193,7 +323,7 @@ class LinearBlock(nnx.Module):
     def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
         self.linear = BinaryLinear(in_features, out_features, opts, rngs=rngs)
         self.norm = (
-            nnx.LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+            LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
             if opts.linear_shortcut
             else None
         )
@@ -215,11 +345,11 @@ class RPReLU(nnx.Module):
     def __init__(self, dim: int):
         self.gamma = nnx.Param(jnp.zeros((dim,)))
         self.zeta = nnx.Param(jnp.zeros((dim,)))
-        self.slope = nnx.Param(jnp.full((dim,), 0.25))
+        # float32, not weak-typed: a weak-typed init made the jitted train step compile again at step 2
+        self.slope = nnx.Param(jnp.full((dim,), 0.25, jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        z = x - self.gamma[...].astype(x.dtype)
-        return jnp.where(z >= 0, z, self.slope[...].astype(x.dtype) * z) + self.zeta[...].astype(x.dtype)
+        return rprelu(x, *(p[...].astype(x.dtype) for p in (self.gamma, self.zeta, self.slope)))
 
 
 class Attention(nnx.Module):
@@ -283,9 +413,9 @@ class Block(nnx.Module):
     """Pre-norm transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (ViT/DeiT)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, num_tokens: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
         self.attn = Attention(dim, num_heads, num_tokens, opts, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), opts, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
