@@ -88,9 +88,8 @@ def jit_model(model):
 def end_to_end(variants, batches, min_time):
     rows = []
     for variant in variants:
-        # Perturbed like a trained model: a fresh one has every shift exactly 0, so the
-        # attention output P_b V_b (often exactly 0) meets its sign unshifted and the float
-        # model takes the sign of rounding noise there (docs/export.md, "Exactness").
+        # Perturbed like a trained model (a fresh one has every shift exactly 0, an
+        # untypical case; docs/export.md, "Exactness").
         model = perturb(create(variant, "binaryvit"))
         model_bf16 = create(variant, "binaryvit", dtype=jnp.bfloat16)
         nnx.update(model_bf16, nnx.state(model, nnx.Param))

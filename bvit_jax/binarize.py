@@ -8,10 +8,21 @@ Naming follows larq's quantizers: ``ste_sign`` (clipped straight-through),
 ``approx_sign`` (Bi-Real Net), ``weight_binarize`` (XNOR-Net / ReActNet scaled
 weights) and ``elastic_binarize`` (BiT's {0, c} binarizer for attention
 probabilities).
+
+The layers use the fused forms :func:`binary_matmul` (``x @ weight_binarize(W)``)
+and :func:`elastic_matmul` (``elastic_binarize(P, c) @ V``): the same values and
+the same gradients, but the forward computes the exact integer matmul of the
++-1 (and {0, 1}) operands first and applies the scale ``alpha`` (or ``c``) to
+the result with one multiply, the order of operations of the packed 1-bit
+inference in :mod:`bvit_jax.packed`. Summing ``+-alpha`` terms in float instead
+rounds differently, and in a deep binary network an occasional value within
+rounding distance of a sign threshold then flips (``docs/export.md``,
+"Exactness").
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -23,6 +34,8 @@ __all__ = [
     "approx_sign",
     "weight_binarize",
     "elastic_binarize",
+    "binary_matmul",
+    "elastic_matmul",
     "ACTIVATION_BINARIZERS",
     "get_activation_binarizer",
 ]
@@ -152,3 +165,94 @@ def _elastic_bwd(res, g):
 
 
 elastic_binarize.defvjp(_elastic_fwd, _elastic_bwd)
+
+
+# ----------------------------------------------------------------------------- fused forms
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def binary_matmul(x: jax.Array, w: jax.Array, scale: bool = True) -> jax.Array:
+    """``x @ weight_binarize(W)`` computed as ``(x @ sign(W)) * alpha``, for ``x`` ``(M, in)``, ``W`` ``(in, out)``.
+
+    forward:  ``y = (x @ sign(W)) * alpha``, ``alpha = mean_in(|W|)`` per output
+              channel (no multiply when ``scale=False``). The matmul accumulates
+              in float32 (``preferred_element_type``); ``y`` has ``x``'s dtype.
+              For ``x`` in +-1 the matmul is an exact integer in float32 (for
+              ``in < 2**24``), so ``y`` is that integer times ``alpha`` with one
+              rounding: bit for bit the packed layer's
+              ``(in - 2*popcount(xor(x_bits, W_bits))) * alpha``.
+    backward: those of ``x @ W_b``, ``W_b = alpha * sign(W)`` with the
+              detached scale and clipped straight-through of
+              :func:`weight_binarize`, by the same operations::
+
+                  dL/dx = g @ W_b^T,    dL/dW = alpha * (x^T @ g) * 1{|W| <= 1}
+
+    ``W`` is the float32 latent kernel; ``sign(W)`` (and ``W_b`` in the
+    backward) are cast to ``x.dtype`` for the matmuls, as the layer cast
+    ``W_b`` before.
+    """
+    return _binary_matmul_fwd(x, w, scale)[0]
+
+
+def _binary_matmul_fwd(x, w, scale):
+    alpha = weight_alpha(w) if scale else None  # (1, out), float32
+    y = jnp.dot(x, sign(w).astype(x.dtype), preferred_element_type=jnp.float32)
+    if scale:
+        y = y * alpha
+    return y.astype(x.dtype), (x, w, alpha)
+
+
+def _binary_matmul_bwd(scale, res, g):
+    x, w, alpha = res
+    b = sign(w)
+    wb = alpha * b if scale else b
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, wb.astype(x.dtype), (((1,), (1,)), ((), ())))  # g @ W_b^T
+    dwb = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))).astype(w.dtype)  # x^T @ g
+    if scale:
+        dwb = alpha * dwb
+    dw = dwb * (jnp.abs(w) <= 1).astype(dwb.dtype)
+    return dx, dw
+
+
+binary_matmul.defvjp(_binary_matmul_fwd, _binary_matmul_bwd)
+
+
+@jax.custom_vjp
+def elastic_matmul(p: jax.Array, c: jax.Array, v: jax.Array) -> jax.Array:
+    """``elastic_binarize(P, c) @ V`` computed as ``(level @ V) * c`` (per head: ``(..., q, k) x (..., k, d)``).
+
+    forward:  ``level = clip(round(P / c), 0, 1)`` in {0, 1} (so
+              ``elastic_binarize(P, c) = c * level``); ``out = (level @ V) * c``,
+              the matmul accumulating in float32 and ``out`` in ``V``'s dtype.
+              For ``V`` in +-1 the matmul is an exact integer in float32, so
+              ``out`` is that integer times ``c`` with one rounding: bit for bit
+              the packed ``c * (2*popcount(m & v_bits) - popcount(m))``.
+    backward: those of ``Q @ V`` with ``Q = elastic_binarize(P, c)`` (see
+              there), by the same operations::
+
+                  dL/dQ = g @ V^T,   dL/dV = Q^T @ g,
+                  dL/dP = dL/dQ * 1{0 <= P <= c},
+                  dL/dc = sum dL/dQ * (round(P/c) - P/c | 1 if P/c > 1 | 0 if P/c < 0)
+    """
+    return _elastic_matmul_fwd(p, c, v)[0]
+
+
+def _elastic_matmul_fwd(p, c, v):
+    r = p / c
+    level = jnp.clip(jnp.round(r), 0, 1)
+    out = jnp.einsum("...qk,...kd->...qd", level.astype(v.dtype), v, preferred_element_type=jnp.float32) * c
+    return out.astype(v.dtype), (r, c, v)
+
+
+def _elastic_matmul_bwd(res, g):
+    r, c, v = res
+    q = (c * jnp.clip(jnp.round(r), 0, 1)).astype(v.dtype)  # elastic_binarize(P, c), recomputed
+    g = g.astype(v.dtype)
+    dq = jnp.einsum("...qd,...kd->...qk", g, v).astype(r.dtype)
+    dv = jnp.einsum("...qk,...qd->...kd", q, g)
+    gp, gc = _elastic_bwd((r, c), dq)
+    return gp, gc, dv
+
+
+elastic_matmul.defvjp(_elastic_matmul_fwd, _elastic_matmul_bwd)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from bvit_jax.binarize import elastic_binarize, get_activation_binarizer, weight_binarize
+from bvit_jax.binarize import binary_matmul, elastic_matmul, get_activation_binarizer, weight_binarize
 
 __all__ = [
     "BinaryOptions",
@@ -261,10 +261,14 @@ class BinaryLinear(nnx.Module):
 
     ``B_a(x) = sign(x - shift(x))`` when ``binarize_acts`` (else ``x``);
     ``B_w(W) = alpha * sign(W)`` when ``binarize_weights`` (else ``W``), see
-    :func:`bvit_jax.binarize.weight_binarize`. The kernel stays a float
-    "latent" weight during training: the 1-bit model is what ``export`` packs.
-    With both switches off this is exactly ``nnx.Linear`` (DeiT's init:
-    truncated normal, std 0.02; zero bias).
+    :func:`bvit_jax.binarize.weight_binarize`. The binary product is computed
+    as ``y = (B_a(x) @ sign(W)) * alpha + b``
+    (:func:`bvit_jax.binarize.binary_matmul`): an exact integer matmul, then
+    the scale, the order of operations of the packed layer
+    (:mod:`bvit_jax.packed`), so exported models reproduce these values bit for
+    bit. The kernel stays a float "latent" weight during training: the 1-bit
+    model is what ``export`` packs. With both switches off this is exactly
+    ``nnx.Linear`` (DeiT's init: truncated normal, std 0.02; zero bias).
     """
 
     def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
@@ -277,21 +281,23 @@ class BinaryLinear(nnx.Module):
         self.act = SignActivation(in_features, opts) if opts.binarize_acts else None
 
     def binary_kernel(self) -> jax.Array:
-        """The kernel the forward multiplies by: ``alpha * sign(W)`` or ``W``."""
+        """The effective kernel ``alpha * sign(W)`` (or ``W``); the forward computes ``(x @ sign(W)) * alpha``."""
         w = self.kernel[...]
         return weight_binarize(w, scale=self.weight_scale) if self.binarize_weights else w
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         if self.act is not None:
             x = self.act(x, capture=capture)
-        w = self.binary_kernel()
         # A 2-D matmul: for (batch, tokens, channels) inputs the weight gradient is then a plain
         # (channels x rows) @ (rows x out) product; contracting batch and tokens as two axes made
         # XLA CPU transpose the output gradient (fused with its producer) before that product.
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = jnp.dot(x2, w.astype(self.dtype)).reshape(*lead, w.shape[-1])
-        return y + self.bias[...].astype(self.dtype)
+        if self.binarize_weights:  # (x @ sign(W)) * alpha: integer matmul, then one multiply
+            y = binary_matmul(x2, self.kernel[...], self.weight_scale)
+        else:
+            y = jnp.dot(x2, self.kernel[...].astype(self.dtype))
+        return y.reshape(*lead, self.out_features) + self.bias[...].astype(self.dtype)
 
 
 def match_width(x: jax.Array, width: int) -> jax.Array:
@@ -359,7 +365,10 @@ class Attention(nnx.Module):
     ``Q_b, K_b, V_b = sign(. - shift)`` (each through a :class:`SignActivation`),
     ``P = softmax(Q_b K_b^T / sqrt(d))``, ``P_b = c * clip(round(P / c), 0, 1)``
     (:func:`bvit_jax.binarize.elastic_binarize`, learnable ``c`` initialised to
-    ``1/N`` for N tokens), output ``P_b V_b`` (both matmuls on binary operands).
+    ``1/N`` for N tokens), output ``P_b V_b`` (both matmuls on binary operands),
+    computed as ``(clip(round(P / c), 0, 1) @ V_b) * c``
+    (:func:`bvit_jax.binarize.elastic_matmul`: an exact {0, 1} x +-1 matmul,
+    then the level, as the packed forward does).
     q, k, v and the output projection are :class:`LinearBlock` layers.
     """
 
@@ -389,9 +398,10 @@ class Attention(nnx.Module):
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in (q, k, v))
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        if self.attn_level is not None:
-            probs = elastic_binarize(probs, self.attn_level[...])
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+        if self.attn_level is not None:  # elastic_binarize(probs, c) @ v, as (level @ v) * c
+            out = elastic_matmul(probs, self.attn_level[...], v)
+        else:
+            out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"), capture=capture)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from bvit_jax.layers import BinaryOptions, Block, trunc_normal
+from bvit_jax.layers import BinaryOptions, Block, LayerNorm, trunc_normal
 
 __all__ = ["ViTConfig", "Preset", "VARIANTS", "PRESETS", "VisionTransformer", "create", "get_preset", "get_variant"]
 
@@ -145,7 +145,8 @@ class VisionTransformer(nnx.Module):
         self.blocks = nnx.List(
             [Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.num_tokens, opts, rngs=rngs) for _ in range(cfg.depth)]
         )
-        self.norm = nnx.LayerNorm(d, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        # bvit_jax.layers.LayerNorm (nnx.LayerNorm's parameters): the function the packed forward uses too
+        self.norm = LayerNorm(d, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
         self.head = nnx.Linear(d, cfg.num_classes, kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs)
 
     def features(self, images: jax.Array, *, capture: bool = False) -> jax.Array:

@@ -57,7 +57,7 @@ Packed forward
 for a model whose block linears binarize weights *and* activations
 (every binary preset), from a :class:`PackedModel`:
 
-* block linears: ``LN(alpha * (n - 2*popcount(xor(x_bits, W_bits))) + b)``
+* block linears: ``LN((n - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
   plus the real-valued shortcut, ``x_bits = [x - shift(x) >= 0]``;
 * binary attention (``binary_attention``): scores
   ``Q_b K_b^T = d - 2*popcount(xor(q_bits, k_bits))`` per head (``d`` the head
@@ -68,10 +68,16 @@ for a model whose block linears binarize weights *and* activations
 * patch embedding, tokens, LayerNorms, RPReLU/GELU, head: float32, as in the
   model.
 
-Integer dot products are exact; logits match ``model(x)`` (float32) up to
-float rounding (the model sums ``+-alpha`` terms in float; in a deep model an
-occasional value within rounding distance of a sign threshold flips and the
-difference grows: ``docs/export.md``, "Exactness").
+Integer dot products are exact, and the training-time model does the same
+float arithmetic around them: it computes ``(x_b @ sign(W)) * alpha`` and
+``(level @ V_b) * c`` (exact integer matmuls in float32, then one multiply;
+:func:`bvit_jax.binarize.binary_matmul`, :func:`bvit_jax.binarize.elastic_matmul`)
+and its LayerNorms with the function used here
+(:func:`bvit_jax.layers.layer_norm`). Every sign therefore sees the same
+float32 value in both forwards, and the logits agree bit for bit on CPU
+(measured on DeiT-S; ``docs/export.md``, "Exactness"). Summing ``+-alpha``
+terms in float instead (the model before) rounds differently, and in a deep
+model an occasional value within rounding distance of a sign threshold flips.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ import numpy as np
 from einops import rearrange
 from jax import lax
 
-from bvit_jax.layers import BinaryOptions
+from bvit_jax.layers import BinaryOptions, layer_norm
 from bvit_jax.models import ViTConfig
 
 __all__ = [
@@ -351,7 +357,7 @@ def check_packable(opts: BinaryOptions) -> None:
 
 
 def _layer_norm(x, t, prefix, eps=1e-6):
-    """``nnx.LayerNorm`` (fast variance, float32 stats), same operation order."""
+    """The model's LayerNorm (:func:`bvit_jax.layers.layer_norm`, the same function)."""
     return _layer_norm_p(x, t[prefix + "/scale"], t[prefix + "/bias"], eps)
 
 
@@ -395,15 +401,27 @@ def _match_width(x, width):
     return jnp.mean(rearrange(x, "... (k c) -> ... k c", c=width), axis=-2)
 
 
-def _linear_blocks(x, t, prefixes, opts, live=None):
+def _record(sink, names, shifted):
+    """With a ``sink`` dict: ``sink[name] = shifted >= 0`` (the sign bits) for each of the G names.
+
+    ``shifted`` is ``(G, ...)``, one input per name, or a single input shared by all.
+    """
+    if sink is None:
+        return
+    for i, name in enumerate(names):
+        sink[name] = (shifted[i] if shifted.ndim == 4 else shifted) >= 0
+
+
+def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     """G packed :class:`bvit_jax.layers.LinearBlock` s on one input ``x`` ``(B, N, K)`` -> ``(G, B, N, out)``.
 
-    Each: ``match(x) + LN(alpha * (K - 2*popcount(xor(x_bits, W_bits))) + b)``
+    Each: ``match(x) + LN((K - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
     with ``x_bits = [x - shift(x) >= 0]``. q, k and v run as one grouped kernel.
     """
     lins = [p + "/linear" for p in prefixes]
     g, (b, n_tok, k) = len(prefixes), x.shape
     shifted = _shifted(x, t, [p + "/act" for p in lins], shared=True)
+    _record(sink, [p + "/act" for p in lins], shifted)
     bits = pack_planes(shifted)
     if bits.ndim == 3:  # no shift: one packing serves every layer
         bits = jnp.broadcast_to(bits[None], (g,) + bits.shape)
@@ -420,30 +438,29 @@ def _linear_blocks(x, t, prefixes, opts, live=None):
     return _match_width(x, y.shape[-1])[None] + _layer_norm_p(y, scale[:, None, None, :], nbias[:, None, None, :])
 
 
-def _linear_block(x, t, prefix, opts, live=None):
+def _linear_block(x, t, prefix, opts, live=None, sink=None):
     """One packed :class:`bvit_jax.layers.LinearBlock`."""
-    return _linear_blocks(x, t, [prefix], opts, live)[0]
+    return _linear_blocks(x, t, [prefix], opts, live, sink)[0]
 
 
 def _layer_norm_p(x, scale, bias, eps=1e-6):
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    mu2 = jnp.mean(x * x, axis=-1, keepdims=True)
-    var = jnp.maximum(0.0, mu2 - mu * mu)
-    return (x - mu) * (lax.rsqrt(var + eps) * scale) + bias
+    """:func:`bvit_jax.layers.layer_norm`, the model's own code: the same operations give the same float32 values."""
+    return layer_norm(x, scale, bias, eps)
 
 
-def _attention(x, t, prefix, cfg, opts, attention, live=None):
+def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
     h = cfg.num_heads
     names = [f"{prefix}/{n}" for n in ("q", "k", "v")]
-    qkv = _linear_blocks(x, t, names, opts, live)  # (3, B, N, D)
+    qkv = _linear_blocks(x, t, names, opts, live, sink)  # (3, B, N, D)
     if not opts.binary_attention:
         q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=h) for a in qkv)
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return _linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live)
+        return _linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
 
     s = _shifted(qkv, t, [n + "_sign" for n in names], shared=False)  # (3, B, N, D)
+    _record(sink, [n + "_sign" for n in names], s)
     d = qkv.shape[-1] // h
     c = t[prefix + "/attn_level"]
     scale = jnp.sqrt(d).astype(jnp.float32)
@@ -463,23 +480,24 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None):
         out = c * masked_sign_sum(mask, vb, live=live).astype(jnp.float32)
     else:
         vf = jnp.where(rearrange(s[2], "b n (h d) -> b h n d", h=h) >= 0, 1.0, -1.0)
-        out = jnp.einsum("bhqk,bhkd->bhqd", c * level, vf)
-    return _linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live)
+        out = jnp.einsum("bhqk,bhkd->bhqd", level, vf) * c
+    return _linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
 
 
-def _mlp(x, t, prefix, opts, live=None):
-    hdn = _linear_block(x, t, prefix + "/fc1", opts, live)
+def _mlp(x, t, prefix, opts, live=None, sink=None):
+    hdn = _linear_block(x, t, prefix + "/fc1", opts, live, sink)
     if opts.rprelu:
         z = hdn - t[prefix + "/act/gamma"]
         hdn = jnp.where(z >= 0, z, t[prefix + "/act/slope"] * z) + t[prefix + "/act/zeta"]
     else:
         hdn = jax.nn.gelu(hdn, approximate=False)
-    return _linear_block(hdn, t, prefix + "/fc2", opts, live)
+    return _linear_block(hdn, t, prefix + "/fc2", opts, live, sink)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attention"))
-def _forward(tensors, images, live, *, cfg: ViTConfig, opts: BinaryOptions, attention: str):
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attention", "capture"))
+def _forward(tensors, images, live, *, cfg: ViTConfig, opts: BinaryOptions, attention: str, capture: bool = False):
     t = tensors
+    sink = {} if capture else None
     p = cfg.patch_size
     x = lax.conv_general_dilated(
         images.astype(jnp.float32), t["patch_embed/kernel"], (p, p), "VALID",
@@ -490,13 +508,14 @@ def _forward(tensors, images, live, *, cfg: ViTConfig, opts: BinaryOptions, atte
     x = jnp.concatenate([cls, x], axis=1) + t["pos_embed"]
     for i in range(cfg.depth):
         b = f"blocks/{i}"
-        x = x + _attention(_layer_norm(x, t, b + "/norm1"), t, b + "/attn", cfg, opts, attention, live)
-        x = x + _mlp(_layer_norm(x, t, b + "/norm2"), t, b + "/mlp", opts, live)
+        x = x + _attention(_layer_norm(x, t, b + "/norm1"), t, b + "/attn", cfg, opts, attention, live, sink)
+        x = x + _mlp(_layer_norm(x, t, b + "/norm2"), t, b + "/mlp", opts, live, sink)
     feat = _layer_norm(x[:, 0], t, "norm")
-    return jnp.dot(feat, t["head/kernel"]) + t["head/bias"]
+    logits = jnp.dot(feat, t["head/kernel"]) + t["head/bias"]
+    return (logits, sink) if capture else logits
 
 
-def packed_forward(packed: PackedModel, images, *, attention: str = "popcount") -> jax.Array:
+def packed_forward(packed: PackedModel, images, *, attention: str = "popcount", capture: bool = False):
     """Logits of a packed model, ``(B, num_classes)`` float32, under ``jax.jit``.
 
     Args:
@@ -506,9 +525,17 @@ def packed_forward(packed: PackedModel, images, *, attention: str = "popcount") 
         the model (normalised floats).
       attention: binary attention matmuls by ``"popcount"`` (default) or by a
         float matmul of the +-1 / {0, c} operands (``"float"``, for comparison).
+      capture: also return the sign bits: ``(logits, {path: bits})`` with
+        ``bits = x - shift(x) >= 0`` (bool, the input's shape) for every sign,
+        keyed like ``model(images, capture=True)`` (e.g.
+        ``"blocks/0/attn/q/linear/act"``, ``"blocks/0/attn/q_sign"``).
 
-    Equals ``model(images)`` of the float32 training-time model: the integer
-    dot products exactly, the logits up to float rounding.
+    Equals ``model(images)`` of the float32 training-time model: the model
+    computes its binary matmuls as exact integers scaled afterwards
+    (:func:`bvit_jax.binarize.binary_matmul`,
+    :func:`bvit_jax.binarize.elastic_matmul`) and its LayerNorms with the same
+    function as this forward, so every sign and the logits agree (bit for bit
+    on CPU, where it is measured; ``docs/export.md``, "Exactness").
     """
     cfg = packed.cfg
     images = jnp.asarray(images)
@@ -521,4 +548,6 @@ def packed_forward(packed: PackedModel, images, *, attention: str = "popcount") 
     check_packable(packed.opts)
     # ``live``: a runtime True that lets the popcount kernels run as separate XLA
     # computations (see ``_isolated``).
-    return _forward(dict(packed.tensors), images, np.bool_(True), cfg=cfg, opts=packed.opts, attention=attention)
+    return _forward(
+        dict(packed.tensors), images, np.bool_(True), cfg=cfg, opts=packed.opts, attention=attention, capture=capture
+    )

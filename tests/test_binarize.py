@@ -7,10 +7,13 @@ import pytest
 
 from bvit_jax.binarize import (
     approx_sign,
+    binary_matmul,
     elastic_binarize,
+    elastic_matmul,
     get_activation_binarizer,
     sign,
     ste_sign,
+    weight_alpha,
     weight_binarize,
 )
 
@@ -145,3 +148,71 @@ def test_elastic_binarize_c_gradient_by_piece():
     for p, expected in [(-0.05, 0.0), (0.02, -0.2), (0.07, 0.3), (0.3, 1.0)]:
         gc = jax.grad(lambda c: elastic_binarize(jnp.float32(p), c))(jnp.float32(C))
         assert float(gc) == pytest.approx(expected, abs=1e-6), p
+
+
+# --------------------------------------------------------------------------
+# Fused forms: integer matmul first, then the scale (the packed forward's order).
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_in", [37, 384, 1536])
+def test_binary_matmul_is_exact_integer_times_alpha(n_in):
+    """``(x_b @ sign(W)) * alpha`` bit for bit; summing ``+-alpha`` in float (``x_b @ W_b``) is not."""
+    kx, kw = jax.random.split(jax.random.key(n_in))
+    x = sign(jax.random.normal(kx, (64, n_in)))
+    w = 0.02 * jax.random.normal(kw, (n_in, 48))
+    w = w.at[0, 0].set(0.0)  # sign(0) = +1
+    ints = np.asarray(x).astype(np.int64) @ np.where(np.asarray(w) >= 0, 1, -1)  # exact integers
+    alpha = np.asarray(weight_alpha(w))  # (1, out), as export computes it
+    y = np.asarray(jax.jit(binary_matmul, static_argnums=2)(x, w, True))
+    np.testing.assert_array_equal(y, ints.astype(np.float32) * alpha)  # one float32 rounding per element
+    np.testing.assert_array_equal(np.asarray(binary_matmul(x, w, False)), ints.astype(np.float32))
+    # The same values as the unfused product, to float rounding.
+    np.testing.assert_allclose(y, np.asarray(x @ weight_binarize(w)), rtol=1e-5, atol=1e-6 * float(np.abs(y).max()))
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_binary_matmul_gradients_equal_unfused(scale):
+    """The gradients are those of ``x @ weight_binarize(W)``: alpha detached, clipped STE on W."""
+    kx, kw, kg = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (20, 33))  # any x: the rule does not assume +-1 inputs
+    w = 0.7 * jax.random.normal(kw, (33, 9))  # some |W| > 1: zero gradient there
+    up = jax.random.normal(kg, (20, 9))
+    fused = jax.grad(lambda x, w: jnp.sum(up * binary_matmul(x, w, scale)), argnums=(0, 1))(x, w)
+    plain = jax.grad(lambda x, w: jnp.sum(up * (x @ weight_binarize(w, scale=scale))), argnums=(0, 1))(x, w)
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert np.all(np.asarray(fused[1])[np.abs(np.asarray(w)) > 1] == 0)
+    alpha = np.asarray(weight_alpha(w)) if scale else 1.0
+    np.testing.assert_allclose(
+        np.asarray(fused[1]), alpha * (np.asarray(x).T @ np.asarray(up)) * (np.abs(np.asarray(w)) <= 1), rtol=1e-5, atol=1e-6
+    )
+
+
+def _attention_operands(n=197, d=64, seed=0):
+    kp, kv, kg = jax.random.split(jax.random.key(seed), 3)
+    p = jax.nn.softmax(3 * jax.random.normal(kp, (2, 3, n, n)), axis=-1)
+    v = sign(jax.random.normal(kv, (2, 3, n, d)))
+    c = jnp.float32(1.3 / n)
+    return p, c, v, jax.random.normal(kg, (2, 3, n, d))
+
+
+def test_elastic_matmul_is_exact_integer_times_level():
+    p, c, v, _ = _attention_operands()
+    level = np.clip(np.round(np.asarray(p) / np.float32(c)), 0, 1)  # float32 p / c, as the binarizer
+    ints = np.einsum("bhqk,bhkd->bhqd", level.astype(np.int64), np.asarray(v).astype(np.int64))
+    out = np.asarray(jax.jit(elastic_matmul)(p, c, v))
+    assert 0 < level.mean() < 1
+    np.testing.assert_array_equal(out, ints.astype(np.float32) * np.float32(c))
+    np.testing.assert_allclose(out, np.asarray(elastic_binarize(p, c) @ v), rtol=1e-5, atol=1e-6 * float(np.abs(out).max()))
+
+
+def test_elastic_matmul_gradients_equal_unfused():
+    """The gradients are those of ``elastic_binarize(P, c) @ V`` (STE for P, LSQ for c, plain for V)."""
+    p, c, v, up = _attention_operands(n=37, d=12, seed=1)
+    v = v * 0.5 + 0.1  # any V: the rule does not assume +-1 values
+    fused = jax.grad(lambda p, c, v: jnp.sum(up * elastic_matmul(p, c, v)), argnums=(0, 1, 2))(p, c, v)
+    plain = jax.grad(lambda p, c, v: jnp.sum(up * (elastic_binarize(p, c) @ v)), argnums=(0, 1, 2))(p, c, v)
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert np.shape(fused[1]) == ()

@@ -90,6 +90,39 @@ def test_binary_linear_matches_explicit_pm1_matmul():
     assert set(np.unique(xb)) == {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("din", [36, 384, 1536])
+def test_binary_linear_equals_packed_layer_bit_for_bit(din):
+    """``y = (x_b @ sign(W)) * alpha + b``: the exact integer, then the scale and bias in float32 --
+    the packed layer's arithmetic, so the two agree exactly (summing ``+-alpha`` terms in float,
+    ``x_b @ (alpha * sign(W))``, does not)."""
+    from bvit_jax.binarize import weight_alpha
+    from bvit_jax.packed import _linear_block, pack_signs, to_planes
+
+    dout = 40
+    layer = BinaryLinear(din, dout, BIN, rngs=nnx.Rngs(din))
+    kx, kb, kw, kc = jax.random.split(jax.random.key(din), 4)
+    layer.act.shift.beta[...] = 0.3 * jax.random.normal(kb, (din,))
+    layer.kernel[...] = layer.kernel[...] + 0.05 * jax.random.normal(kw, (din, dout))
+    layer.bias[...] = 0.1 * jax.random.normal(kc, (dout,))
+    x = jax.random.normal(kx, (4, 33, din))
+    y = np.asarray(nnx.jit(lambda m, x: m(x))(layer, x))
+
+    kernel = np.asarray(layer.kernel[...])
+    tensors = {  # the exported layer (bvit_jax.export): plane-order sign bits, alpha, bias, shift
+        "l/linear/kernel_bits": jnp.asarray(to_planes(pack_signs(kernel, axis=0), din, axis=0)),
+        "l/linear/alpha": weight_alpha(layer.kernel[...])[0],
+        "l/linear/bias": layer.bias[...],
+        "l/linear/act/shift/beta": layer.act.shift.beta[...],
+    }
+    packed = np.asarray(jax.jit(lambda t, x: _linear_block(x, t, "l", BIN))(tensors, x))
+    np.testing.assert_array_equal(y, packed)
+
+    xb = np.where(np.asarray(x - layer.act.shift.beta[...]) >= 0, 1, -1)
+    ints = xb @ np.where(kernel >= 0, 1, -1)  # exact (int64)
+    expected = ints * np.asarray(tensors["l/linear/alpha"], np.float64) + np.asarray(layer.bias[...], np.float64)
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_fp_binary_linear_is_plain_linear():
     layer = BinaryLinear(6, 3, BinaryOptions(), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(4), (5, 6))
