@@ -86,14 +86,23 @@ def _claims(stats: dict) -> list[str]:
     return out
 
 
+_FIGURES = [
+    "Latent weights W / alpha of every binary linear at the end of training (seed 0), without and with GRS:",
+    "", "![latent weight histograms](fig_weight_histograms.png)", "",
+    "Flip rate of sign(W) per step over training (every seed):", "", "![flip rate](fig_flip_rate.png)", "",
+    "Entropy of every sign input (per channel, averaged over channels; last training batch; mean over seeds):",
+    "", "![activation entropy](fig_activation_entropy.png)", "",
+    "Test top-1 during training (every seed):", "", "![accuracy curves](fig_accuracy.png)", "",
+]
+
+
 def _update_results_md(path: Path, table, claims, walls, machine, split, seeds) -> None:
     """Rewrite the generated block of docs/results.md, keeping the hand-written text around it."""
     total = sum(walls.values()) if walls else float("nan")
     block = [GEN_START, "", f"Split: {'validation (train[90%:])' if split == 'val' else 'test'}; "
              f"seeds {', '.join(map(str, seeds))}; machine: {machine}; "
              f"sweep wall time {total / 60:.0f} min.", "", *table, "", "Targets:", "", *claims, "",
-             "Figures: ![weights](fig_weight_histograms.png) ![flip rate](fig_flip_rate.png) "
-             "![entropy](fig_activation_entropy.png) ![accuracy](fig_accuracy.png)", "", GEN_END]
+             *[f.replace("Test top-1", "Validation top-1") if split == "val" else f for f in _FIGURES], GEN_END]
     text = path.read_text() if path.exists() else "# Results\n\n" + GEN_START + "\n" + GEN_END + "\n"
     if GEN_START not in text:
         text += "\n" + GEN_START + "\n" + GEN_END + "\n"
@@ -125,7 +134,7 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     runs = {p: [out / _name(p, s) for s in seeds if (out / _name(p, s) / "metrics.jsonl").exists()] for p in presets}
     walls = json.loads((out / "wall_times.json").read_text()) if (out / "wall_times.json").exists() else {}
     lines = []
-    table = ["| preset | top-1 (%) mean ± std | seeds | flip rate, last 20% | bimodality | act. entropy (bits) | size (paper / full, kB) | OPs (M) |",
+    table = ["| preset | top-1 (%) mean ± std | per seed | flip rate, last 20% | bimodality | act. entropy (bits) | size (paper / full, kB) | OPs (M) |",
              "|---|---|---|---|---|---|---|---|"]
     stats = {}
     for p, wds in runs.items():
@@ -141,7 +150,8 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
         stats[p] = dict(acc=acc, flip=flip, bim=bim, ent=ent)
         fmt = lambda v, f: "–" if not np.isfinite(v) else format(v, f)
         table.append(
-            f"| `{p}` | {acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} | {len(acc)} | "
+            f"| `{p}` | {acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} | "
+            f"{' / '.join(f'{a:.2f}' for a in acc)} | "
             f"{fmt(flip, '.2e')} | {fmt(bim, '.3f')} | {fmt(ent, '.3f')} | "
             f"{size['size_bytes_paper'] / 1e3:.1f} / {size['size_bytes_full'] / 1e3:.1f} | {size['ops'] / 1e6:.2f} |"
         )
@@ -182,18 +192,24 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     fig.savefig(docs / "fig_flip_rate.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(10, 3.5))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
     width = 0.2
+    lows = []
     for j, p in enumerate([p for p in presets if p != "fp"]):
         if not runs.get(p):
             continue
-        d = read_metrics(runs[p][0], "diagnostics")[-1]
-        layers = sorted(k[len("act_entropy/"):] for k in d if k.startswith("act_entropy/") and k != "act_entropy/mean")
-        ax.bar(np.arange(len(layers)) + j * width, [d[f"act_entropy/{l}"] for l in layers], width, label=p)
-    ax.set_xticks(np.arange(len(layers)) + 1.5 * width, layers, rotation=90, fontsize=6)
+        finals = [read_metrics(wd, "diagnostics")[-1] for wd in runs[p]]
+        layers = sorted(k[len("act_entropy/"):] for k in finals[0]
+                        if k.startswith("act_entropy/") and k != "act_entropy/mean")
+        ent = [np.mean([d[f"act_entropy/{l}"] for d in finals]) for l in layers]  # mean over seeds
+        lows.append(min(ent))
+        ax.bar(np.arange(len(layers)) + j * width, ent, width, label=p)
+    short = [l.replace("blocks/", "b").replace("/linear/act", "").replace("/", ".") for l in layers]
+    ax.set_xticks(np.arange(len(layers)) + 1.5 * width, short, rotation=90, fontsize=7)
     ax.set_ylabel("entropy of sign input (bits)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
+    ax.set_ylim(max(0.0, min(lows) - 0.05) if lows else 0.0, 1.0)
+    ax.set_title(f"Per-layer activation entropy, mean over {len(seeds)} seed(s)", fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(docs / "fig_activation_entropy.png", dpi=120)
     plt.close(fig)
