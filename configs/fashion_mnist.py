@@ -10,8 +10,8 @@ Data: the Debian package ``dataset-fashion-mnist`` (IDX files under
 /usr/share/datasets/fashion-mnist), read through the project's grain pipeline.
 Validation for tuning: ``--config.data.train_split='train[:90%]'
 --config.data.eval_split='train[90%:]'``; the default evaluates on the test set.
-Expected (scripts/quickstart.sh: 1 epoch each, seed 0, 2 cores): fp 72.0%,
-binaryvit (distilled from it) 70.6% test top-1; about 2.5 + 4.5 minutes.
+Expected (scripts/quickstart.sh: 1 epoch each, seed 0, 2 cores): fp 72.8%,
+binaryvit (distilled from it) 71.5% test top-1; about 2.5 + 4.5 minutes.
 Over seeds 0-2 (docs/results.md): fp 73.11 +- 0.79%, binaryvit 71.21 +- 0.23%.
 More epochs help both: ``--config.total_epochs=6``.
 
