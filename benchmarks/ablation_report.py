@@ -129,6 +129,16 @@ def write_tuning_table(out: Path, extra_runs: dict, presets, seeds) -> None:
     print("\n".join(rows))
 
 
+def _plot_curves(ax, runs: dict, presets, split: str, key: str, scale: float = 1.0, **style) -> None:
+    """One line per run of ``key`` over steps from its ``split`` rows; one colour and legend entry per preset."""
+    for p in presets:
+        for i, wd in enumerate(runs.get(p, [])):
+            rows = [r for r in read_metrics(wd, split) if key in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [scale * r[key] for r in rows], lw=1,
+                        color=f"C{presets.index(p)}", label=p if i == 0 else None, **style)
+
+
 def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: str) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     runs = {p: [out / _name(p, s) for s in seeds if (out / _name(p, s) / "metrics.jsonl").exists()] for p in presets}
@@ -178,12 +188,7 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for p in presets:
-        for i, wd in enumerate(runs.get(p, [])):
-            rows = [r for r in read_metrics(wd, "train") if "flip_rate/all" in r]
-            if rows:
-                ax.plot([r["step"] for r in rows], [r["flip_rate/all"] for r in rows], lw=1,
-                        color=f"C{presets.index(p)}", alpha=0.8, label=p if i == 0 else None)
+    _plot_curves(ax, runs, presets, "train", "flip_rate/all", alpha=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("flip rate of sign(W) per step")
@@ -215,11 +220,7 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for p in presets:
-        for i, wd in enumerate(runs.get(p, [])):
-            rows = read_metrics(wd, "eval")
-            ax.plot([r["step"] for r in rows], [100 * r["top1"] for r in rows], color=f"C{presets.index(p)}",
-                    marker=".", lw=1, label=p if i == 0 else None)
+    _plot_curves(ax, runs, presets, "eval", "top1", scale=100, marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel(f"{'validation' if split == 'val' else 'test'} top-1 (%)")
     ax.legend()
