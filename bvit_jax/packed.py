@@ -358,7 +358,7 @@ def check_packable(opts: BinaryOptions) -> None:
 
 def _layer_norm(x, t, prefix, eps=1e-6):
     """The model's LayerNorm (:func:`bvit_jax.layers.layer_norm`, the same function)."""
-    return _layer_norm_p(x, t[prefix + "/scale"], t[prefix + "/bias"], eps)
+    return layer_norm(x, t[prefix + "/scale"], t[prefix + "/bias"], eps)
 
 
 def _stacked(t, names, suffix):
@@ -435,17 +435,12 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     if not opts.linear_shortcut:
         return y
     scale, nbias = _stacked(t, prefixes, "/norm/scale"), _stacked(t, prefixes, "/norm/bias")
-    return _match_width(x, y.shape[-1])[None] + _layer_norm_p(y, scale[:, None, None, :], nbias[:, None, None, :])
+    return _match_width(x, y.shape[-1])[None] + layer_norm(y, scale[:, None, None, :], nbias[:, None, None, :])
 
 
 def _linear_block(x, t, prefix, opts, live=None, sink=None):
     """One packed :class:`bvit_jax.layers.LinearBlock`."""
     return _linear_blocks(x, t, [prefix], opts, live, sink)[0]
-
-
-def _layer_norm_p(x, scale, bias, eps=1e-6):
-    """:func:`bvit_jax.layers.layer_norm`, the model's own code: the same operations give the same float32 values."""
-    return layer_norm(x, scale, bias, eps)
 
 
 def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
