@@ -46,6 +46,20 @@ def _abstract(tree: Any) -> Any:
     )
 
 
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+    """Name a manager's cross-process barriers.
+
+    Orbax keys the barrier that ends an async save by the step directory's name
+    (``async_write_complete.<step>``). ``latest`` and ``best`` both save step N
+    at an eval step, so with more than one process the two saves would share a
+    barrier: process 0 could pass it on the other manager's arrival and finalize
+    a checkpoint whose other-process metadata was not written yet ("ArrayMetadata
+    Store contains metadata from just one process"). A prefix per manager keeps
+    the keys apart (``MultiprocessingOptions.barrier_sync_key_prefix``).
+    """
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class CheckpointStore:
     """The two orbax managers of a workdir: the last ``keep`` states and the best params."""
 
@@ -53,7 +67,10 @@ class CheckpointStore:
         self.workdir = Path(workdir)
         self.latest = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                multiprocessing_options=_barrier_prefix("latest"),
+            ),
             item_names=("state", "data", "config"),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -66,6 +83,7 @@ class CheckpointStore:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: m["eval_top1"], best_mode="max",
                 enable_async_checkpointing=async_save, create=True,
+                multiprocessing_options=_barrier_prefix("best"),
             ),
             item_names=("params",),
         )
