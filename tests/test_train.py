@@ -133,9 +133,12 @@ def test_sigterm_then_resume_equals_uninterrupted_run_bitwise(tmp_path, teacher)
 
 # ----------------------------------------------------------------------------- multi-process
 def test_two_processes_on_loopback_match_one_process(tmp_path):
+    # An eval and both checkpoint managers' saves at every step: with two
+    # processes, 'latest' and 'best' saving the same step must not share a
+    # barrier (each manager has its own barrier-key prefix).
     flags = ["--config.total_steps=4", "--config.global_batch_size=16", "--config.eval_batch_size=200",
              "--config.data.train_crop=resize", "--config.data.flip_prob=0.0", "--config.mesh.data=-1",
-             "--config.diagnostics_every_steps=0"]
+             "--config.diagnostics_every_steps=0", "--config.eval_every_steps=1", "--config.checkpoint_every_steps=1"]
     run_train(tmp_path / "one", "fp,tiny", *flags, devices=2)
     port = free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
