@@ -40,9 +40,8 @@ def test_shift_formula():
 
 
 def _captured_stats(act, x):
-    y = act(x, capture=True)
-    inter = nnx.pop(act, nnx.Intermediate)
-    flat = {str(k[-1]): v.get_value()[0] for k, v in nnx.to_flat_state(inter)}
+    y, inter = nnx.capture(act, nnx.Intermediate)(x, capture=True)
+    flat = {str(k[-1]): (v.get_value() if hasattr(v, "get_value") else v)[0] for k, v in nnx.to_flat_state(inter)}
     np.testing.assert_array_equal(y, _pm1(flat["shifted"]))
     return diagnostics.activation_metrics({"act": flat}), flat
 
