@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from bvit_jax.binarize import binary_matmul, elastic_matmul, get_activation_binarizer, weight_binarize
+from bvit_jax.binarize import binary_matmul, elastic_matmul, get_activation_binarizer
 
 __all__ = [
     "BinaryOptions",
@@ -279,11 +279,6 @@ class BinaryLinear(nnx.Module):
         self.kernel = nnx.Param(trunc_normal(rngs.params(), (in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
         self.act = SignActivation(in_features, opts) if opts.binarize_acts else None
-
-    def binary_kernel(self) -> jax.Array:
-        """The effective kernel ``alpha * sign(W)`` (or ``W``); the forward computes ``(x @ sign(W)) * alpha``."""
-        w = self.kernel[...]
-        return weight_binarize(w, scale=self.weight_scale) if self.binarize_weights else w
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         if self.act is not None:
