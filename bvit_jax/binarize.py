@@ -23,6 +23,7 @@ rounding distance of a sign threshold then flips (``docs/export.md``,
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -34,6 +35,11 @@ __all__ = [
     "approx_sign",
     "weight_binarize",
     "elastic_binarize",
+    "LEVEL_MIN",
+    "positive_level",
+    "positive_level_inverse",
+    "scale_grad",
+    "lsq_grad_scale",
     "binary_matmul",
     "elastic_matmul",
     "ACTIVATION_BINARIZERS",
@@ -165,6 +171,70 @@ def _elastic_bwd(res, g):
 
 
 elastic_binarize.defvjp(_elastic_fwd, _elastic_bwd)
+
+
+# ----------------------------------------------------------------------------- the level c > 0
+
+LEVEL_MIN = 1e-6
+"""Floor of the {0, c} level: ``c >= LEVEL_MIN`` whatever its raw parameter (see :func:`positive_level`)."""
+
+
+def positive_level(raw: jax.Array) -> jax.Array:
+    """The {0, c} level from its unconstrained parameter: ``c = LEVEL_MIN + softplus(raw)``.
+
+    ``softplus(raw) = log(1 + exp(raw))`` is positive and, unlike ``exp``, grows
+    only linearly (``~ raw`` for large ``raw``), so no optimizer step can make
+    ``c`` zero, negative or infinite: a huge step down leaves
+    ``softplus(raw) = 0`` in float32 and ``c = LEVEL_MIN`` (``p / c`` stays
+    finite for probabilities ``p <= 1``), a huge step up gives a large finite
+    ``c``. ``dc/d raw = sigmoid(raw)``; for small ``c``, ``softplus(raw) ~
+    exp(raw)``, so gradient steps on ``raw`` change ``c`` multiplicatively.
+    """
+    raw = jnp.asarray(raw)
+    return (LEVEL_MIN + jax.nn.softplus(raw)).astype(raw.dtype)
+
+
+def positive_level_inverse(c: float) -> float:
+    """The raw parameter with ``positive_level(raw) = c``: ``raw = log(expm1(c - LEVEL_MIN))`` (float64).
+
+    Raises ``ValueError`` unless ``c > LEVEL_MIN``.
+    """
+    c = float(c)
+    if not (c > LEVEL_MIN) or not math.isfinite(c):
+        raise ValueError(f"the attention level c must be a finite number > {LEVEL_MIN}, got {c}")
+    s = c - LEVEL_MIN
+    return s + math.log(-math.expm1(-s))  # log(expm1(s)) without overflow for large s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_grad(x: jax.Array, g: float) -> jax.Array:
+    """Identity with a scaled gradient: forward ``y = x`` (bit for bit), backward ``dL/dx = g * dL/dy``.
+
+    The LSQ gradient scale (Esser et al., "Learned Step Size Quantization",
+    ICLR 2020, Sec. 2.2). Unlike ``x * g + stop_gradient(x - x * g)`` the
+    forward value is exactly ``x``.
+    """
+    return x
+
+
+def _scale_grad_fwd(x, g):
+    return x, None
+
+
+def _scale_grad_bwd(g, _, ct):
+    return ((ct * g).astype(ct.dtype),)
+
+
+scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+
+def lsq_grad_scale(num_elements: int, q_p: int = 1) -> float:
+    """LSQ's step-size gradient scale ``g = 1 / sqrt(N * Q_P)``.
+
+    ``N``: elements quantized with this step (per example); ``Q_P``: number of
+    positive levels (1 for the {0, c} binarizer).
+    """
+    return 1.0 / math.sqrt(num_elements * q_p)
 
 
 # ----------------------------------------------------------------------------- fused forms

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bvit_jax.models import VisionTransformer, create, get_variant
+from bvit_jax.models import VisionTransformer, config_overrides, create, get_variant
 from bvit_jax.param_groups import path_str
 
 __all__ = [
@@ -106,7 +106,7 @@ _KINDS = (  # (regex on our path, what it is) for the report
     (r"/shift/gamma$", "ASM gamma"),
     (r"/(q|k|v|proj|fc1|fc2)/norm/(scale|bias)$", "shortcut LayerNorm"),
     (r"/mlp/act/(gamma|zeta|slope)$", "RPReLU"),
-    (r"/attn_level$", "attention level c"),
+    (r"/attn_level(_raw)?$", "attention level c"),
     (r"^head/", "head (skip_head)"),
 )
 
@@ -540,7 +540,7 @@ def _main(flag_values) -> None:
     preset = config.model.preset
     model, report = from_timm(f["timm_model"].value, f["checkpoint"].value, preset=preset,
                               skip_head=f["skip_head"].value, seed=f["seed"].value,
-                              **dict(config.model.get("overrides", {})))
+                              **config_overrides(config.model.get("overrides")))
     out = write_workdir(model, config, f["workdir"].value, report=report)
     print(report)
     print(f"wrote {out}/config.json and {out}/best/ ({info['variant']}, preset {preset}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -22,7 +23,16 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from bvit_jax.binarize import binary_matmul, elastic_matmul, get_activation_binarizer
+from bvit_jax.binarize import (
+    LEVEL_MIN,
+    binary_matmul,
+    elastic_matmul,
+    get_activation_binarizer,
+    lsq_grad_scale,
+    positive_level,
+    positive_level_inverse,
+    scale_grad,
+)
 
 __all__ = [
     "BinaryOptions",
@@ -180,6 +190,15 @@ class BinaryOptions:
       rprelu: RPReLU in the MLP instead of GELU.
       binary_attention: Q, K, V in +-1 and attention probabilities in {0, c}.
       attn_level_init: initial ``c`` of the {0, c} binarizer; ``None`` -> ``1/N``.
+        The level is stored as ``attn_level_raw`` with ``c = LEVEL_MIN +
+        softplus(attn_level_raw)`` (:func:`bvit_jax.binarize.positive_level`),
+        so it stays positive after any optimizer step.
+      attn_level_grad_scale: scale the gradient of ``c`` by LSQ's
+        ``g = 1/sqrt(N * Q_P)`` (Esser et al., ICLR 2020), ``N = heads * tokens^2``
+        (the elements of one image's attention probabilities), ``Q_P = 1``.
+        Off by default: under Adam(W) a constant gradient scale of one scalar
+        parameter cancels out (up to ``eps`` and global-norm clipping, where it
+        lowers ``c``'s share), so it matters mainly for SGD-like optimizers.
       dtype: compute dtype (parameters stay float32).
     """
 
@@ -193,10 +212,16 @@ class BinaryOptions:
     rprelu: bool = False
     binary_attention: bool = False
     attn_level_init: float | None = None
+    attn_level_grad_scale: bool = False
     dtype: Any = jnp.float32
 
     def __post_init__(self):
         get_activation_binarizer(self.act_binarizer)  # validates the name
+        if self.attn_level_init is not None and not (LEVEL_MIN < self.attn_level_init < float("inf")):
+            raise ValueError(
+                f"model.attn_level_init={self.attn_level_init} must be a finite number > {LEVEL_MIN} "
+                "(the {0, c} level is positive; None starts at 1/N)"
+            )
         if (self.asm or self.learnable_shift) and not (self.binarize_acts or self.binary_attention):
             raise ValueError(
                 "model.asm / model.learnable_shift shift the input of a sign, but no "
@@ -360,7 +385,10 @@ class Attention(nnx.Module):
     ``Q_b, K_b, V_b = sign(. - shift)`` (each through a :class:`SignActivation`),
     ``P = softmax(Q_b K_b^T / sqrt(d))``, ``P_b = c * clip(round(P / c), 0, 1)``
     (:func:`bvit_jax.binarize.elastic_binarize`, learnable ``c`` initialised to
-    ``1/N`` for N tokens), output ``P_b V_b`` (both matmuls on binary operands),
+    ``1/N`` for N tokens and kept positive as ``c = LEVEL_MIN +
+    softplus(attn_level_raw)``, see :meth:`level`; with
+    ``attn_level_grad_scale`` its gradient is scaled by LSQ's
+    ``1/sqrt(heads * N^2)``), output ``P_b V_b`` (both matmuls on binary operands),
     computed as ``(clip(round(P / c), 0, 1) @ V_b) * c``
     (:func:`bvit_jax.binarize.elastic_matmul`: an exact {0, 1} x +-1 matmul,
     then the level, as the packed forward does).
@@ -380,21 +408,31 @@ class Attention(nnx.Module):
             self.k_sign = SignActivation(dim, opts)
             self.v_sign = SignActivation(dim, opts)
             level = opts.attn_level_init if opts.attn_level_init is not None else 1.0 / num_tokens
-            self.attn_level = nnx.Param(jnp.asarray(level, jnp.float32))
+            self.attn_level_raw = nnx.Param(jnp.asarray(positive_level_inverse(level), jnp.float32))
         else:
-            self.q_sign = self.k_sign = self.v_sign = self.attn_level = None
+            self.q_sign = self.k_sign = self.v_sign = self.attn_level_raw = None
+        self.level_grad_scale = bool(opts.attn_level_grad_scale)
+
+    def level(self) -> jax.Array | None:
+        """The {0, c} level ``c = LEVEL_MIN + softplus(attn_level_raw)`` (> 0), or None without binary attention."""
+        if self.attn_level_raw is None:
+            return None
+        return positive_level(self.attn_level_raw[...])
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         q, k, v = (m(x, capture=capture) for m in (self.q, self.k, self.v))
-        if self.attn_level is not None:
+        if self.attn_level_raw is not None:
             q = self.q_sign(q, capture=capture)
             k = self.k_sign(k, capture=capture)
             v = self.v_sign(v, capture=capture)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in (q, k, v))
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        if self.attn_level is not None:  # elastic_binarize(probs, c) @ v, as (level @ v) * c
-            out = elastic_matmul(probs, self.attn_level[...], v)
+        if self.attn_level_raw is not None:  # elastic_binarize(probs, c) @ v, as (level @ v) * c
+            c = self.level()
+            if self.level_grad_scale:  # LSQ: g = 1/sqrt(N * Q_P), N = heads * q * k per image, Q_P = 1
+                c = scale_grad(c, lsq_grad_scale(math.prod(probs.shape[1:])))
+            out = elastic_matmul(probs, c, v)
         else:
             out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"), capture=capture)

@@ -19,7 +19,9 @@ patches, and small CPU-sized variants); presets fix the binarization recipe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import types
+import typing
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,10 @@ from flax import nnx
 
 from bvit_jax.layers import BinaryOptions, Block, LayerNorm, trunc_normal
 
-__all__ = ["ViTConfig", "Preset", "VARIANTS", "PRESETS", "VisionTransformer", "create", "get_preset", "get_variant"]
+__all__ = [
+    "ViTConfig", "Preset", "VARIANTS", "PRESETS", "VisionTransformer", "create", "get_preset", "get_variant",
+    "override_fields", "config_overrides",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +191,60 @@ def _group_intermediates(state) -> dict[str, dict[str, jax.Array]]:
     return out
 
 
+# Model fields that a config sets elsewhere than ``model.overrides`` (they must agree with the data).
+_SET_ELSEWHERE = {"num_classes": "model.num_classes", "image_size": "data.image_size", "in_channels": "data.channels"}
+
+
+def _field_type(annotation) -> type:
+    """``int`` / ``float`` / ``bool`` / ``str`` of a dataclass field annotation (``X | None`` -> ``X``)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _field_type(args[0])
+    if annotation in (int, float, bool, str):
+        return annotation
+    raise TypeError(f"no config type for a field annotated {annotation!r}")
+
+
+def override_fields() -> dict[str, type]:
+    """``{name: type}`` of every field settable in ``config.model.overrides``.
+
+    All :class:`ViTConfig` fields but ``num_classes``, ``image_size`` and
+    ``in_channels`` (config fields ``model.num_classes``, ``data.image_size``,
+    ``data.channels``), and all :class:`BinaryOptions` fields but ``dtype``
+    (``model.dtype``). ``attn_level_init: float | None`` is listed as ``float``.
+    """
+    out: dict[str, type] = {}
+    for cls, skip in ((ViTConfig, set(_SET_ELSEWHERE)), (BinaryOptions, {"dtype"})):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in skip:
+                out[f.name] = _field_type(hints[f.name])
+    return out
+
+
+def config_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``create`` keyword arguments of a config's ``model.overrides``: the entries that are not None.
+
+    ``None`` (an ``ml_collections`` placeholder left unset, or ``null`` in a
+    saved ``config.json``) means "not overridden". Raises ``ValueError`` naming
+    the valid fields for an unknown name, and the right config field for
+    ``num_classes`` / ``image_size`` / ``in_channels``.
+    """
+    items = {} if overrides is None else {k: overrides[k] for k in overrides.keys()}
+    valid = override_fields()
+    misplaced = sorted(k for k, v in items.items() if k in _SET_ELSEWHERE and v is not None)
+    if misplaced:
+        raise ValueError(
+            "config.model.overrides." + ", ".join(misplaced) + " cannot be set there: use "
+            + ", ".join(f"config.{_SET_ELSEWHERE[k]}" for k in misplaced)
+        )
+    unknown = sorted(set(items) - set(valid) - set(_SET_ELSEWHERE))
+    if unknown:
+        raise ValueError(f"Unknown field(s) {unknown} in config.model.overrides; valid fields: {sorted(valid)}")
+    return {k: v for k, v in items.items() if v is not None}
+
+
 def create(
     variant: str = "deit_small",
     preset: str = "binaryvit",
@@ -203,11 +262,17 @@ def create(
       seed: parameter initialisation seed.
       **overrides: any :class:`ViTConfig` field (``num_classes``, ``image_size``,
         ``in_channels``, ``embed_dim``, ``depth``, ...) or :class:`BinaryOptions`
-        field (``act_binarizer="ste"``, ``asm=False``, ...).
+        field (``act_binarizer="ste"``, ``asm=False``, ...). A value of ``None``
+        means "not overridden" (the variant's / preset's value), as an unset
+        placeholder of ``config.model.overrides`` does.
+
+    Raises:
+      ValueError: an unknown override name (the message lists the valid fields).
     """
     arch_fields = {f.name for f in dataclasses.fields(ViTConfig)}
     opt_fields = {f.name for f in dataclasses.fields(BinaryOptions)} - {"dtype"}
     unknown = set(overrides) - arch_fields - opt_fields
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if unknown:
         raise ValueError(
             f"Unknown model override(s) {sorted(unknown)}; valid architecture fields: {sorted(arch_fields)}, "

@@ -92,6 +92,7 @@ import numpy as np
 from einops import rearrange
 from jax import lax
 
+from bvit_jax.binarize import positive_level
 from bvit_jax.layers import BinaryOptions, layer_norm
 from bvit_jax.models import ViTConfig
 
@@ -457,7 +458,7 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
     s = _shifted(qkv, t, [n + "_sign" for n in names], shared=False)  # (3, B, N, D)
     _record(sink, [n + "_sign" for n in names], s)
     d = qkv.shape[-1] // h
-    c = t[prefix + "/attn_level"]
+    c = positive_level(t[prefix + "/attn_level_raw"])  # c = LEVEL_MIN + softplus(raw), as Attention.level()
     scale = jnp.sqrt(d).astype(jnp.float32)
     if attention == "popcount":
         qk = pack_planes(rearrange(s[:2], "g b n (h d) -> g b h n d", h=h))

@@ -361,7 +361,7 @@ def summary(model: nnx.Module, name: str | None = None) -> Summary:
             kind += " (1-bit W, 1-bit x)" if binary else (" (1-bit W)" if mod.binarize_weights else "")
         elif isinstance(mod, Attention):
             macs = 2 * n_tok * n_tok * cfg.embed_dim  # QK^T and PV, summed over heads
-            if mod.attn_level is not None:
+            if mod.attn_level_raw is not None:
                 r["binary_macs"] += macs
                 attn_bin += macs
                 kind += " (binary QK^T, PV)"

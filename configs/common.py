@@ -6,10 +6,31 @@ learning rate scales linearly with the batch: ``lr = base_lr * B / 512``.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from bvit_jax.data import default_data_config
+from bvit_jax.models import override_fields
 
 PRESETS = ("fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit")
+
+
+def model_overrides(**values) -> ml_collections.ConfigDict:
+    """``config.model.overrides``: every architecture / binarization field, unset (None) unless in ``values``.
+
+    One typed placeholder per field of :func:`bvit_jax.models.override_fields`
+    (the ``ViTConfig`` fields but num_classes / image_size / in_channels, the
+    ``BinaryOptions`` fields but dtype), so that any of them can be set from
+    the command line, e.g. ``--config.model.overrides.embed_dim=32``; None
+    means "the variant's / preset's value". An unknown name is an error that
+    lists the valid ones.
+    """
+    fields = override_fields()
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"Unknown model override(s) {unknown}; valid fields: {sorted(fields)}")
+    o = ml_collections.ConfigDict({name: config_dict.placeholder(t) for name, t in fields.items()})
+    o.update(values)
+    return o
 
 
 def base_config(preset: str, variant: str, dataset: str) -> ml_collections.ConfigDict:
@@ -23,7 +44,7 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.model.preset = preset
     c.model.num_classes = 1000
     c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters
-    c.model.overrides = ml_collections.ConfigDict()  # any ViTConfig / BinaryOptions field
+    c.model.overrides = model_overrides()
 
     c.data = default_data_config(dataset)
 

@@ -45,7 +45,7 @@ def get_config(arg: str = "binaryvit"):
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 500
     if "tiny" in flags:
-        c.model.overrides = dict(embed_dim=32, depth=1, num_heads=2)
+        c.model.overrides.update(embed_dim=32, depth=1, num_heads=2)
         c.global_batch_size = 32
         c.eval_batch_size = 200
         c.data.eval_split = "test[:400]"

@@ -1,4 +1,12 @@
-"""Binarizers: forward values and surrogate gradients against their formulas."""
+"""Binarizers: forward values and surrogate gradients against their formulas.
+
+Float comparisons use bounds derived from float32 arithmetic, never fixed
+tolerances: a float32 sum of ``n`` products ``a_k b_k`` is within
+``gamma_n(n) * sum |a_k b_k|`` of the exact value, ``gamma_n(n) = n u / (1 - n u)``,
+``u = 2**-24`` (Higham, "Accuracy and Stability of Numerical Algorithms",
+Sec. 3.1), whatever order the terms are added in (XLA and BLAS order them
+differently on different CPUs: AVX2 vs AVX-512, thread counts).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -6,11 +14,16 @@ import numpy as np
 import pytest
 
 from bvit_jax.binarize import (
+    LEVEL_MIN,
     approx_sign,
     binary_matmul,
     elastic_binarize,
     elastic_matmul,
     get_activation_binarizer,
+    lsq_grad_scale,
+    positive_level,
+    positive_level_inverse,
+    scale_grad,
     sign,
     ste_sign,
     weight_alpha,
@@ -20,6 +33,26 @@ from bvit_jax.binarize import (
 # Points outside the clip, on its edges, inside, and exactly 0.
 X = np.array([-3.0, -1.5, -1.0, -0.75, -0.25, -1e-3, 0.0, 1e-3, 0.25, 0.75, 1.0, 1.5, 3.0], np.float32)
 SIGN_X = np.where(X >= 0, 1.0, -1.0)
+
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def gamma_n(n: int) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative bound of ``n`` float32 roundings in sequence."""
+    return n * U32 / (1 - n * U32)
+
+
+def assert_within(actual, expected, bound, what=""):
+    """``|actual - expected| <= bound`` elementwise (float64 arithmetic), with the worst offender in the message."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    bound = np.broadcast_to(np.asarray(bound, np.float64), actual.shape)
+    err = np.abs(actual - expected)
+    bad = err > bound
+    if np.any(bad):
+        i = np.unravel_index(np.argmax(err - bound), err.shape)
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} beyond the bound; worst at {i}: "
+                             f"|{actual[i]} - {expected[i]}| = {err[i]:.3g} > {bound[i]:.3g}")
 
 
 def _vjp(f, x, upstream):
@@ -54,7 +87,8 @@ def test_approx_sign_gradient_per_piece():
     g = np.asarray(_vjp(approx_sign, jnp.asarray(X), jnp.asarray(up)))
     # Bi-Real Net: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere.
     d = np.where((X >= -1) & (X < 0), 2 + 2 * X, np.where((X >= 0) & (X < 1), 2 - 2 * X, 0.0))
-    np.testing.assert_allclose(g, up * d, rtol=1e-6, atol=1e-7)
+    # d = 2 -+ 2x: 2x is exact, the sum one rounding, the product with up another: gamma_n(2) relative
+    assert_within(g, up.astype(np.float64) * d.astype(np.float64), gamma_n(2) * np.abs(up * d), "ApproxSign")
     # spot values on each piece
     at = lambda v: g[list(X).index(v)] / up[list(X).index(v)]
     assert at(-0.75) == pytest.approx(0.5)
@@ -97,7 +131,9 @@ def test_weight_binarize_forward_alpha_per_output_channel():
     alpha = np.abs(w).mean(axis=0)  # per output column
     np.testing.assert_allclose(alpha, [0.5, 1.025, 0.025], rtol=1e-6)
     wb = np.asarray(weight_binarize(jnp.asarray(w)))
-    np.testing.assert_allclose(wb, alpha[None, :] * np.where(w >= 0, 1.0, -1.0), rtol=1e-6)
+    # alpha: a float32 mean of 4 terms (sum, then one division) on each side, gamma_n(5) each
+    exact = np.abs(w.astype(np.float64)).mean(axis=0)
+    assert_within(wb, exact[None, :] * np.where(w >= 0, 1.0, -1.0), gamma_n(5) * exact[None, :], "W_b")
     assert wb[2, 0] == pytest.approx(alpha[0])  # sign(0) = +1
     np.testing.assert_array_equal(weight_binarize(jnp.asarray(w), scale=False), np.where(w >= 0, 1.0, -1.0))
 
@@ -107,8 +143,10 @@ def test_weight_binarize_gradient_is_alpha_times_clipped_ste():
     alpha = np.abs(w).mean(axis=0)
     up = np.arange(1, w.size + 1, dtype=np.float32).reshape(w.shape) / 7.0
     g = np.asarray(_vjp(weight_binarize, jnp.asarray(w), jnp.asarray(up)))
-    expected = alpha[None, :] * up * (np.abs(w) <= 1.0)  # alpha detached: no d alpha / dW term
-    np.testing.assert_allclose(g, expected, rtol=1e-6, atol=1e-7)
+    exact_alpha = np.abs(w.astype(np.float64)).mean(axis=0)
+    expected = exact_alpha[None, :] * up * (np.abs(w) <= 1.0)  # alpha detached: no d alpha / dW term
+    # alpha within gamma_n(5) (a mean of 4), then one multiply by up: gamma_n(6) relative
+    assert_within(g, expected, gamma_n(6) * np.abs(expected), "dL/dW")
     assert g[0, 1] == 0 and g[2, 1] == 0 and g[3, 0] == 0  # |W| > 1: zero
     g_ns = np.asarray(_vjp(lambda z: weight_binarize(z, scale=False), jnp.asarray(w), jnp.asarray(up)))
     np.testing.assert_allclose(g_ns, up * (np.abs(w) <= 1.0), rtol=1e-6)
@@ -139,7 +177,8 @@ def test_elastic_binarize_gradients():
     assert dq_dc[0] == 0.0  # below
     assert dq_dc[1] == pytest.approx(-0.2) and dq_dc[3] == pytest.approx(0.3)  # inside
     assert dq_dc[5] == 1.0  # above
-    assert float(gc) == pytest.approx(float(np.sum(up * dq_dc)), rel=1e-5)
+    # float32 sum of 6 products (each product of float32 values, one rounding): gamma_n(7) * sum |terms|
+    assert abs(float(gc) - float(np.sum(up.astype(np.float64) * dq_dc))) <= gamma_n(7) * float(np.sum(np.abs(up * dq_dc)))
     assert np.shape(gc) == ()
 
 
@@ -167,8 +206,11 @@ def test_binary_matmul_is_exact_integer_times_alpha(n_in):
     y = np.asarray(jax.jit(binary_matmul, static_argnums=2)(x, w, True))
     np.testing.assert_array_equal(y, ints.astype(np.float32) * alpha)  # one float32 rounding per element
     np.testing.assert_array_equal(np.asarray(binary_matmul(x, w, False)), ints.astype(np.float32))
-    # The same values as the unfused product, to float rounding.
-    np.testing.assert_allclose(y, np.asarray(x @ weight_binarize(w)), rtol=1e-5, atol=1e-6 * float(np.abs(y).max()))
+    # The same values as the unfused product, to float rounding: x @ W_b sums n_in terms +-alpha_j
+    # (|sum of terms| = n_in * alpha_j), within gamma_n(n_in) * n_in * alpha_j of the exact integer * alpha_j;
+    # the fused y has one rounding, u * |y|; W_b = alpha * sign(W) itself is exact (a sign flip).
+    bound = gamma_n(n_in) * n_in * alpha + U32 * np.abs(y)
+    assert_within(np.asarray(x @ weight_binarize(w)), y, bound, "unfused x @ W_b")
 
 
 @pytest.mark.parametrize("scale", [True, False])
@@ -180,13 +222,21 @@ def test_binary_matmul_gradients_equal_unfused(scale):
     up = jax.random.normal(kg, (20, 9))
     fused = jax.grad(lambda x, w: jnp.sum(up * binary_matmul(x, w, scale)), argnums=(0, 1))(x, w)
     plain = jax.grad(lambda x, w: jnp.sum(up * (x @ weight_binarize(w, scale=scale))), argnums=(0, 1))(x, w)
-    for a, b in zip(fused, plain):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    assert np.all(np.asarray(fused[1])[np.abs(np.asarray(w)) > 1] == 0)
-    alpha = np.asarray(weight_alpha(w)) if scale else 1.0
-    np.testing.assert_allclose(
-        np.asarray(fused[1]), alpha * (np.asarray(x).T @ np.asarray(up)) * (np.abs(np.asarray(w)) <= 1), rtol=1e-5, atol=1e-6
-    )
+    xn, wn, gn = (np.asarray(a, np.float64) for a in (x, w, up))
+    alpha = np.asarray(weight_alpha(w), np.float64) if scale else np.ones((1, wn.shape[1]))
+    wb = alpha * np.where(wn >= 0, 1.0, -1.0)  # exact in float32 too (alpha times +-1)
+    inside = np.abs(wn) <= 1
+    # dL/dx = up @ W_b^T: 9 products summed (+ the products' roundings); each of the two float32
+    # results is within gamma_n(9 + 1) * (|up| @ |W_b|^T) of the exact value, so they are within twice that.
+    bound_x = 2 * gamma_n(wn.shape[1] + 1) * (np.abs(gn) @ np.abs(wb).T)
+    # dL/dW = alpha * (x^T @ up) * 1{|W| <= 1}: 20 products summed, then one multiply by alpha.
+    bound_w = 2 * gamma_n(xn.shape[0] + 2) * alpha * (np.abs(xn).T @ np.abs(gn)) * inside
+    exact_x, exact_w = gn @ wb.T, alpha * (xn.T @ gn) * inside  # float64: exact to ~1e-16
+    assert_within(fused[0], plain[0], bound_x, "dL/dx fused vs unfused")
+    assert_within(fused[1], plain[1], bound_w, "dL/dW fused vs unfused")
+    assert_within(fused[0], exact_x, bound_x / 2, "dL/dx vs exact")
+    assert_within(fused[1], exact_w, bound_w / 2, "dL/dW vs exact")
+    assert np.all(np.asarray(fused[1])[~inside] == 0)
 
 
 def _attention_operands(n=197, d=64, seed=0):
@@ -204,7 +254,11 @@ def test_elastic_matmul_is_exact_integer_times_level():
     out = np.asarray(jax.jit(elastic_matmul)(p, c, v))
     assert 0 < level.mean() < 1
     np.testing.assert_array_equal(out, ints.astype(np.float32) * np.float32(c))
-    np.testing.assert_allclose(out, np.asarray(elastic_binarize(p, c) @ v), rtol=1e-5, atol=1e-6 * float(np.abs(out).max()))
+    # unfused: sums of n terms in {0, +-c} (|sum of terms| = c * #level-ones in the row), so within
+    # gamma_n(n) * c * rowcount of the exact value; the fused out has one rounding, u * |out|.
+    n = level.shape[-1]
+    bound = gamma_n(n) * float(c) * level.sum(axis=-1, keepdims=True) + U32 * np.abs(out)
+    assert_within(np.asarray(elastic_binarize(p, c) @ v), out, bound, "unfused P_b @ V")
 
 
 def test_elastic_matmul_gradients_equal_unfused():
@@ -213,6 +267,63 @@ def test_elastic_matmul_gradients_equal_unfused():
     v = v * 0.5 + 0.1  # any V: the rule does not assume +-1 values
     fused = jax.grad(lambda p, c, v: jnp.sum(up * elastic_matmul(p, c, v)), argnums=(0, 1, 2))(p, c, v)
     plain = jax.grad(lambda p, c, v: jnp.sum(up * (elastic_binarize(p, c) @ v)), argnums=(0, 1, 2))(p, c, v)
-    for a, b in zip(fused, plain):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     assert np.shape(fused[1]) == ()
+    # Both compute r = P / c with the same float32 division, so the level and the masks agree exactly.
+    r = np.asarray(p) / np.float32(c)
+    inside = (r >= 0) & (r <= 1)
+    q = float(c) * np.clip(np.round(r), 0, 1).astype(np.float64)
+    gn, vn = np.asarray(up, np.float64), np.asarray(v, np.float64)
+    d = vn.shape[-1]
+    # dL/dQ = up @ V^T: d products summed; each result within gamma_n(d + 1) * (|up| @ |V|^T), dL/dP masks it.
+    err_dq = gamma_n(d + 1) * np.einsum("...qd,...kd->...qk", np.abs(gn), np.abs(vn))
+    assert_within(fused[0], plain[0], 2 * err_dq * inside, "dL/dP")
+    # dL/dV = Q^T @ up: N products summed.
+    bound_v = 2 * gamma_n(q.shape[-2] + 1) * np.einsum("...qk,...qd->...kd", q, np.abs(gn))
+    assert_within(fused[2], plain[2], bound_v, "dL/dV")
+    # dL/dc = sum dL/dQ * t, t = round(r) - r | 1 | 0 (identical in both): M = P.size products summed,
+    # so each within gamma_n(M + 1) * sum |dL/dQ * t| + sum |t| * err_dq of the exact value.
+    t = np.where(inside, np.round(r) - r, np.where(r > 1, 1.0, 0.0)).astype(np.float64)
+    dq = np.einsum("...qd,...kd->...qk", gn, vn)
+    bound_c = 2 * (gamma_n(t.size + 1) * np.sum(np.abs(dq * t)) + np.sum(np.abs(t) * err_dq))
+    assert_within(fused[1], plain[1], bound_c, "dL/dc")
+
+
+# --------------------------------------------------------------------------
+# The level c of the {0, c} binarizer: positive by construction; LSQ gradient scale.
+# --------------------------------------------------------------------------
+
+
+def test_positive_level_is_positive_and_finite_for_any_raw_value():
+    raw = jnp.array([-3.4e38, -1e30, -1e6, -200.0, -20.0, 0.0, 20.0, 1e6, 1e30, 3.4e38], jnp.float32)
+    c = np.asarray(positive_level(raw))
+    assert c.dtype == np.float32
+    assert np.all(c > 0) and np.all(np.isfinite(c))
+    assert np.all(c[:4] == np.float32(LEVEL_MIN))  # softplus underflows to 0: the floor remains
+    assert np.all(np.diff(c) >= 0)  # monotone
+    g = np.asarray(jax.vmap(jax.grad(positive_level))(raw))  # dc/draw = sigmoid(raw) in [0, 1]
+    assert np.all(np.isfinite(g)) and np.all((g >= 0) & (g <= 1))
+
+
+@pytest.mark.parametrize("c", [1 / 197, 1 / 17, 0.1, 0.5, 3.0, 50.0])
+def test_positive_level_inverse_round_trip(c):
+    raw = positive_level_inverse(c)
+    # raw is rounded to float32 (relative u), softplus' slope sigmoid(raw) <= 1 and c >= softplus(raw),
+    # so that costs at most u * |raw| in c; softplus and the floor add a few roundings (gamma_n(4) * c).
+    back = float(positive_level(jnp.float32(raw)))
+    assert abs(back - c) <= U32 * abs(raw) + gamma_n(4) * c
+
+
+@pytest.mark.parametrize("c", [0.0, -0.1, LEVEL_MIN, float("nan"), float("inf")])
+def test_positive_level_inverse_refuses_unreachable_levels(c):
+    with pytest.raises(ValueError, match="attention level"):
+        positive_level_inverse(c)
+
+
+def test_scale_grad_is_exact_identity_with_scaled_gradient():
+    x = jax.random.normal(jax.random.key(3), (5,))
+    up = jnp.arange(1.0, 6.0)
+    np.testing.assert_array_equal(scale_grad(x, 0.37), x)
+    g = jax.grad(lambda x: jnp.sum(up * scale_grad(x, 0.125)))(x)
+    np.testing.assert_array_equal(g, 0.125 * up)  # a power of two: exact
+    assert lsq_grad_scale(3 * 17 * 17) == pytest.approx(1 / np.sqrt(3 * 17 * 17))
+    assert lsq_grad_scale(100, 4) == pytest.approx(1 / 20)

@@ -1,18 +1,57 @@
-"""Layers: ASM/RSign, BinaryLinear against explicit +-1 arithmetic, match_width, RPReLU."""
+"""Layers: ASM/RSign, BinaryLinear against explicit +-1 arithmetic, match_width, RPReLU,
+the hand-written backward passes against autodiff, the attention level.
+
+Float comparisons use bounds derived from float32 arithmetic (see
+``gamma_n`` below), so they hold on any CPU whatever order XLA sums in.
+"""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from bvit_jax import diagnostics
-from bvit_jax.layers import BinaryLinear, BinaryOptions, LinearBlock, RPReLU, SignActivation, match_width
+from bvit_jax.binarize import LEVEL_MIN, lsq_grad_scale
+from bvit_jax.layers import (
+    Attention,
+    BinaryLinear,
+    BinaryOptions,
+    LinearBlock,
+    RPReLU,
+    SignActivation,
+    layer_norm,
+    match_width,
+    rprelu,
+)
 
 BIN = BinaryOptions(binarize_weights=True, binarize_acts=True, learnable_shift=True)
 ASM = dataclasses.replace(BIN, asm=True)
+
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def gamma_n(n: int) -> float:
+    """``gamma_n = n u / (1 - n u)``: a float32 sum of ``n`` terms (in any order) is within
+    ``gamma_n * sum |terms|`` of the exact sum (Higham, "Accuracy and Stability of Numerical
+    Algorithms", Sec. 3.1); also the relative bound of ``n`` roundings in sequence."""
+    return n * U32 / (1 - n * U32)
+
+
+def assert_within(actual, expected, bound, what=""):
+    """``|actual - expected| <= bound`` elementwise (float64 arithmetic), with the worst offender in the message."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    bound = np.broadcast_to(np.asarray(bound, np.float64), actual.shape)
+    err = np.abs(actual - expected)
+    bad = err > bound
+    if np.any(bad):
+        i = np.unravel_index(np.argmax(err - bound), err.shape)
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} beyond the bound; worst at {i}: "
+                             f"|{actual[i]} - {expected[i]}| = {err[i]:.3g} > {bound[i]:.3g}")
 
 
 def _pm1(a):
@@ -82,10 +121,14 @@ def test_binary_linear_matches_explicit_pm1_matmul():
 
     xb = _pm1(x - np.asarray(beta))  # explicit +-1 tensors
     wb = _pm1(w)
-    alpha = np.abs(w).mean(axis=0)
-    expected = (xb @ wb) * alpha + np.asarray(layer.bias[...])
+    alpha = np.abs(w.astype(np.float64)).mean(axis=0)  # exact (float64)
+    bias = np.asarray(layer.bias[...], np.float64)
+    ints = xb @ wb  # exact integers
+    expected = ints * alpha + bias
     y = layer(jnp.asarray(x))
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    # The layer: exact integer, times alpha (a float32 mean of 24: gamma_n(25) relative), one multiply,
+    # one add: |error| <= gamma_n(26) * |int * alpha| + u * |y|.
+    assert_within(y, expected, gamma_n(26) * np.abs(ints * alpha) + U32 * np.abs(expected), "BinaryLinear")
     assert set(np.unique(xb)) == {-1.0, 1.0}
 
 
@@ -118,14 +161,18 @@ def test_binary_linear_equals_packed_layer_bit_for_bit(din):
 
     xb = np.where(np.asarray(x - layer.act.shift.beta[...]) >= 0, 1, -1)
     ints = xb @ np.where(kernel >= 0, 1, -1)  # exact (int64)
-    expected = ints * np.asarray(tensors["l/linear/alpha"], np.float64) + np.asarray(layer.bias[...], np.float64)
-    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-7)
+    prod = ints * np.asarray(tensors["l/linear/alpha"], np.float64)
+    expected = prod + np.asarray(layer.bias[...], np.float64)
+    # float32: fl(fl(int * alpha) + b), the integer exact: one rounding of the product, one of the sum
+    assert_within(y, expected, U32 * np.abs(prod) + U32 * np.abs(y), "against exact")
 
 
 def test_fp_binary_linear_is_plain_linear():
     layer = BinaryLinear(6, 3, BinaryOptions(), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(4), (5, 6))
-    np.testing.assert_allclose(layer(x), x @ layer.kernel[...] + layer.bias[...], rtol=1e-6)
+    xn, wn, bn = (np.asarray(a, np.float64) for a in (x, layer.kernel[...], layer.bias[...]))
+    # 6 products summed, then the bias: gamma_n(8) * (|x| @ |W| + |b|)
+    assert_within(layer(x), xn @ wn + bn, gamma_n(8) * (np.abs(xn) @ np.abs(wn) + np.abs(bn)), "fp BinaryLinear")
 
 
 def test_match_width_repeat_and_average():
@@ -136,8 +183,10 @@ def test_match_width_repeat_and_average():
         np.testing.assert_array_equal(rep[..., 4 * k : 4 * (k + 1)], x)
     y = jax.random.normal(jax.random.key(6), (2, 3, 12))
     avg = np.asarray(match_width(y, 4))
-    y = np.asarray(y)
-    np.testing.assert_allclose(avg, (y[..., 0:4] + y[..., 4:8] + y[..., 8:12]) / 3, rtol=1e-6)
+    y = np.asarray(y, np.float64)
+    # a float32 mean of 3: two additions and a division (or a multiply by fl(1/3)): gamma_n(4) * mean |y|
+    abs_mean = (np.abs(y[..., 0:4]) + np.abs(y[..., 4:8]) + np.abs(y[..., 8:12])) / 3
+    assert_within(avg, (y[..., 0:4] + y[..., 4:8] + y[..., 8:12]) / 3, gamma_n(4) * abs_mean, "average")
     with pytest.raises(ValueError, match="cannot match"):
         match_width(x, 6)
 
@@ -158,9 +207,185 @@ def test_rprelu_formula():
     slope = np.array([0.25, 0.1, 0.5, 0.0, -0.3, 1.0], np.float32)
     m.gamma[...], m.zeta[...], m.slope[...] = jnp.asarray(gamma), jnp.asarray(zeta), jnp.asarray(slope)
     x = np.asarray(jax.random.normal(jax.random.key(8), (4, 9, d)))
-    z = x - gamma
+    z = x.astype(np.float64) - gamma
     expected = np.where(z >= 0, z, slope * z) + zeta
-    np.testing.assert_allclose(m(jnp.asarray(x)), expected, rtol=1e-6, atol=1e-7)
-    # default init: PReLU with slope 0.25, no shifts
+    # float32: the subtraction, the product (slope * z) and the sum each round once (an FMA rounds less)
+    bound = gamma_n(3) * (np.abs(np.where(z >= 0, z, slope * z)) + np.abs(zeta) + np.abs(expected))
+    assert_within(m(jnp.asarray(x)), expected, bound, "RPReLU")
+    # default init: PReLU with slope 0.25, no shifts (exact: 0.25 * x is a power-of-two scaling)
     m0 = RPReLU(d)
-    np.testing.assert_allclose(m0(jnp.asarray(x)), np.where(x >= 0, x, 0.25 * x), rtol=1e-6)
+    np.testing.assert_array_equal(m0(jnp.asarray(x)), np.where(x >= 0, x, np.float32(0.25) * x))
+
+
+# ----------------------------------------------------------------------------- hand-written backward passes
+def _plain_layer_norm(x, scale, bias, eps=1e-6):
+    """The textbook formula (two-pass variance), differentiated by autodiff."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+
+
+def test_layer_norm_backward_equals_autodiff_of_the_formula():
+    b, t, d = 3, 7, 48
+    kx, ks, kb, kg = jax.random.split(jax.random.key(11), 4)
+    x = 1.5 * jax.random.normal(kx, (b, t, d)) + 0.5 * jnp.arange(b * t).reshape(b, t, 1) / (b * t)
+    scale = 1.0 + 0.3 * jax.random.normal(ks, (d,))
+    bias = 0.2 * jax.random.normal(kb, (d,))
+    g = jax.random.normal(kg, (b, t, d))
+    y, vjp = jax.vjp(lambda *a: layer_norm(*a, 1e-6), x, scale, bias)
+    dx, ds, db = vjp(g)
+    with jax.enable_x64(True):  # the reference in float64: its own error (~1e-16) is negligible here
+        args64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, scale, bias)]
+        y64, vjp64 = jax.vjp(_plain_layer_norm, *args64)
+        ref = [np.asarray(a) for a in vjp64(jnp.asarray(np.asarray(g), jnp.float64))]
+        y64 = np.asarray(y64)
+
+    # First-order float32 error bound of the closed form (module layers: fast variance E[x^2] - E[x]^2,
+    # r = 1/sqrt(var + eps), xhat = (x - mean) r, dx = r (g s - mean(g s) - xhat mean(g s xhat))).
+    xn, s, gn = np.asarray(x, np.float64), np.asarray(scale, np.float64), np.asarray(g, np.float64)
+    mean = xn.mean(-1, keepdims=True)
+    var = ((xn - mean) ** 2).mean(-1, keepdims=True)
+    r = 1 / np.sqrt(var + 1e-6)
+    xhat = (xn - mean) * r
+    a_gs = np.abs(gn * s)
+    m_a, m_b = a_gs.mean(-1, keepdims=True), (a_gs * np.abs(xhat)).mean(-1, keepdims=True)
+    # var from E[x^2] - E[x]^2 (sums of d terms) cancels: relative error amplified by kappa
+    kappa = ((xn**2).mean(-1, keepdims=True) + mean**2) / (var + 1e-6)
+    eps_r = gamma_n(d + 3) * kappa / 2 + gamma_n(3)  # relative error of r (rsqrt: a few roundings)
+    d_mean = gamma_n(d + 1) * np.abs(xn).mean(-1, keepdims=True)
+    d_xhat = np.abs(xhat) * (eps_r + gamma_n(2)) + r * d_mean
+    d_m1 = gamma_n(d + 2) * m_a  # mean(g s)
+    d_m2 = gamma_n(d + 3) * m_b + (a_gs * d_xhat).mean(-1, keepdims=True)  # mean(g s xhat)
+    t_abs = a_gs + m_a + np.abs(xhat) * m_b
+    d_t = gamma_n(4) * t_abs + d_m1 + d_xhat * m_b + np.abs(xhat) * d_m2
+    bound_dx = r * d_t + (eps_r + U32) * r * t_abs
+    rows = (0, 1)
+    n_rows = b * t
+    bound_ds = gamma_n(n_rows + 1) * np.sum(np.abs(gn * xhat), rows) + np.sum(np.abs(gn) * d_xhat, rows)
+    bound_db = gamma_n(n_rows) * np.sum(np.abs(gn), rows)
+    assert_within(dx, ref[0], bound_dx, "d x")
+    assert_within(ds, ref[1], bound_ds, "d scale")
+    assert_within(db, ref[2], bound_db, "d bias")
+    # and the forward: |y - y64| <= |s| d_xhat + roundings of the scale and the bias
+    assert_within(y, y64, np.abs(s) * d_xhat + gamma_n(2) * (np.abs(s * xhat) + np.abs(np.asarray(bias))), "y")
+    # not vacuous: the bounds are far below the values they guard
+    assert np.max(bound_dx / (np.abs(ref[0]) + np.abs(ref[0]).mean())) < 1e-4
+
+
+def test_layer_norm_module_backward_equals_autodiff():
+    """The module's fast path (bvit_jax.layers.LayerNorm) gives the formula's parameter gradients."""
+    from bvit_jax.layers import LayerNorm
+
+    ln = LayerNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
+    ln.scale[...] = 1 + 0.1 * jax.random.normal(jax.random.key(1), (16,))
+    x = jax.random.normal(jax.random.key(2), (4, 5, 16))
+    g = jax.random.normal(jax.random.key(3), (4, 5, 16))
+    grads = nnx.grad(lambda m: jnp.sum(g * m(x)))(ln)
+    plain = jax.grad(lambda s, b: jnp.sum(g * _plain_layer_norm(x, s, b)), argnums=(0, 1))(ln.scale[...], ln.bias[...])
+    # d scale / d bias: sums over 20 rows of g xhat / g; the xhat of both within ~gamma(d + 10) relative
+    gn, xn = np.asarray(g, np.float64), np.asarray(x, np.float64)
+    xhat = np.abs((xn - xn.mean(-1, keepdims=True)) / xn.std(-1, keepdims=True))
+    assert_within(grads["scale"][...], plain[0], 2 * gamma_n(20 + 16 + 10) * np.sum(np.abs(gn) * (xhat + 1), (0, 1)), "scale")
+    assert_within(grads["bias"][...], plain[1], 2 * gamma_n(20) * np.sum(np.abs(gn), (0, 1)), "bias")
+
+
+def test_rprelu_backward_equals_autodiff_of_the_formula():
+    d = 6
+    gam = jnp.array([0.0, 0.5, -0.5, 1.0, 0.2, -1.0])
+    zeta = jnp.array([0.1, -0.2, 0.0, 0.3, 0.0, 1.0])
+    slope = jnp.array([0.25, 0.1, 0.5, 0.0, -0.3, 1.0])
+    x = jax.random.normal(jax.random.key(9), (4, 9, d))
+    x = x.at[0, 0, 1].set(0.5)  # z = 0 exactly: the z >= 0 piece, slope 1, in both
+    g = jax.random.normal(jax.random.key(10), (4, 9, d))
+    _, vjp = jax.vjp(rprelu, x, gam, zeta, slope)
+    got = vjp(g)
+
+    def plain(x, gam, zeta, slope):
+        z = x - gam
+        return jnp.where(z >= 0, z, slope * z) + zeta
+
+    with jax.enable_x64(True):  # float64 reference
+        a64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, gam, zeta, slope)]
+        _, vjp64 = jax.vjp(plain, *a64)
+        ref = [np.asarray(a) for a in vjp64(jnp.asarray(np.asarray(g), jnp.float64))]
+    # z = fl(x - gamma) has the sign of x - gamma (exact for the comparison), so the pieces agree.
+    gn = np.asarray(g, np.float64)
+    z = np.asarray(x, np.float64) - np.asarray(gam, np.float64)
+    dxn = np.where(z >= 0, gn, np.asarray(slope, np.float64) * gn)
+    n = gn.shape[0] * gn.shape[1]
+    rows = (0, 1)
+    assert_within(got[0], ref[0], U32 * np.abs(dxn), "d x")  # one multiply
+    assert_within(got[1], ref[1], gamma_n(n + 1) * np.sum(np.abs(dxn), rows), "d gamma")  # - sum of d x
+    assert_within(got[2], ref[2], gamma_n(n) * np.sum(np.abs(gn), rows), "d zeta")
+    # d slope = sum over z < 0 of g * fl(z): z, the product, then n terms summed
+    assert_within(got[3], ref[3], gamma_n(n + 2) * np.sum(np.abs(gn * np.minimum(z, 0)), rows), "d slope")
+    assert all(np.any(np.asarray(a) != 0) for a in got)
+
+
+# ----------------------------------------------------------------------------- attention level c > 0
+ATT = BinaryOptions(binarize_weights=True, binarize_acts=True, learnable_shift=True, binary_attention=True,
+                    linear_shortcut=True)
+
+
+def _attention(opts=ATT, seed=0):
+    return Attention(16, 2, 9, opts, rngs=nnx.Rngs(seed))
+
+
+def test_attention_level_starts_at_its_init():
+    for opts, c0 in ((ATT, 1 / 9), (dataclasses.replace(ATT, attn_level_init=0.3), 0.3)):
+        c = float(_attention(opts).level())
+        assert abs(c - c0) <= 8 * U32 * c0  # raw rounded to float32, softplus and the floor: a few ulp
+    with pytest.raises(ValueError, match="attn_level_init"):
+        dataclasses.replace(ATT, attn_level_init=0.0)
+    with pytest.raises(ValueError, match="attn_level_init"):
+        dataclasses.replace(ATT, attn_level_init=-0.1)
+    assert Attention(16, 2, 9, BinaryOptions(), rngs=nnx.Rngs(0)).level() is None
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0], ids=["down", "up"])
+def test_no_optimizer_step_makes_the_attention_level_non_positive(direction):
+    """Huge SGD steps (lr 1e6) on c itself and on the layer's output, in both directions."""
+    attn = _attention()
+    x = jax.random.normal(jax.random.key(1), (2, 9, 16))
+    up = jax.random.normal(jax.random.key(2), (2, 9, 16))
+    graphdef, params = nnx.split(attn, nnx.Param)
+    tx = optax.sgd(1e6)
+    state = tx.init(params)
+
+    def level(p):
+        return nnx.merge(graphdef, p).level()
+
+    def out(p):
+        return jnp.sum(up * nnx.merge(graphdef, p)(x))
+
+    for loss in (lambda p: direction * level(p), lambda p: direction * out(p)) * 3:
+        grads = jax.grad(loss)(params)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        c = float(level(params))
+        assert c > 0 and np.isfinite(c), c
+        assert c >= np.float32(LEVEL_MIN)
+        y = nnx.merge(graphdef, params)(x)
+        assert bool(jnp.all(jnp.isfinite(y)))
+        g_all = jax.grad(out)(params)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g_all))
+    if direction > 0:
+        assert float(level(params)) == np.float32(LEVEL_MIN)  # pushed to the floor, not past it
+
+
+def test_lsq_grad_scale_scales_only_the_level_gradient():
+    x = jax.random.normal(jax.random.key(3), (2, 9, 16))
+    up = jax.random.normal(jax.random.key(4), (2, 9, 16))
+    plain, scaled = _attention(ATT, 5), _attention(dataclasses.replace(ATT, attn_level_grad_scale=True), 5)
+    np.testing.assert_array_equal(plain(x), scaled(x))  # the forward is bit for bit the same
+    g0 = nnx.grad(lambda m: jnp.sum(up * m(x)))(plain)
+    g1 = nnx.grad(lambda m: jnp.sum(up * m(x)))(scaled)
+    g = lsq_grad_scale(2 * 9 * 9)  # N = heads * tokens^2 per image, Q_P = 1
+    a, b = float(g0["attn_level_raw"][...]), float(g1["attn_level_raw"][...])
+    assert a != 0
+    assert abs(b - g * a) <= gamma_n(3) * abs(g * a)  # one extra multiply (plus g's own rounding)
+    for path, leaf in nnx.to_flat_state(g0):
+        if path[-1] != "attn_level_raw":
+            other = dict(nnx.to_flat_state(g1))[path]
+            np.testing.assert_array_equal(leaf[...], other[...], err_msg=str(path))

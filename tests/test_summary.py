@@ -7,7 +7,6 @@ import functools
 import math
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -90,9 +89,46 @@ def test_ops_ratio_conventions():
     assert c.ops_ratio_one_fp_attention_matmul == pytest.approx(15.1, abs=0.05)
     assert "both attention matmuls binary" in c.conventions["ops"]
     assert "17.7" in c.conventions["note"]
-    # OPs formula
-    b = c.binary
-    assert b.ops == pytest.approx(b.binary_macs / 64 + b.fp_macs)
+
+
+def _nano_hand_counts():
+    """MACs per image of vit_nano, by hand from its shapes (models.VARIANTS): 16 px images, 4 px
+    patches, 3 channels, embed 32, depth 2, 2 heads (head width 16), MLP ratio 4, 10 classes."""
+    patches = (16 // 4) ** 2  # 16
+    n = patches + 1  # 17 tokens with the class token
+    d, hidden, heads, hd, depth, classes = 32, 4 * 32, 2, 32 // 2, 2, 10
+    patch_embed = patches * (4 * 4 * 3) * d  # a 4x4x3 -> 32 conv at each of 16 positions: 24,576
+    qkv_proj = 4 * n * d * d  # q, k, v, proj: 17 tokens x 32 x 32 each: 69,632
+    fc1 = n * d * hidden  # 17 x 32 x 128: 69,632
+    fc2 = n * hidden * d  # 17 x 128 x 32: 69,632
+    attention = 2 * heads * n * n * hd  # Q K^T and P V, per head 17 x 17 x 16 each: 18,496
+    head = d * classes  # class token only: 320
+    linears = depth * (qkv_proj + fc1 + fc2)  # 417,792
+    return {"patch_embed": patch_embed, "linears": linears, "attention": depth * attention, "head": head}
+
+
+def test_macs_and_ops_against_hand_counts():
+    h = _nano_hand_counts()
+    assert h == {"patch_embed": 24_576, "linears": 417_792, "attention": 36_992, "head": 320}
+    fp = S.summary(abstract("vit_nano", "fp"))
+    assert fp.binary_macs == 0
+    assert fp.fp_macs == 24_576 + 417_792 + 36_992 + 320 == 479_680
+    assert fp.ops == 479_680
+    # binaryvit: block linears (binary weights and inputs) and both attention matmuls are BOPs;
+    # patch embedding and head stay full precision.
+    b = S.summary(abstract("vit_nano", "binaryvit"))
+    assert b.binary_macs == 417_792 + 36_992 == 454_784
+    assert b.attention_binary_macs == 36_992
+    assert b.fp_macs == 24_576 + 320 == 24_896
+    assert b.ops == 454_784 / 64 + 24_896 == 32_002  # OPs = BOPs / 64 + FLOPs
+    # real-valued attention: its 36,992 MACs move back to full precision
+    r = S.summary(nnx.eval_shape(lambda: create("vit_nano", "baseline", binary_attention=False)))
+    assert (r.binary_macs, r.fp_macs) == (417_792, 24_896 + 36_992)
+    assert r.ops == 417_792 / 64 + 61_888 == 68_416
+    # per row: every q linear 17 x 32 x 32 = 17,408 BOPs, the patch embedding 24,576 MACs
+    rows = {row.path: row for row in b.rows}
+    assert rows["blocks/0/attn/q/linear"].binary_macs == 17_408
+    assert rows["patch_embed"].fp_macs == 24_576 and rows["head"].fp_macs == 320
 
 
 def test_attention_precision_follows_options():
@@ -137,4 +173,4 @@ def test_print_summary(capsys):
     s = S.print_summary(abstract("vit_nano", "binaryvit"))
     out = capsys.readouterr().out
     assert "Total" in out and isinstance(s, S.Summary)
-    np.testing.assert_allclose(s.ops, s.binary_macs / 64 + s.fp_macs)
+    assert s.ops == 32_002  # test_macs_and_ops_against_hand_counts

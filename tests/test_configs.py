@@ -1,0 +1,169 @@
+"""Configs: every model field can be overridden from the command line and from Python.
+
+``config.model.overrides`` holds one typed placeholder (None = not overridden)
+per :func:`bvit_jax.models.override_fields` entry; ``build_model`` passes the
+set ones to :func:`bvit_jax.models.create`.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from bvit_jax.checkpoint import abstract_params
+from bvit_jax.models import create, override_fields
+from bvit_jax.train import ConfigError, build_model
+from configs import common, fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILE = str(ROOT / "configs" / "fashion_mnist.py")
+
+# One non-default value per override field, valid for configs/fashion_mnist.py:binaryvit,tiny
+# (28 px, embed 32, depth 1, 2 heads). A new field must be added here (asserted below).
+VALUES = {
+    "patch_size": 7,
+    "embed_dim": 48,
+    "depth": 2,
+    "num_heads": 4,
+    "mlp_ratio": 2.0,
+    "binarize_weights": False,
+    "binarize_acts": False,
+    "act_binarizer": "ste",
+    "weight_scale": False,
+    "learnable_shift": False,
+    "asm": False,
+    "linear_shortcut": False,
+    "rprelu": False,
+    "binary_attention": False,
+    "attn_level_init": 0.125,
+    "attn_level_grad_scale": True,
+}
+
+
+def _parse(*args: str, arg: str = "binaryvit,tiny"):
+    """The config ``train.py`` would get for ``--config=configs/fashion_mnist.py:ARG ARGS...``."""
+    argv = ["train.py", f"--config={CONFIG_FILE}:{arg}", *args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv["config"].value
+
+
+def _abstract(config):
+    return nnx.eval_shape(lambda: build_model(config.model, config.data))
+
+
+def _shapes(model):
+    return jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_values_cover_every_override_field():
+    assert set(VALUES) == set(override_fields())
+    overrides = fashion_mnist.get_config("binaryvit").model.overrides
+    assert set(overrides.keys()) == set(override_fields())
+    assert all(overrides[k] is None for k in VALUES)  # placeholders: nothing overridden by default
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_every_override_field_is_settable_from_the_command_line(name):
+    value = VALUES[name]
+    config = _parse(f"--config.model.overrides.{name}={value}")
+    assert config.model.overrides[name] == value
+    model = _abstract(config)
+    built = getattr(model.cfg, name) if hasattr(model.cfg, name) else getattr(model.opts, name)
+    assert built == value
+    # the rest of the tiny config is untouched
+    for k, v in {"embed_dim": 32, "depth": 1, "num_heads": 2}.items():
+        assert getattr(model.cfg, k) == (value if k == name else v), k
+
+
+def test_embed_dim_from_the_command_line_builds_that_model():
+    config = _parse("--config.model.overrides.embed_dim=32", "--config.model.overrides.num_heads=4", arg="binaryvit")
+    model = _abstract(config)
+    assert (model.cfg.embed_dim, model.cfg.num_heads, model.cfg.depth) == (32, 4, 4)  # depth: vit_micro_28's
+    assert model.pos_embed.shape == (1, 50, 32)
+    config = _parse("--config.model.overrides.depth=3", "--config.model.overrides.patch_size=7", arg="fp")
+    model = _abstract(config)
+    assert (model.cfg.depth, model.cfg.patch_size, model.cfg.embed_dim) == (3, 7, 96)
+    assert model.pos_embed.shape == (1, 17, 96)
+    assert len(model.blocks) == 3
+
+
+def test_tiny_config_sets_its_overrides():
+    config = fashion_mnist.get_config("binaryvit,tiny")
+    model = _abstract(config)
+    assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (32, 1, 2)
+    assert model.cfg.patch_size == 4 and model.opts.asm  # not overridden: variant / preset values
+
+
+def test_overrides_from_python():
+    config = fashion_mnist.get_config("fp")
+    config.model.overrides.embed_dim = 48
+    config.model.overrides.mlp_ratio = 2  # an int into a float field
+    model = _abstract(config)
+    assert model.cfg.embed_dim == 48 and model.cfg.mlp_ratio == 2.0
+    # a plain dict replacing the placeholders (as older code and tests do) works too
+    config.model.overrides = dict(embed_dim=48, depth=2, num_heads=3)
+    model = _abstract(config)
+    assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (48, 2, 3)
+    # None means "not overridden" in create() as well
+    assert create("vit_nano", "fp", embed_dim=None, attn_level_init=None).cfg.embed_dim == 32
+    assert common.model_overrides(depth=5).depth == 5
+
+
+def test_typo_on_the_command_line_is_an_error():
+    with pytest.raises(Exception, match="embd_dim"):
+        _parse("--config.model.overrides.embd_dim=32")
+
+
+def test_typo_from_python_names_the_valid_fields():
+    with pytest.raises(ValueError, match="embd_dim") as e:
+        create("vit_nano", "fp", embd_dim=32)
+    for name in ("embed_dim", "depth", "num_heads", "patch_size", "asm", "attn_level_init"):
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="valid fields") as e:
+        common.model_overrides(embd_dim=32)
+    assert "embed_dim" in str(e.value)
+    # an unknown key reaching build_model (e.g. from an edited config.json)
+    config = fashion_mnist.get_config("fp,tiny")
+    with config.unlocked():
+        config.model.overrides = ml_collections.ConfigDict({"embd_dim": 32})
+    with pytest.raises(ConfigError, match="valid fields") as e:
+        build_model(config.model, config.data)
+    assert "embd_dim" in str(e.value) and "embed_dim" in str(e.value) and "num_heads" in str(e.value)
+
+
+def test_fields_set_elsewhere_are_refused_with_their_config_field():
+    config = fashion_mnist.get_config("fp,tiny")
+    config.model.overrides = dict(num_classes=5)
+    with pytest.raises(ConfigError, match=r"config\.model\.num_classes"):
+        build_model(config.model, config.data)
+    config.model.overrides = dict(image_size=32)
+    with pytest.raises(ConfigError, match=r"config\.data\.image_size"):
+        build_model(config.model, config.data)
+
+
+def test_saved_config_json_builds_the_same_model():
+    """``config.json`` (``to_json_best_effort``) keeps the None placeholders as null; read back it
+    builds the same model, through ``build_model`` (the teacher path) and ``abstract_params``
+    (checkpoint restore and export)."""
+    config = _parse("--config.model.overrides.patch_size=7", "--config.model.overrides.act_binarizer=ste")
+    saved = json.loads(config.to_json_best_effort(indent=2))
+    assert saved["model"]["overrides"]["patch_size"] == 7
+    assert saved["model"]["overrides"]["asm"] is None and saved["model"]["overrides"]["embed_dim"] == 32
+    again = build_model(ml_collections.ConfigDict(saved["model"]), ml_collections.ConfigDict(saved["data"]))
+    first = build_model(config.model, config.data)
+    assert again.cfg == first.cfg and again.opts == first.opts
+    assert first.cfg.patch_size == 7 and first.opts.act_binarizer == "ste"
+    a, b = nnx.to_pure_dict(nnx.state(first, nnx.Param)), nnx.to_pure_dict(nnx.state(again, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    # checkpoint.abstract_params reads the dict as saved (None values included)
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), abstract_params(saved)) == _shapes(first)
+    # and the JSON survives a second round trip unchanged
+    assert json.loads(ml_collections.ConfigDict(saved).to_json_best_effort()) == saved
