@@ -9,7 +9,8 @@ what inference needs:
   input axis: ``(ceil(in/32), out)``), ``P/alpha`` (``mean|W|`` over the input
   axis, float32, precomputed; ones without ``weight_scale``) and ``P/bias``;
 * every other parameter (patch embedding, class token, position embedding,
-  LayerNorms, shifts ``beta``/``gamma``, RPReLU, attention levels ``c``,
+  LayerNorms, shifts ``beta``/``gamma``, RPReLU, attention levels (their raw parameter
+  ``attn_level_raw``, ``c = c_min + softplus(raw)``),
   head) unchanged in float32.
 
 Bits (see :mod:`bvit_jax.packed`): bit ``1`` is ``+1`` (``W >= 0``, so
@@ -28,15 +29,18 @@ File format (``.bvit``), version 1, all integers little-endian::
 
 The header records ``format``, ``version``, ``variant``, ``preset``, the
 architecture (``config``), the binarization switches (``options``), the
-bit convention, the eval preprocessing (``preprocess``), optional
-``class_names`` and ``meta``, the tensor table (name, dtype, shape, offset,
+bit convention, the eval preprocessing (``preprocess``:
+``bvit_jax.data.eval_settings(data_config).to_dict()``, the fields of the
+training data config that :func:`bvit_jax.data.eval_preprocess` reads, or
+null), ``class_names`` (from :func:`bvit_jax.data.class_names`, or given;
+null when unknown) and ``meta``, the tensor table (name, dtype, shape, offset,
 nbytes, and ``bits`` = true input length for packed kernels), and the
 payload size and CRC-32, so that truncated or corrupted files fail loudly
 (:class:`PackedFormatError`).
 
 Python API::
 
-    blob = export_model(model, "model.bvit", variant="deit_small", preset="binaryvit")
+    blob = export_model(model, "model.bvit", data=config.data, variant="deit_small", preset="binaryvit")
     packed = load_packed("model.bvit")
     logits = packed_forward(packed, images)
 
@@ -62,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bvit_jax import data as data_lib
 from bvit_jax.binarize import weight_alpha
 from bvit_jax.layers import BinaryOptions
 from bvit_jax.models import ViTConfig, VisionTransformer, create
@@ -79,13 +84,13 @@ __all__ = [
     "read_header",
     "packed_forward",
     "size_accounting",
-    "default_preprocess",
+    "resolve_data",
     "export_workdir",
     "main",
 ]
 
 MAGIC = b"BVITPK\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attention levels stored as attn_level_raw (c = c_min + softplus(raw))
 FORMAT_NAME = "bvit_jax.packed"
 _PREFIX = struct.Struct("<8sI")
 _PAYLOAD_ALIGN = 64
@@ -102,8 +107,7 @@ BIT_CONVENTION = {
     "layer": "y = alpha * (in - 2 * popcount(xor(x_bits, w_bits))) + bias",
 }
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+_REQUIRED = object()  # "data" not passed (distinct from an explicit data=None)
 
 
 class PackedFormatError(ValueError):
@@ -142,25 +146,57 @@ def size_accounting(model: nnx.Module) -> dict[str, float]:
     }
 
 
-def default_preprocess(cfg: ViTConfig) -> dict[str, Any]:
-    """Eval preprocessing stored when the exporter is not given one.
+def resolve_data(data, cfg: ViTConfig | None = None) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """The ``(preprocess, class_names)`` a ``.bvit`` header stores for ``data``.
 
-    Matches :func:`bvit_jax.data.config.default_data_config`: 3-channel models
-    at 64 px or more get ImageNet's (resize shorter side to
-    ``image_size / 0.875``, centre crop, bicubic, ImageNet mean/std); smaller
-    ones a plain bilinear resize with mean 0.5, std 0.5 per channel.
+    Like timm's ``pretrained_cfg``, the file carries the data settings the
+    model was trained with, and they come from the data config itself, never
+    from a guess: ``preprocess = bvit_jax.data.eval_settings(config).to_dict()``
+    (``image_size``, ``channels``, ``interpolation``, ``eval_crop``,
+    ``crop_ratio``, ``eval_jpeg_draft``, per-channel ``mean`` and ``std``:
+    exactly what the trainer's eval pipeline applies) and
+    ``class_names = bvit_jax.data.class_names(config)``. ``data`` is one of
+
+    * a data config: a trainer's ``config.data`` (ConfigDict) or the ``data``
+      entry of a workdir's ``config.json`` (dict), e.g.
+      ``restore_params(workdir)[0]["data"]``;
+    * a data set name: that data set's own defaults,
+      ``bvit_jax.data.default_data_config(name)`` (``"fashion_mnist"``: 28 px,
+      1 channel, mean 0.286, std 0.353). Right only if training used them;
+    * a :class:`bvit_jax.data.EvalSettings`, or a header's ``preprocess``
+      dict (no class names then);
+    * ``None``: nothing is stored; :func:`packed_forward` runs the file on
+      tensors you preprocess yourself, and ``python -m bvit_jax.predict``
+      refuses it.
+
+    Raises ``ValueError`` when the settings' ``image_size`` / ``channels``
+    differ from the model's ``cfg`` (when given). Class names are dropped
+    (``None``) when their number is not ``cfg.num_classes``.
     """
-    large = cfg.image_size >= 64
-    rgb = cfg.in_channels == 3
-    return {
-        "image_size": cfg.image_size,
-        "channels": cfg.in_channels,
-        "eval_crop": "center_crop" if large else "resize",
-        "crop_ratio": 0.875,
-        "interpolation": "bicubic" if large else "bilinear",
-        "mean": list(IMAGENET_MEAN) if rgb else [0.5] * cfg.in_channels,
-        "std": list(IMAGENET_STD) if rgb else [0.5] * cfg.in_channels,
-    }
+    if data is None:
+        return None, None
+    if isinstance(data, str):
+        data = data_lib.default_data_config(data)
+    settings = data_lib.eval_settings(data)
+    names = None if isinstance(data, data_lib.EvalSettings) else data_lib.class_names(data)
+    if cfg is not None:
+        if (settings.size, settings.channels) != (cfg.image_size, cfg.in_channels):
+            raise ValueError(
+                f"the data config gives {settings.size} px, {settings.channels} channel(s) but the model takes "
+                f"{cfg.image_size} px, {cfg.in_channels} channel(s): pass the data config the model was trained with"
+            )
+        if names is not None and len(names) != cfg.num_classes:
+            names = None
+    return settings.to_dict(), names
+
+
+def _missing_data(fn: str) -> TypeError:
+    return TypeError(
+        f"{fn}() needs data=: the data config the model was trained with (a trainer's config.data, or "
+        "restore_params(workdir)[0]['data']), or a data set name for that data set's defaults (data='fashion_mnist' "
+        "means bvit_jax.data.default_data_config('fashion_mnist')), so that the file records the trainer's eval "
+        "preprocessing; or data=None to record none (python -m bvit_jax.predict then refuses the file)"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -291,20 +327,30 @@ def export_params(
     opts: BinaryOptions,
     path: str | os.PathLike | None = None,
     *,
+    data: Any = _REQUIRED,
     variant: str | None = None,
     preset: str | None = None,
-    preprocess: Mapping[str, Any] | None = None,
     class_names: list[str] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Pack a float parameter dict (nested pure dict or flat ``{"a/b": array}``) into a ``.bvit`` file.
 
-    Returns the file's bytes; also writes them to ``path`` when given. Raises
-    ``ValueError`` if the parameters do not fit ``cfg``/``opts`` or the model
-    has no binary linears (see :func:`bvit_jax.packed.check_packable`).
+    ``data`` (required): the training data config, a data set name, or
+    ``None``; see :func:`resolve_data`, which gives the header's
+    ``preprocess`` and default ``class_names`` (``class_names`` given here
+    take precedence). Returns the file's bytes; also writes them to ``path``
+    when given. Raises ``ValueError`` if the parameters do not fit
+    ``cfg``/``opts``, the model has no binary linears (see
+    :func:`bvit_jax.packed.check_packable`) or ``data`` does not fit the
+    model, ``TypeError`` without ``data``.
     """
+    if data is _REQUIRED:
+        raise _missing_data("export_params")
     flat = dict(flatten_with_paths(params))  # "a/b/c" keys; a flat dict's keys pass through unchanged
     tensors, bits = _pack_flat(flat, cfg, opts)
+    preprocess, data_names = resolve_data(data, cfg)
+    if class_names is None:
+        class_names = data_names
     if class_names is not None and len(class_names) != cfg.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {cfg.num_classes} classes")
     header = {
@@ -316,7 +362,7 @@ def export_params(
         "options": _options_to_json(opts),
         "trained_dtype": _dtype_name(opts.dtype),
         "bits": BIT_CONVENTION,
-        "preprocess": dict(preprocess) if preprocess is not None else default_preprocess(cfg),
+        "preprocess": preprocess,
         "class_names": list(class_names) if class_names is not None else None,
         "meta": dict(meta or {}),
     }
@@ -330,22 +376,33 @@ def export_model(
     model: VisionTransformer,
     path: str | os.PathLike | None = None,
     *,
+    data: Any = _REQUIRED,
     variant: str | None = None,
     preset: str | None = None,
-    preprocess: Mapping[str, Any] | None = None,
     class_names: list[str] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Export a binary :class:`~bvit_jax.models.VisionTransformer` to the 1-bit ``.bvit`` format.
 
     Returns the file's bytes and writes them to ``path`` when given.
-    ``variant``/``preset`` are recorded for humans (the file itself holds the
-    full architecture and options); ``preprocess`` is the eval preprocessing
-    :mod:`bvit_jax.predict` applies (default :func:`default_preprocess`).
+
+    ``data`` is required: the data config the model was trained with (a
+    trainer's ``config.data``, a workdir's ``config.json`` ``data`` dict), a
+    data set name meaning that data set's defaults
+    (:func:`bvit_jax.data.default_data_config`), or ``None`` (no
+    preprocessing stored; ``predict`` refuses the file). There is no default,
+    because any guessed normalisation (0.5, ImageNet statistics) silently
+    differs from what most small data sets train with; see
+    :func:`resolve_data`. The header then holds the trainer's exact eval
+    transform (``preprocess``) and the data set's class names unless
+    ``class_names`` is given. ``variant``/``preset`` are recorded for humans
+    (the file itself holds the full architecture and options).
     """
+    if data is _REQUIRED:
+        raise _missing_data("export_model")
     return export_params(
         _model_flat_params(model), model.cfg, model.opts, path,
-        variant=variant, preset=preset, preprocess=preprocess, class_names=class_names, meta=meta,
+        data=data, variant=variant, preset=preset, class_names=class_names, meta=meta,
     )
 
 
@@ -359,11 +416,28 @@ def _runtime(tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> dict
     return out
 
 
-def pack_model(model: VisionTransformer) -> PackedModel:
-    """The :class:`~bvit_jax.packed.PackedModel` of a model, in memory (no file)."""
+def pack_model(model: VisionTransformer, *, data: Any = None, class_names: list[str] | None = None) -> PackedModel:
+    """The :class:`~bvit_jax.packed.PackedModel` of a model, in memory (no file).
+
+    For :func:`packed_forward` on tensors no ``data`` is needed. To classify
+    image files with it (:func:`bvit_jax.predict.classify`), pass the training
+    data config or a data set name as ``data``; the header then gets the same
+    ``preprocess`` and ``class_names`` as :func:`export_model` would store
+    (:func:`resolve_data`). With ``data=None`` the header has
+    ``preprocess: None`` and ``classify`` refuses the model rather than guess.
+    """
     tensors, bits = _pack_flat(_model_flat_params(model), model.cfg, model.opts)
     opts = dataclasses.replace(model.opts, dtype=jnp.float32)
-    header = {"config": dataclasses.asdict(model.cfg), "options": _options_to_json(opts), "preprocess": default_preprocess(model.cfg)}
+    preprocess, data_names = resolve_data(data, model.cfg)
+    names = list(class_names) if class_names is not None else data_names
+    if names is not None and len(names) != model.cfg.num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {model.cfg.num_classes} classes")
+    header = {
+        "config": dataclasses.asdict(model.cfg),
+        "options": _options_to_json(opts),
+        "preprocess": preprocess,
+        "class_names": names,
+    }
     return PackedModel(model.cfg, opts, _runtime(tensors, bits), header)
 
 
@@ -400,6 +474,12 @@ def _parse_header(blob: bytes, where: str) -> tuple[dict[str, Any], int]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise PackedFormatError(
             f"{where}: .bvit format version {version!r} is not supported by this bvit_jax (reads up to {FORMAT_VERSION})"
+        )
+    if version < FORMAT_VERSION:
+        raise PackedFormatError(
+            f"{where}: .bvit format version {version} was written by an older bvit_jax (this one reads version "
+            f"{FORMAT_VERSION}: attention levels are stored as their raw parameter); export the model again "
+            "from its workdir with this version"
         )
     return header, end + (-end % _PAYLOAD_ALIGN)
 
@@ -480,18 +560,6 @@ def _cfg_get(config, dotted: str, default=None):
     return default if node is None else node
 
 
-def _preprocess_from_config(config, cfg: ViTConfig) -> dict[str, Any]:
-    pre = default_preprocess(cfg)
-    for key in ("eval_crop", "crop_ratio", "interpolation", "mean", "std"):
-        value = _cfg_get(config, f"data.{key}")
-        if value is not None:
-            pre[key] = list(value) if isinstance(value, (list, tuple)) else value
-    for key in ("mean", "std"):
-        if len(pre[key]) == 1 and cfg.in_channels > 1:
-            pre[key] = pre[key] * cfg.in_channels
-    return pre
-
-
 def export_workdir(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
@@ -505,8 +573,9 @@ def export_workdir(
     rebuilds the architecture from ``config.model.{variant, preset,
     num_classes, overrides}`` and ``config.data.{image_size, channels}`` (as
     :func:`bvit_jax.checkpoint.abstract_params` does),
-    and stores the eval preprocessing from ``config.data``. Returns a summary
-    (path, bytes, accounting).
+    and stores the eval preprocessing and class names of ``config.data``
+    (:func:`resolve_data`; ``class_names`` given here replace the data set's).
+    Returns a summary (path, bytes, accounting).
     """
     try:
         checkpoint = importlib.import_module("bvit_jax.checkpoint")
@@ -529,10 +598,13 @@ def export_workdir(
         **overrides,
     ))
     cfg, opts = abstract.cfg, abstract.opts
+    data_cfg = _cfg_get(config, "data")
+    if data_cfg is None:
+        raise ValueError(f"{workdir}: config has no data section (the eval preprocessing to store)")
     meta = {"workdir": os.path.abspath(os.fspath(workdir)), "checkpoint": str(which)}
     blob = export_params(
         jax.device_get(params), cfg, opts, out,
-        variant=variant, preset=preset, preprocess=_preprocess_from_config(config, cfg),
+        data=data_cfg, variant=variant, preset=preset,
         class_names=class_names, meta=meta,
     )
     acc = size_accounting(abstract)
@@ -552,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output file, e.g. model.bvit")
     parser.add_argument("--which", default="best", choices=("best", "latest"),
                         help="best (default: the best eval checkpoint, else the latest) or latest")
-    parser.add_argument("--labels", default=None, help="optional text file with one class name per line")
+    parser.add_argument("--labels", default=None,
+                        help="optional text file with one class name per line (default: the data set's names, if any)")
     args = parser.parse_args(argv)
     names = None
     if args.labels:

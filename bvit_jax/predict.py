@@ -4,81 +4,88 @@ Command line::
 
     python -m bvit_jax.predict --model=model.bvit img1.jpg img2.png ... [--top_k=5] [--batch_size=16] [--json]
 
-prints, per image, the ``top_k`` classes with their softmax probabilities
-(class names when the file has them, else class indices). Inference is
+prints, per image, the ``top_k`` classes with their softmax probabilities:
+class names when the file has them (``class_names`` in its header, stored at
+export from :func:`bvit_jax.data.class_names`: Fashion-MNIST's names,
+ImageNet's synset ids, ...), else class indices. Inference is
 :func:`bvit_jax.packed.packed_forward` (XNOR-popcount, float32 elsewhere).
 
-Preprocessing is the eval transform stored in the file's header
-(``preprocess``; :func:`bvit_jax.export.default_preprocess` or the trainer's
-``config.data``): decode with PIL, convert to RGB (3 channels) or luma (1),
-then ``center_crop`` (resize the shorter side to ``round(image_size /
-crop_ratio)``, take the central ``image_size`` square) or ``resize`` (to
-``image_size`` x ``image_size``) with the stored interpolation, and finally
-``x = (pixel / 255 - mean) / std`` per channel.
+Preprocessing is the trainer's eval transform, :func:`bvit_jax.data.eval_preprocess`,
+with the settings stored in the file's header (``preprocess``, written at
+export from the training data config by
+``bvit_jax.data.eval_settings(config.data).to_dict()``): the input tensor is
+bit for bit what the eval pipeline gives for the same file. A file exported
+with ``data=None`` has no ``preprocess`` and is refused.
+
+Exit status: 0 when every image was classified; 1 when the model cannot be
+loaded or used, or when any image could not be read (the others are still
+classified and printed first; the errors go to stderr, or into the JSON
+lines with ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from bvit_jax import data as data_lib
+from bvit_jax.data.decode import DecodeError
 from bvit_jax.export import PackedFormatError, load_packed
 from bvit_jax.packed import PackedModel, packed_forward
 
-__all__ = ["preprocess_image", "load_images", "classify", "main"]
-
-_RESAMPLE = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-}
+__all__ = ["model_settings", "load_images", "classify", "main"]
 
 
-def preprocess_image(img: Image.Image, pre: Mapping[str, Any]) -> np.ndarray:
-    """One PIL image -> ``(image_size, image_size, channels)`` float32, per the header's ``preprocess``."""
-    size, channels = int(pre["image_size"]), int(pre["channels"])
-    img = img.convert("RGB" if channels == 3 else "L")
-    resample = _RESAMPLE[pre.get("interpolation", "bilinear")]
-    if pre.get("eval_crop", "resize") == "center_crop":
-        short = int(round(size / float(pre.get("crop_ratio", 0.875))))
-        w, h = img.size
-        if w <= h:
-            nw, nh = short, max(short, int(round(h * short / w)))
-        else:
-            nw, nh = max(short, int(round(w * short / h))), short
-        img = img.resize((nw, nh), resample)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    elif img.size != (size, size):
-        img = img.resize((size, size), resample)
-    x = np.asarray(img, dtype=np.float32).reshape(size, size, channels) / 255.0
-    mean = np.asarray(pre["mean"], np.float32).reshape(-1)
-    std = np.asarray(pre["std"], np.float32).reshape(-1)
-    return (x - mean) / std
+def model_settings(packed: PackedModel) -> data_lib.EvalSettings:
+    """The eval transform stored in a packed model's header, checked against its architecture.
 
-
-def load_images(paths: Sequence[str], pre: Mapping[str, Any]) -> tuple[np.ndarray, list[str | None]]:
-    """Preprocess image files; returns ``(batch, errors)`` (an error message, or None, per path).
-
-    Unreadable files give a zero image and their error, so one bad file does not stop the rest.
+    Raises ``ValueError`` when the header has no ``preprocess`` (exported with
+    ``data=None``) or its size / channels do not fit the model.
     """
-    size, channels = int(pre["image_size"]), int(pre["channels"])
-    out = np.zeros((len(paths), size, size, channels), np.float32)
+    pre = packed.header.get("preprocess")
+    if not pre:
+        raise ValueError(
+            "the model file records no eval preprocessing (it was exported with data=None); re-export it with "
+            "export_model(model, path, data=<the training data config>) or from the trainer's workdir"
+        )
+    settings = data_lib.eval_settings(pre)
+    cfg = packed.cfg
+    if (settings.size, settings.channels) != (cfg.image_size, cfg.in_channels):
+        raise ValueError(
+            f"the file's preprocessing gives {settings.size} px x {settings.channels} channel(s), "
+            f"the model takes {cfg.image_size} px x {cfg.in_channels}"
+        )
+    return settings
+
+
+def load_images(paths: Sequence[str], settings: Any) -> tuple[np.ndarray, list[str | None]]:
+    """Read and preprocess image files: ``(batch, errors)``, an error message (or None) per path.
+
+    Each file's bytes go through :func:`bvit_jax.data.eval_preprocess` with
+    ``settings`` (an :class:`~bvit_jax.data.EvalSettings`, a data config or a
+    header's ``preprocess``), so ``batch[i]`` equals the eval pipeline's image
+    for that file bit for bit. A file that cannot be opened or decoded gives a
+    zero image and its error, so one bad file does not stop the rest.
+    """
+    s = data_lib.eval_settings(settings)
+    out = np.zeros((len(paths), s.size, s.size, s.channels), np.float32)
     errors: list[str | None] = []
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                out[i] = preprocess_image(img, pre)
+            with open(path, "rb") as f:
+                encoded = f.read()
+            out[i] = data_lib.eval_preprocess(encoded, s)
             errors.append(None)
-        except Exception as e:  # noqa: BLE001 - report any decode failure per file
-            errors.append(f"{type(e).__name__}: {e}")
+        except (OSError, DecodeError) as e:
+            message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # PIL names the buffer
+            errors.append(f"{type(e).__name__}: {message}")
     return out, errors
 
 
@@ -87,17 +94,20 @@ def classify(
 ) -> list[dict[str, Any]]:
     """Top-``k`` predictions for image files: ``[{"path", "top": [{"class", "name", "prob"}], "error"}]``.
 
-    Batches are padded to ``batch_size`` so every batch reuses one compiled forward.
+    ``prob`` is the softmax of the packed model's logits; ``name`` the
+    header's class name (None without names). Unreadable files get
+    ``top == []`` and their ``error``. Batches are padded to ``batch_size``
+    so every batch reuses one compiled forward.
     """
-    pre = packed.header.get("preprocess")
-    if not pre:
-        raise ValueError("the model file has no 'preprocess' entry in its header")
+    settings = model_settings(packed)
     names = packed.header.get("class_names")
+    if names is not None and len(names) != packed.cfg.num_classes:
+        names = None
     k = max(1, min(top_k, packed.cfg.num_classes))
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
-        x, errors = load_images(chunk, pre)
+        x, errors = load_images(chunk, settings)
         n = len(chunk)
         if n < batch_size and len(paths) > batch_size:
             x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
@@ -106,7 +116,7 @@ def classify(
             if err is not None:
                 results.append({"path": path, "top": [], "error": err})
                 continue
-            idx = np.argsort(-p)[:k]
+            idx = np.argsort(-p, kind="stable")[:k]
             top = [{"class": int(i), "name": names[i] if names else None, "prob": float(p[i])} for i in idx]
             results.append({"path": path, "top": top, "error": None})
     return results
@@ -124,20 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         packed = load_packed(args.model)
-    except (OSError, PackedFormatError) as e:
-        print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
+        results = classify(packed, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    except (OSError, PackedFormatError, ValueError) as e:
+        print(f"error: cannot use {args.model}: {e}", file=sys.stderr)
         return 1
-    failed = False
-    for r in classify(packed, args.images, top_k=args.top_k, batch_size=args.batch_size):
+    failed = 0
+    for r in results:
         if args.json:
             print(json.dumps(r))
         elif r["error"]:
-            print(f"{r['path']}: error: {r['error']}")
+            print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
         else:
             preds = ", ".join(f"{t['name'] if t['name'] is not None else t['class']} ({t['prob']:.3f})" for t in r["top"])
             print(f"{r['path']}: {preds}")
-        failed |= r["error"] is not None
-    return 1 if failed else 0
+        failed += r["error"] is not None
+    if failed:
+        print(f"error: {failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from bvit_jax import export, predict
+from bvit_jax import data, export, predict
+from bvit_jax.binarize import weight_alpha
 from bvit_jax.export import PackedFormatError, export_model, load_packed, pack_model, read_header, size_accounting
 from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
-from bvit_jax.param_groups import flatten_with_paths
+from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 from bvit_jax.packed import (
     from_planes,
     masked_sign_sum,
@@ -182,7 +183,7 @@ def test_packed_forward_odd_widths_through_file():
     model = perturb(VisionTransformer(cfg, get_preset("binaryvit").options, rngs=nnx.Rngs(0)))
     x = _images(cfg)
     ref = model_forward(model, x)
-    loaded = load_packed(export_model(model, preset="binaryvit"))
+    loaded = load_packed(export_model(model, data=None, preset="binaryvit"))
     assert loaded.cfg == cfg
     np.testing.assert_allclose(np.asarray(packed_forward(loaded, x)), ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(packed_forward(loaded, x, attention="float")), ref, rtol=1e-5, atol=1e-6)
@@ -206,7 +207,7 @@ def test_integer_dot_of_a_model_layer_is_exact():
 
 def test_fp_preset_is_refused():
     with pytest.raises(ValueError, match="binarize both weights and activations"):
-        export_model(create("vit_nano", "fp"))
+        export_model(create("vit_nano", "fp"), data=None)
 
 
 # --------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_fp_preset_is_refused():
 
 def test_deit_small_file_size_vs_accounting():
     model = create("deit_small", "binaryvit")
-    blob = export_model(model, variant="deit_small", preset="binaryvit")
+    blob = export_model(model, data=None, variant="deit_small", preset="binaryvit")
     acc = size_accounting(model)
     assert acc["binary_params"] == 21_233_664  # the 48 encoder linears (DESIGN.md)
     # bvit_jax.summary's full count (every parameter + the alpha scales): the file
@@ -227,14 +228,14 @@ def test_deit_small_file_size_vs_accounting():
     assert 88.1e6 < acc["fp_model_bytes"] < 88.3e6  # fp DeiT-S: 22.05M params
     assert acc["fp_model_bytes"] / len(blob) > 12
     header = read_header(blob)
-    assert header["variant"] == "deit_small" and header["preset"] == "binaryvit" and header["version"] == 1
+    assert header["variant"] == "deit_small" and header["preset"] == "binaryvit" and header["version"] == 2
     kb = [t for t in header["tensors"] if t["name"] == "blocks/0/mlp/fc2/linear/kernel_bits"][0]
     assert kb["dtype"] == "uint32" and kb["shape"] == [48, 384] and kb["bits"] == 1536
 
 
 @pytest.fixture(scope="module")
 def nano_blob():
-    return export_model(perturb(create("vit_nano", "baseline")), preset="baseline")
+    return export_model(perturb(create("vit_nano", "baseline")), data=None, preset="baseline")
 
 
 def test_roundtrip_file(tmp_path, nano_blob):
@@ -243,6 +244,102 @@ def test_roundtrip_file(tmp_path, nano_blob):
     a, b = load_packed(path), load_packed(nano_blob)
     assert a.tensors.keys() == b.tensors.keys()
     assert a.header["preset"] == "baseline" and a.header["bits"]["one"].startswith("+1")
+
+
+def _file_tensors(blob):
+    """The raw tensors of a ``.bvit`` file, read with the documented layout (no bvit_jax reader)."""
+    import struct
+    import zlib
+
+    (hlen,) = struct.unpack_from("<I", blob, 8)
+    header = json.loads(zlib.decompress(blob[12:12 + hlen]))
+    start = 12 + hlen + (-(12 + hlen) % 64)
+    out = {}
+    for t in header["tensors"]:
+        dt = {"uint32": "<u4", "float32": "<f4"}[t["dtype"]]
+        raw = blob[start + t["offset"]:start + t["offset"] + t["nbytes"]]
+        out[t["name"]] = (np.frombuffer(raw, dt).reshape(t["shape"]), t.get("bits"))
+    return out
+
+
+@pytest.mark.parametrize("preset", ["baseline", "binaryvit"])
+def test_exported_tensor_values_equal_model_parameters(preset):
+    """Every stored value: kernel bits unpack to sign(W), alpha = mean|W| as the model computes it, the rest exact."""
+    cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3)
+    model = perturb(VisionTransformer(cfg, get_preset(preset).options, rngs=nnx.Rngs(0)))
+    params = dict(flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    blob = export_model(model, data=None, preset=preset)
+    stored, loaded = _file_tensors(blob), load_packed(blob)
+    binary = {p[: -len("/kernel")] for p in latent_weight_paths(model)}
+    assert len(binary) == cfg.depth * 6  # q, k, v, proj, fc1, fc2
+    assert set(stored) == {p for p in params if not (p.endswith("/kernel") and p[: -len("/kernel")] in binary)} | {
+        b + "/kernel_bits" for b in binary} | {b + "/alpha" for b in binary}
+    for path, value in params.items():
+        value = np.asarray(value)
+        base = path[: -len("/kernel")]
+        if base in binary and path.endswith("/kernel"):
+            words, n = stored[base + "/kernel_bits"]
+            assert n == value.shape[0] and words.dtype == np.dtype("<u4")
+            np.testing.assert_array_equal(unpack_signs(words, n, axis=0), sign(value), err_msg=path)
+            np.testing.assert_array_equal(words, pack_signs(value, axis=0), err_msg=path)
+            # The loaded model holds the same bits (plane order at run time).
+            runtime = np.asarray(loaded.tensors[base + "/kernel_bits"])
+            np.testing.assert_array_equal(from_planes(runtime, n, axis=0), words, err_msg=path)
+            alpha = stored[base + "/alpha"][0]
+            want = np.asarray(weight_alpha(jnp.asarray(value)))[0] if model.opts.weight_scale else np.ones(value.shape[1])
+            np.testing.assert_array_equal(alpha, want.astype(np.float32), err_msg=path)
+            np.testing.assert_allclose(alpha, np.abs(value).mean(0) if model.opts.weight_scale else 1.0, rtol=1e-6)
+        else:
+            got, bits = stored[path]
+            assert bits is None
+            np.testing.assert_array_equal(got, value.astype(np.float32), err_msg=path)
+            np.testing.assert_array_equal(np.asarray(loaded.tensors[path]), value, err_msg=path)
+
+
+# --------------------------------------------------------------------------
+# Stored preprocessing and class names: from the data config, never guessed.
+# --------------------------------------------------------------------------
+
+
+def _micro(variant, **kw):
+    return create(variant, "baseline", depth=1, embed_dim=32, num_heads=2, **kw)
+
+
+@pytest.mark.parametrize("name, variant, mean, std", [
+    ("fashion_mnist", "vit_micro_28", [0.286], [0.353]),
+    ("mnist", "vit_micro_28", [0.1307], [0.3081]),
+    ("cifar10", "vit_micro_32", [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+])
+def test_export_stores_the_training_normalisation(name, variant, mean, std):
+    """Small data sets: their own statistics (not 0.5 or ImageNet's), from the data config, in file and in memory."""
+    cfg = data.default_data_config(name)
+    model = _micro(variant)
+    want = data.eval_settings(cfg).to_dict()
+    for header in (read_header(export_model(model, data=cfg)), read_header(export_model(model, data=name)),
+                   pack_model(model, data=cfg).header):
+        pre = header["preprocess"]
+        assert pre == want
+        assert pre["mean"] == mean and pre["std"] == std
+        assert (pre["image_size"], pre["channels"]) == (model.cfg.image_size, model.cfg.in_channels)
+        assert (pre["eval_crop"], pre["interpolation"]) == ("resize", "bilinear")
+    # A changed config is stored as changed (the file follows the config, not the data set's name).
+    cfg.mean, cfg.std, cfg.interpolation = (0.25,), (0.5,), "bicubic"
+    pre = read_header(export_model(model, data=cfg))["preprocess"]
+    assert pre["mean"] == [0.25] * len(mean) and pre["std"] == [0.5] * len(std) and pre["interpolation"] == "bicubic"
+
+
+def test_export_needs_a_data_config_that_fits_the_model():
+    model = _micro("vit_micro_28")
+    with pytest.raises(TypeError, match="needs data="):
+        export_model(model)
+    with pytest.raises(ValueError, match="32 px, 3 channel"):
+        export_model(model, data="cifar10")
+    header = read_header(export_model(model, data=None))
+    assert header["preprocess"] is None and header["class_names"] is None
+    # Class names: the data set's, unless given.
+    assert read_header(export_model(model, data="fashion_mnist"))["class_names"][:2] == ["T-shirt/top", "Trouser"]
+    names = [f"c{i}" for i in range(10)]
+    assert read_header(export_model(model, data="fashion_mnist", class_names=names))["class_names"] == names
 
 
 @pytest.mark.parametrize("cut", [0, 5, 11, 40, -1000, -1])
@@ -268,16 +365,18 @@ def test_corrupt_files_are_clear_errors(nano_blob):
         load_packed(bytes(garbled))
 
 
-def test_newer_version_is_refused(nano_blob):
+@pytest.mark.parametrize("version, message", [(99, "version 99 is not supported"),
+                                              (1, "version 1 was written by an older bvit_jax")])
+def test_other_format_versions_are_refused(nano_blob, version, message):
     import struct
     import zlib
 
     header = read_header(nano_blob)
-    header["version"] = 99
+    header["version"] = version
     hlen = struct.unpack_from("<I", nano_blob, 8)[0]
     new = zlib.compress(json.dumps(header).encode())
     blob = nano_blob[:8] + struct.pack("<I", len(new)) + new + nano_blob[12 + hlen:]
-    with pytest.raises(PackedFormatError, match="version 99"):
+    with pytest.raises(PackedFormatError, match=message):
         load_packed(blob)
 
 
@@ -309,7 +408,14 @@ def test_export_and_predict_command_lines(tmp_path, capsys):
     pk = load_packed(out)
     assert pk.header["class_names"] == names
     mean, std = float(cfg.data.mean[0]), float(cfg.data.std[0])
-    np.testing.assert_allclose(pk.header["preprocess"]["std"], [std], rtol=1e-6)
+    assert (mean, std) == (0.286, 0.353)  # Fashion-MNIST's own statistics
+    assert pk.header["preprocess"]["mean"] == [mean] and pk.header["preprocess"]["std"] == [std]
+    assert pk.header["preprocess"] == data.eval_settings(cfg.data).to_dict()
+    # Without --labels: the data set's class names.
+    out2 = tmp_path / "model_names.bvit"
+    assert export.main([f"--workdir={run}", f"--out={out2}"]) == 0
+    capsys.readouterr()
+    assert read_header(out2)["class_names"][0] == "T-shirt/top" and len(read_header(out2)["class_names"]) == 10
 
     rng = np.random.default_rng(0)
     paths = []

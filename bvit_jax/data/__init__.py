@@ -7,16 +7,22 @@ See docs/data.md. Main entry points::
   info = data.dataset_info(cfg)
   it = data.create_train_iterator(cfg, local_batch_size=128, seed=0)
   ev = data.create_eval_iterator(cfg, local_batch_size=128)
+  x = data.eval_preprocess(open('img.jpg', 'rb').read(), cfg)  # one image
+  names = data.class_names(cfg)
 """
 
 from bvit_jax.data.config import default_data_config
 from bvit_jax.data.pipeline import (
     DatasetInfo,
+    EvalSettings,
+    class_names,
     create_eval_iterator,
     create_train_dataset,
     create_train_iterator,
     data_stats,
     dataset_info,
+    eval_preprocess,
+    eval_settings,
     num_eval_batches,
     reset_data_stats,
     steps_per_epoch,
@@ -26,12 +32,16 @@ from bvit_jax.data.sources import DatasetNotPreparedError
 __all__ = [
     "DatasetInfo",
     "DatasetNotPreparedError",
+    "EvalSettings",
+    "class_names",
     "create_eval_iterator",
     "create_train_dataset",
     "create_train_iterator",
     "data_stats",
     "dataset_info",
     "default_data_config",
+    "eval_preprocess",
+    "eval_settings",
     "num_eval_batches",
     "reset_data_stats",
     "steps_per_epoch",

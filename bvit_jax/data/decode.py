@@ -30,10 +30,13 @@ class DecodeError(ValueError):
 def open_image(data) -> Image.Image:
   """Opens encoded bytes lazily (header only) or wraps a uint8 array.
 
-  Arrays ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]`` become L / RGB images.
+  Arrays ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]`` become L / RGB images;
+  a PIL image is returned as it is.
   The returned image is not decoded yet, so `load` can still apply a JPEG
   draft.
   """
+  if isinstance(data, Image.Image):
+    return data
   if isinstance(data, np.ndarray):
     if data.ndim == 3 and data.shape[-1] == 1:
       data = data[..., 0]

@@ -25,6 +25,10 @@ Eval (finite, one pass): process ``p`` reads the contiguous range
 ``[p * ceil(N / P), (p + 1) * ceil(N / P))`` of the split, padded to
 ``ceil(ceil(N / P) / B)`` batches, so all processes yield the same number of
 batches and each example appears exactly once with ``mask == True``.
+Each eval image is `eval_preprocess` of its record (settings from
+`eval_settings(config)`), the same function ``bvit_jax.predict`` applies to
+image files, computed in two stages: `eval_image` per example, the
+normalisation per batch.
 
 Bad images: an undecodable train image is replaced by a random other example
 (up to ``max_decode_retries`` tries); an undecodable eval image gets
@@ -69,6 +73,60 @@ def dataset_info(config) -> DatasetInfo:
       num_train=int(info.num_examples[config.train_split]),
       num_eval=int(info.num_examples[config.eval_split]),
   )
+
+
+# Fashion-MNIST's labels 0-9 (Xiao et al. 2017; TFDS's ClassLabel names).
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress",
+                         "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+_IDX_CLASSES = {"fashion_mnist": FASHION_MNIST_CLASSES,
+                "mnist": MNIST_CLASSES}
+
+
+def _field(config, key: str, default=None):
+  """``config.key`` of a ConfigDict, a plain dict (e.g. a workdir's
+  ``config.json``) or any object with attributes; `default` when absent."""
+  if hasattr(config, "get") and not dataclasses.is_dataclass(config):
+    value = config.get(key, default)
+  else:
+    value = getattr(config, key, default)
+  return default if value is None else value
+
+
+def class_names(config) -> list[str] | None:
+  """The names of the labels ``0 .. K-1`` of a data config, or None.
+
+  ``fashion_mnist`` / ``mnist`` read from IDX files: the data set's names
+  (Fashion-MNIST: ``T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal,
+  Shirt, Sneaker, Bag, Ankle boot``; MNIST: the digits). TFDS data sets:
+  the names of the label feature in the TFDS metadata (`config.label_key`,
+  a ``ClassLabel``; for ``imagenet2012`` the 1000 WordNet synset ids
+  ``n01440764, ...`` in label order). The metadata comes with TFDS's
+  builder code, so the data set need not be prepared. Returns None when the
+  data set has no names (unknown to TFDS, a label without names, TFDS not
+  installed) or when ``config.num_classes`` is set and differs from their
+  number.
+  """
+  name = _field(config, "name")
+  names = None
+  if _field(config, "source", "tfds") == "idx":
+    names = _IDX_CLASSES.get(name)
+  elif name:
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      builder = tfds.builder(name, data_dir=_field(config, "data_dir"))
+      feature = builder.info.features[_field(config, "label_key", "label")]
+      names = getattr(feature, "names", None)
+    except (ImportError, KeyError, ValueError):  # incl. DatasetNotFoundError
+      names = None
+  if not names:
+    return None
+  names = [str(n) for n in names]
+  num_classes = _field(config, "num_classes")
+  if num_classes is not None and int(num_classes) != len(names):
+    return None
+  return names
 
 
 # ----------------------------------------------------------------------------
@@ -234,8 +292,14 @@ def train_image(data, rng: np.random.Generator, s: _ImageSettings) -> np.ndarray
   return np.ascontiguousarray(x)
 
 
-def eval_image(data, s: _ImageSettings) -> np.ndarray:
-  """Decode + eval transform of one image -> ``uint8 [H, W, C]``."""
+def eval_image(data, s) -> np.ndarray:
+  """Decode + eval geometry of one image -> ``uint8 [H, W, C]`` (no
+  normalisation; `eval_preprocess` is the whole transform).
+
+  `s` is an `EvalSettings` (or the pipeline's internal settings, which have
+  the same eval fields). Raises `decode.DecodeError` if the image cannot be
+  decoded.
+  """
   img = decode_lib.open_image(data)
   if s.eval_crop == "center_crop":
     img = augment.resize_center_crop(
@@ -302,6 +366,127 @@ class _Normalize:
     return out
 
 
+_EVAL_CROPS = ("center_crop", "resize")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """The eval transform of a data config, in one value (see `eval_settings`).
+
+  Fields (data-config names in brackets where they differ): ``size``
+  (``image_size``), ``channels`` (3: RGB, 1: luma), ``interpolation``,
+  ``eval_crop`` (``'center_crop'`` | ``'resize'``), ``crop_ratio``,
+  ``eval_jpeg_draft``, ``mean`` and ``std`` (one float per channel, in
+  [0, 1] units). `to_dict` gives them under the data-config names; that
+  dict is what a ``.bvit`` file stores as its ``preprocess`` header, and
+  `eval_settings` reads it back.
+  """
+  size: int
+  channels: int
+  interpolation: str
+  eval_crop: str
+  crop_ratio: float
+  eval_jpeg_draft: bool
+  mean: tuple
+  std: tuple
+
+  def to_dict(self) -> dict:
+    """JSON-ready dict under the data-config field names."""
+    return {"image_size": self.size, "channels": self.channels,
+            "interpolation": self.interpolation, "eval_crop": self.eval_crop,
+            "crop_ratio": self.crop_ratio,
+            "eval_jpeg_draft": self.eval_jpeg_draft,
+            "mean": list(self.mean), "std": list(self.std)}
+
+  def normalize(self, images: np.ndarray) -> np.ndarray:
+    """``uint8 [..., H, W, C]`` -> float32 ``(x / 255 - mean) / std``.
+
+    Computed as ``x * (1 / (255 std)) + (-mean / std)`` with float32
+    constants (`_Normalize`); elementwise, so one image and a batch holding
+    it give the same bits.
+    """
+    return _Normalize(self.mean, self.std, self.channels)(images)
+
+
+def _per_channel(value, channels: int, what: str) -> tuple:
+  v = np.asarray(value, np.float64).reshape(-1)
+  if v.size not in (1, channels):
+    raise ValueError(f"{what} has {v.size} values for {channels} channels")
+  return tuple(float(x) for x in np.broadcast_to(v, (channels,)))
+
+
+def eval_settings(config) -> EvalSettings:
+  """The `EvalSettings` of a data config: the one derivation of the eval
+  transform, used by `create_eval_iterator`, by `eval_preprocess` and (as
+  ``eval_settings(config.data).to_dict()``) by the ``.bvit`` export header.
+
+  `config`: a data ConfigDict (``default_data_config(...)``, a trainer's
+  ``config.data``), a plain dict with the same fields (a workdir's
+  ``config.json`` ``data`` entry, or a ``.bvit`` header's ``preprocess``),
+  or an `EvalSettings` (returned as is). Reads ``image_size``,
+  ``channels``, ``interpolation``, ``eval_crop``, ``crop_ratio``,
+  ``eval_jpeg_draft`` (default False), ``mean`` and ``std`` (one value or
+  one per channel; stored per channel). Raises ``ValueError`` when a
+  required field is missing or a value is not one the pipeline knows.
+  """
+  if isinstance(config, EvalSettings):
+    return config
+  missing = [k for k in ("image_size", "channels", "interpolation",
+                         "eval_crop", "mean", "std")
+             if _field(config, k) is None]
+  if missing:
+    raise ValueError(f"the data config has no {missing} (needed for the eval "
+                     "transform)")
+  channels = int(_field(config, "channels"))
+  decode_lib.pil_mode(channels)  # 1 or 3
+  eval_crop = str(_field(config, "eval_crop"))
+  if eval_crop not in _EVAL_CROPS:
+    raise ValueError(f"unknown eval_crop {eval_crop!r} (one of {_EVAL_CROPS})")
+  interpolation = str(_field(config, "interpolation"))
+  augment.resample(interpolation)  # known name
+  crop_ratio = float(_field(config, "crop_ratio", 0.875))
+  if eval_crop == "center_crop" and not 0.0 < crop_ratio <= 1.0:
+    raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+  return EvalSettings(
+      size=int(_field(config, "image_size")), channels=channels,
+      interpolation=interpolation, eval_crop=eval_crop, crop_ratio=crop_ratio,
+      eval_jpeg_draft=bool(_field(config, "eval_jpeg_draft", False)),
+      mean=_per_channel(_field(config, "mean"), channels, "mean"),
+      std=_per_channel(_field(config, "std"), channels, "std"))
+
+
+def eval_preprocess(data, settings) -> np.ndarray:
+  """The eval transform of one image -> float32 ``[size, size, channels]``.
+
+  `data`: encoded image bytes (any format PIL reads), a ``uint8`` array
+  ``[H, W]`` / ``[H, W, C]`` or a PIL image; `settings`: anything
+  `eval_settings` takes (a data config, a ``.bvit`` ``preprocess`` header,
+  an `EvalSettings`). Steps:
+
+  1. decode with PIL (format from the bytes); to RGB (``channels=3``;
+     grayscale replicated, CMYK converted) or luma L (``channels=1``, PIL's
+     ``L = R * 299/1000 + G * 587/1000 + B * 114/1000``); images with alpha
+     (RGBA, LA, PA, P with transparency) are first composited on opaque
+     black, i.e. ``rgb * a / 255`` (rounded by PIL);
+  2. ``eval_crop='center_crop'``: resize the shorter side to
+     ``R = floor(size / crop_ratio)`` and the longer to
+     ``int(R * long / short)``, crop ``size x size`` at
+     ``round((side - size) / 2)`` (one PIL resize of the matching box of the
+     original, `augment.center_crop_box`); ``'resize'``: resize to
+     ``size x size`` (no-op at that size); with ``interpolation``, and with a
+     JPEG DCT-domain downscale first only if ``eval_jpeg_draft``;
+  3. ``x = (pixel / 255 - mean) / std`` per channel (`EvalSettings.normalize`).
+
+  `create_eval_iterator` runs exactly this: steps 1-2 (`eval_image`) per
+  example and step 3 per batch, so its batches equal ``eval_preprocess`` of
+  each image bit for bit; ``python -m bvit_jax.predict`` calls this
+  function with the settings stored in the model file. Raises
+  `decode.DecodeError` for data PIL cannot decode.
+  """
+  s = eval_settings(settings)
+  return s.normalize(eval_image(data, s))
+
+
 class _TrainBatch(grain.transforms.RandomMap):
   """Normalise, random erasing, Mixup / CutMix and label smoothing."""
 
@@ -331,7 +516,7 @@ class _TrainBatch(grain.transforms.RandomMap):
 class _EvalExample(grain.transforms.Map):
   """Position in the process's padded share -> example with mask."""
 
-  def __init__(self, source, start: int, stop: int, settings: _ImageSettings,
+  def __init__(self, source, start: int, stop: int, settings: EvalSettings,
                return_index: bool):
     self._source = source
     self._start, self._stop = start, stop
@@ -357,11 +542,13 @@ class _EvalExample(grain.transforms.Map):
 
 
 class _EvalBatch(grain.transforms.Map):
-  def __init__(self, config):
-    self._norm = _Normalize(config.mean, config.std, config.channels)
+  """Step 3 of `eval_preprocess` on a batch of `eval_image` outputs."""
+
+  def __init__(self, settings: EvalSettings):
+    self._s = settings
 
   def map(self, batch):
-    x = self._norm(batch["image"])
+    x = self._s.normalize(batch["image"])
     x[~batch["mask"]] = 0.0
     batch["image"] = x
     return batch
@@ -470,7 +657,8 @@ def create_eval_iterator(config, local_batch_size: int,
                          source=None) -> grain.DatasetIterator:
   """One pass over `split` (default ``config.eval_split``), this process's share.
 
-  Each batch: ``image`` float32 ``[B, H, W, C]`` (zeros where masked),
+  Each batch: ``image`` float32 ``[B, H, W, C]``, each image
+  `eval_preprocess` of its record (bit for bit; zeros where masked),
   ``label`` int32 ``[B]``, ``mask`` bool ``[B]`` (False on padding and on
   undecodable images), ``index`` int32 ``[B]`` if ``config.return_index``
   (-1 on padding). Every process yields the same number of batches.
@@ -481,11 +669,11 @@ def create_eval_iterator(config, local_batch_size: int,
     source = sources.get_source(config, split or config.eval_split)
   start, stop, num_batches = eval_range(len(source), p, num_p,
                                         int(local_batch_size))
-  settings = _ImageSettings.from_config(config)
+  settings = eval_settings(config)
   ds = grain.MapDataset.range(num_batches * int(local_batch_size))
   ds = ds.map(_EvalExample(source, start, stop, settings,
                            bool(config.return_index)))
-  ds = ds.batch(int(local_batch_size)).map(_EvalBatch(config))
+  ds = ds.batch(int(local_batch_size)).map(_EvalBatch(settings))
   return _finish(ds, config, "eval")
 
 
