@@ -158,8 +158,8 @@ class Case:
         graphdef, params = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(params)
         latent = latent_weight_mask(model, params)
-        tx, lr_schedule = build_optimizer(config, params, latent, use_grs=preset.grs,
-                                          total_steps=config.total_steps, warmup_steps=100, grs_warmup_steps=0)
+        tx = build_optimizer(config, params, latent, use_grs=preset.grs,
+                             total_steps=config.total_steps, warmup_steps=100, grs_warmup_steps=0)
         self.teacher_macs = 0
         teacher_graphdef = self.teacher_params = None
         if preset.distill and config.distill.enabled:
@@ -169,7 +169,7 @@ class Case:
             teacher_graphdef, tparams = nnx.split(teacher, nnx.Param)
             self.teacher_params = nnx.to_pure_dict(tparams)
         self.state = jax.jit(lambda p: init_train_state(p, tx, latent))(params)
-        step = make_train_step(config, graphdef, latent, tx, lr_schedule, teacher_graphdef)
+        step = make_train_step(config, graphdef, latent, tx, teacher_graphdef)
         self.step = jax.jit(step, donate_argnums=0)
         rng = np.random.default_rng(seed)
         s, ch, k = config.data.image_size, config.data.channels, config.model.num_classes

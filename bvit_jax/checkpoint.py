@@ -30,13 +30,17 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["CheckpointStore", "CheckpointError", "restore_params", "load_config", "abstract_params"]
+__all__ = ["CheckpointStore", "CheckpointError", "CheckpointMismatchError", "config_differences", "restore_params", "load_config", "abstract_params"]
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; the message says what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """An intact checkpoint of another model or optimizer than the config asks for."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -60,24 +64,24 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
+def _state_manager(workdir: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    """The manager of ``workdir/checkpoints``: items ``state``, ``data`` (grain) and ``config``."""
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(), options=options, item_names=("state", "data", "config"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
+    )
+
+
 class CheckpointStore:
     """The two orbax managers of a workdir: the last ``keep`` states and the best params."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
         self.workdir = Path(workdir)
-        self.latest = ocp.CheckpointManager(
-            (self.workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                multiprocessing_options=_barrier_prefix("latest"),
-            ),
-            item_names=("state", "data", "config"),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(),
-            },
-        )
+        self.latest = _state_manager(self.workdir, ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            multiprocessing_options=_barrier_prefix("latest"),
+        ))
         self.best = ocp.CheckpointManager(
             (self.workdir / "best").absolute(),
             options=ocp.CheckpointManagerOptions(
@@ -116,13 +120,16 @@ class CheckpointStore:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def restore(self, state_like: Any, data_iterator: Any) -> tuple[int, Any] | None:
+    def restore(self, state_like: Any, data_iterator: Any, config: dict | None = None) -> tuple[int, Any] | None:
         """Restore the newest usable checkpoint into ``state_like``'s structure and shardings.
 
         Restores the iterator position in place. Returns ``(step, state)``, or
-        ``None`` when the workdir has no checkpoint. A checkpoint that fails to
-        restore is logged and the previous one is tried; if none restores, a
-        :class:`CheckpointError` says how to proceed.
+        ``None`` when the workdir has no checkpoint. A checkpoint whose arrays
+        do not match ``state_like`` (the run's config changed) raises
+        :class:`CheckpointMismatchError` naming the differences, ``config``'s
+        fields included. A checkpoint that fails to restore otherwise is
+        damaged: it is logged and the previous one is tried; if none restores,
+        a :class:`CheckpointError` says how to proceed.
         """
         steps = sorted(self.latest.all_steps(), reverse=True)
         if not steps:
@@ -130,6 +137,7 @@ class CheckpointStore:
         target = _abstract(state_like)
         errors = []
         for step in steps:
+            self._check_structure(step, target, config)
             try:
                 out = self.latest.restore(
                     step,
@@ -154,6 +162,39 @@ class CheckpointStore:
         )
 
 
+    def _check_structure(self, step: int, target: Any, config: dict | None) -> None:
+        """Raise :class:`CheckpointMismatchError` if step ``step`` holds other arrays than ``target``.
+
+        Compares the array names and shapes in the checkpoint's metadata with
+        the target's. Unreadable metadata is left to the restore (damage).
+        """
+        try:
+            saved = _shapes(self.latest.item_metadata(step)["state"].tree)
+        except Exception:  # noqa: BLE001 - damaged metadata: the restore attempt reports it
+            return
+        wanted = _shapes(target)
+        diffs = [f"{k}: only in the checkpoint {saved[k]}" for k in saved.keys() - wanted.keys()]
+        diffs += [f"{k}: not in the checkpoint (config wants {wanted[k]})" for k in wanted.keys() - saved.keys()]
+        diffs += [f"{k}: checkpoint {saved[k]}, config {wanted[k]}"
+                  for k in saved.keys() & wanted.keys() if saved[k] != wanted[k]]
+        if not diffs:
+            return
+        changed = ""
+        if config is not None:
+            try:
+                old = self.latest.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+                changed = "\nConfig fields that differ from the checkpoint's run: " + (
+                    "; ".join(config_differences(old, config)) or "none (a code change?)")
+            except Exception:  # noqa: BLE001 - the config item is optional information here
+                pass
+        raise CheckpointMismatchError(
+            f"The checkpoint at step {step} in {self.latest.directory} is intact but holds the train state of a "
+            f"different model or optimizer than this config ({len(diffs)} arrays differ), e.g.\n  "
+            + "\n  ".join(sorted(diffs, key=lambda d: (not d.startswith("params/"), d))[:6]) + changed +
+            "\nTo continue that run, use the config it was started with (saved in each checkpoint and in "
+            "config.json); to train this config, use a new --workdir."
+        )
+
     def _set_aside(self, steps) -> None:
         """Move damaged step folders to ``workdir/damaged_checkpoints/`` (kept, never deleted)."""
         if jax.process_index() == 0:
@@ -165,6 +206,25 @@ class CheckpointStore:
                 src.rename(dst)
                 log.error("Moved damaged checkpoint %s to %s.", src, dst)
         self.latest.reload()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{'a/0/b': shape}`` for every leaf; keys as orbax names them (namedtuple fields, list indices)."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``['model.preset: baseline -> binaryvit', ...]``: the leaves of two config dicts that differ."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)  # unset and None (a placeholder) mean the same
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def load_config(workdir: str | Path) -> dict:
@@ -188,6 +248,11 @@ def abstract_params(config: dict) -> Any:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+# Restore-only managers: no save ever happens through them, and nothing is created.
+# (``read_only=True`` would do the same but logs three warnings per manager.)
+_READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
+
+
 def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]:
     """``(config, params)`` from a workdir: its best model or its latest train state.
 
@@ -204,14 +269,12 @@ def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]
     if which == "best" and (workdir / "best").exists():
         with ocp.CheckpointManager((workdir / "best").absolute(), item_names=("params",),
                                    item_handlers={"params": ocp.StandardCheckpointHandler()},
-                                   options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+                                   options=_READ_OPTIONS) as mngr:
             step = mngr.best_step() if mngr.best_step() is not None else mngr.latest_step()
             if step is not None:
                 out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
                 return config, out["params"]
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=("state",),
-                               item_handlers={"state": ocp.StandardCheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    with _state_manager(workdir, _READ_OPTIONS) as mngr:
         step = mngr.latest_step()
         if step is None:
             raise CheckpointError(f"{workdir} holds no checkpoint; train first or check the path.")

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,10 @@ from bvit_jax.checkpoint import CheckpointStore, restore_params
 from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.metric_writers import MetricWriter
 from bvit_jax.models import PRESETS, VARIANTS, create, get_preset
-from bvit_jax.optim import build_optimizer
+from bvit_jax.grad_accum import accumulated_value_and_grad
+from bvit_jax.optim import applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
+from bvit_jax.preemption import PreemptionWatch
 
 __all__ = ["train_and_evaluate", "make_train_step", "init_train_state", "validate_config", "ConfigError", "steps_from", "build_model", "evaluate"]
 
@@ -71,8 +72,21 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
         raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be a positive multiple of the {num_devices} devices")
     if b % process_count:
         raise ConfigError(f"config.global_batch_size={b} is not divisible by the {process_count} processes")
-    if config.optimizer.grad_accum_steps < 1:
-        raise ConfigError("config.optimizer.grad_accum_steps must be >= 1")
+    k = config.optimizer.grad_accum_steps
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"config.optimizer.grad_accum_steps={k!r} must be an integer >= 1")
+    if b % (k * num_devices):
+        raise ConfigError(
+            f"config.global_batch_size={b} (the batch of one optimizer update) does not split into "
+            f"config.optimizer.grad_accum_steps={k} micro-batches that divide over the {num_devices} devices; "
+            f"use a multiple of {k * num_devices}"
+        )
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise ConfigError(f"config.{name}={config[name]!r} must be an integer >= 1 (it is an interval in steps)")
+    for name in ("eval_every_steps", "diagnostics_every_steps"):
+        if not isinstance(config[name], int) or config[name] < 0:
+            raise ConfigError(f"config.{name}={config[name]!r} must be an integer >= 0 (0 turns it off)")
     if config.grs.strength < 0:
         raise ConfigError(f"config.grs.strength={config.grs.strength} is negative; GRS strength must be >= 0 (0 turns it off)")
     if (config.get("total_steps", 0) or 0) <= 0 and (config.get("total_epochs", 0) or 0) <= 0:
@@ -99,11 +113,22 @@ def _config_dict(config) -> dict:
 
 # ----------------------------------------------------------------------------- model
 def build_model(model_cfg, data_cfg, seed: int = 0) -> nnx.Module:
-    """The student (or teacher) model of a config."""
+    """The student (or teacher) model of a config.
+
+    ``model_cfg.overrides`` entries that are None (unset placeholders, or
+    ``null`` in a saved config.json) are not overridden; an unknown name is a
+    ``ConfigError`` that lists the valid fields.
+    """
+    from bvit_jax.models import config_overrides
+
+    try:
+        overrides = config_overrides(model_cfg.get("overrides", None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return create(
         model_cfg.variant, model_cfg.preset, num_classes=model_cfg.num_classes,
         image_size=data_cfg.image_size, in_channels=data_cfg.channels,
-        dtype=jnp.dtype(model_cfg.dtype), seed=seed, **dict(model_cfg.get("overrides", {})),
+        dtype=jnp.dtype(model_cfg.dtype), seed=seed, **overrides,
     )
 
 
@@ -134,34 +159,39 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, latent: Any)
 
 
 def make_train_step(config, graphdef: nnx.GraphDef, latent: Any, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, teacher_graphdef: nnx.GraphDef | None = None):
+                    teacher_graphdef: nnx.GraphDef | None = None):
     """``train_step(state, batch, teacher_params) -> (state, metrics)``, not yet jitted.
 
-    The loss is the label cross-entropy, or with a teacher (``teacher_graphdef``
-    not None) ``kd_weight * KL(teacher || student) + label_weight * CE`` from
-    ``config.distill``; then ``tx`` (GRS -> clip -> AdamW), a non-finite guard,
-    and the flip-rate / oscillation statistics when ``latent`` marks binary kernels.
+    One call is one optimizer update on the global batch. The loss is the label
+    cross-entropy, or with a teacher (``teacher_graphdef`` not None)
+    ``kd_weight * KL(teacher || student) + label_weight * CE`` from
+    ``config.distill``. Its gradient is averaged over
+    ``config.optimizer.grad_accum_steps`` micro-batches
+    (:func:`bvit_jax.grad_accum.accumulated_value_and_grad`); then ``tx``
+    (GRS -> clip -> AdamW), a non-finite guard, and the flip-rate /
+    oscillation statistics when ``latent`` marks binary kernels. ``lr`` in
+    the metrics is the learning rate this update applied.
     """
     has_latent = any(jax.tree.leaves(latent))
     distill = teacher_graphdef is not None
     d = config.distill
 
-    def apply(p, images, capture=False):
-        return nnx.merge(graphdef, p)(images, capture=capture)
-
     def loss_fn(p, batch, tparams):
-        logits = apply(p, batch["image"])
+        logits = nnx.merge(graphdef, p)(batch["image"])
         label_loss = cross_entropy(logits, batch["label"])
+        parts = {"label_loss": label_loss,
+                 "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"])}
         if not distill:
-            return label_loss, (logits, {"label_loss": label_loss})
+            return label_loss, parts
         teacher_logits = nnx.merge(teacher_graphdef, tparams)(batch["image"])
         kd = distillation_kl(logits, teacher_logits, d.temperature)
-        loss = d.kd_weight * kd + d.label_weight * label_loss
-        return loss, (logits, {"label_loss": label_loss, "kd_loss": kd})
+        return d.kd_weight * kd + d.label_weight * label_loss, {**parts, "kd_loss": kd}
+
+    loss_and_grad = accumulated_value_and_grad(loss_fn, config.optimizer.grad_accum_steps)
 
     def train_step(state, batch, tparams):
         p = state["params"]
-        (loss, (logits, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, tparams)
+        (loss, parts), grads = loss_and_grad(p, batch, tparams)
         updates, opt_state = tx.update(grads, state["opt_state"], p)
         new_p = optax.apply_updates(p, updates)
         grad_norm = optax.tree.norm(grads)
@@ -176,9 +206,8 @@ def make_train_step(config, graphdef: nnx.GraphDef, latent: Any, tx: optax.Gradi
             weight_stats = {k: v for k, v in weight_stats.items() if k.endswith("/all")}
         metrics = {
             "loss": loss, **parts, "nonfinite": (~finite).astype(jnp.int32),
-            "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"]),
             "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_p),
-            "lr": lr_schedule(state["step"]), **weight_stats,
+            "lr": applied_learning_rate(opt_state), **weight_stats,
         }
         return {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}, metrics
 
@@ -194,9 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # -- mesh -----------------------------------------------------------------
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     validate_config(config, mesh.size, nproc)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if pid == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # -- input ----------------------------------------------------------------
     info = input_pipeline.dataset_info(config.data)
@@ -222,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return nnx.merge(graphdef, p)(images, capture=capture)
 
     # -- optimizer ------------------------------------------------------------
-    tx, lr_schedule = build_optimizer(
+    tx = build_optimizer(
         config, params, latent, use_grs=preset.grs, total_steps=total_steps,
         warmup_steps=steps_from(config, "warmup", steps_per_epoch),
         grs_warmup_steps=steps_from(config.grs, "warmup", steps_per_epoch),
@@ -241,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     del model, params
 
     # -- step functions -----------------------------------------------------------
-    train_step = make_train_step(config, graphdef, latent, tx, lr_schedule, teacher_graphdef if distill else None)
+    train_step = make_train_step(config, graphdef, latent, tx, teacher_graphdef if distill else None)
 
     def eval_step(p, batch):
         logits = apply(p, batch["image"])
@@ -271,17 +297,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return evaluate(p_eval_step, state["params"], config, mesh, pid, nproc)
 
     # -- restore --------------------------------------------------------------------
+    cfg_dict = _config_dict(config)
+    workdir.mkdir(parents=True, exist_ok=True)
     store = CheckpointStore(workdir, keep=config.keep_checkpoints)
-    restored = store.restore(state, train_iter)
+    try:
+        restored = store.restore(state, train_iter, cfg_dict)
+    except BaseException:
+        store.close()
+        raise
     if restored is not None:
         start, state = restored
         log.info("Resumed from %s at step %d.", workdir / "checkpoints", start)
+    if pid == 0:  # after the restore: a refused resume leaves the run's config.json as it was
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     start = int(jax.device_get(state["step"]))
     writer = MetricWriter(workdir, total_steps=total_steps, start_step=start, active=pid == 0)
 
     # -- loop ------------------------------------------------------------------------
-    preempted = _install_sigterm_flag() if nproc == 1 else None
-    cfg_dict = _config_dict(config)
+    preemption = PreemptionWatch()
     pending: list[dict] = []
     eval_metrics: dict[str, float] = {}
     t_last, step_last = time.perf_counter(), start
@@ -317,16 +350,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 eval_metrics = evaluate_now()
                 writer.write(step, "eval", eval_metrics)
                 store.save_best(step, state["params"], eval_metrics["top1"])
-            stop = preempted is not None and preempted["flag"]
+            stop = preemption.reached(step)
             if step % config.checkpoint_every_steps == 0 or last or stop:
                 _stop_if_nonfinite(jax.device_get(pending), step, store)
                 store.save(step, state, train_iter, cfg_dict)
             if stop:
-                log.warning("SIGTERM received: saved a checkpoint at step %d; exiting. Run again to resume.", step)
+                log.warning("Preemption notice (SIGTERM) received: every process saved a checkpoint at step %d "
+                            "and stops. Run again to resume.", step)
                 break
         if not eval_metrics:  # resumed a finished run: report its final accuracy again
             eval_metrics = evaluate_now()
     finally:
+        preemption.close()
         writer.close()
         store.close()
     return eval_metrics
@@ -343,20 +378,6 @@ def _stop_if_nonfinite(rows: list[dict], step: int, store: CheckpointStore) -> N
             "(config.optimizer.base_lr), enable clipping (config.optimizer.clip_norm) or check the input data, "
             "then rerun to resume from that checkpoint."
         )
-
-
-def _install_sigterm_flag() -> dict:
-    """Turn SIGTERM (preemption notice) into a flag the loop checks after each step."""
-    flag = {"flag": False}
-
-    def handler(signum, frame):
-        flag["flag"] = True
-
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. some notebook runners)
-        pass
-    return flag
 
 
 def evaluate(p_eval_step, params, config, mesh, pid: int, nproc: int) -> dict[str, float]:

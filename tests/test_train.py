@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from bvit_jax import sharding
-from bvit_jax.checkpoint import CheckpointError, restore_params
+from bvit_jax.checkpoint import CheckpointError, CheckpointMismatchError, restore_params
 from bvit_jax.losses import distillation_kl
 from bvit_jax.metric_writers import read_metrics
+from bvit_jax.models import create
 from bvit_jax.train import ConfigError, train_and_evaluate
 from tests.train_helpers import ROOT, flat, free_port, run_env, run_train, tiny_config, train_cmd
 
@@ -54,6 +56,10 @@ def test_kd_loss_is_zero_for_equal_logits_and_its_gradient_points_to_the_teacher
         (dict(global_batch_size=30, mesh__data=8), "not divisible by the 8 devices"),
         (dict(grs__strength=-1.0), "GRS strength must be >= 0"),
         (dict(model__dtype="float16"), "use 'float32' or 'bfloat16'"),
+        (dict(log_every_steps=0), "config.log_every_steps=0 must be an integer >= 1"),
+        (dict(checkpoint_every_steps=0), "config.checkpoint_every_steps=0 must be an integer >= 1"),
+        (dict(eval_every_steps=-5), "config.eval_every_steps=-5 must be an integer >= 0"),
+        (dict(optimizer__grad_accum_steps=3), "does not split into config.optimizer.grad_accum_steps=3 micro-batches"),
     ],
 )
 def test_config_errors_are_caught_before_compiling(tmp_path, fields, message):
@@ -72,6 +78,61 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(tmp_path, teacher):
     cfg = tiny_config("binaryvit", distill__teacher_workdir=str(teacher), data__image_size=24)
     with pytest.raises(ConfigError, match="data.image_size=28"):
         train_and_evaluate(cfg, tmp_path / "c")
+
+
+def test_checkpoint_of_another_config_is_a_mismatch_not_damage(tmp_path):
+    train_and_evaluate(tiny_config("fp", total_steps=4), tmp_path)
+    config_json = (tmp_path / "config.json").read_text()
+    cfg = tiny_config("fp", total_steps=8)
+    cfg.model.overrides = dict(embed_dim=48, depth=1, num_heads=2)
+    with pytest.raises(CheckpointMismatchError) as err:
+        train_and_evaluate(cfg, tmp_path)
+    msg = str(err.value)
+    assert "is intact" in msg and "use a new --workdir" in msg
+    assert "params/blocks/0/attn/q/linear/kernel: checkpoint (32, 32), config (48, 48)" in msg
+    assert "model.overrides.embed_dim: 32 -> 48" in msg and "total_steps: 4 -> 8" in msg
+    assert "damaged" not in msg and "Move the damaged" not in msg
+    # Nothing was set aside or overwritten: the checkpoint and the run's config.json are as they were.
+    assert not (tmp_path / "damaged_checkpoints").exists()
+    assert (tmp_path / "config.json").read_text() == config_json
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
+
+
+def test_loading_a_teacher_logs_no_orbax_warnings(teacher, caplog):
+    # The quick start loads the teacher through restore_params; orbax logs through absl -> logging.
+    with caplog.at_level("WARNING"):
+        restore_params(teacher, "best")
+        restore_params(teacher, "latest")
+    assert caplog.records == [], [r.getMessage() for r in caplog.records]
+
+
+# ----------------------------------------------------------------------------- accumulation
+def test_gradient_accumulation_equals_one_large_batch_update_for_update(tmp_path):
+    """k=4 micro-batches of 8 vs one batch of 32: same updates, same lr at each, same params."""
+    steps, runs = 8, {}
+    for k in (1, 4):
+        cfg = tiny_config("fp", total_steps=steps, warmup_steps=2, optimizer__grad_accum_steps=k,
+                          diagnostics_every_steps=0)
+        train_and_evaluate(cfg, tmp_path / str(k))
+        runs[k] = (flat(restore_params(tmp_path / str(k), "latest")[1]), read_metrics(tmp_path / str(k), "train"))
+    (p1, rows1), (p4, rows4) = runs[1], runs[4]
+    assert [r["step"] for r in rows4] == list(range(1, steps + 1))  # one row per optimizer update
+    lrs = [r["lr"] for r in rows1]
+    assert [r["lr"] for r in rows4] == lrs  # identical: the schedule counts updates in both
+    assert lrs[1] > 0 and max(lrs) == pytest.approx(2e-3 * 32 / 128)  # peak scaled by the batch of one update
+    # Tolerance from the arithmetic: the batch mean is reassociated. Each of the ~4
+    # chained reductions of the forward/backward (patch embedding, attention, MLP,
+    # head) sums at most n = B*T = 32*50 terms, a relative change of <= n*u each
+    # (u = 2^-24), so gradients differ by delta <= 4*n*u relative. AdamW's step is
+    # lr * m/sqrt(v): perturbing m and v by delta moves it by <= 2*delta*lr, and each
+    # update rounds p by <= u*|p| in both runs.
+    u, n = 2.0**-24, 32 * 50
+    delta = 4 * n * u
+    for name in p1:
+        bound = 2 * delta * sum(lrs) + 2 * steps * u * np.abs(p1[name])
+        assert np.all(np.abs(p4[name] - p1[name]) <= bound), name
+    for a, b in zip(rows1, rows4):
+        assert abs(a["loss"] - b["loss"]) <= delta * a["loss"]
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -132,6 +193,28 @@ def test_sigterm_then_resume_equals_uninterrupted_run_bitwise(tmp_path, teacher)
 
 
 # ----------------------------------------------------------------------------- multi-process
+def _launch_two(workdir, arg: str, flags: list[str], logs: list[Path]) -> list[subprocess.Popen]:
+    port = free_port()
+    return [
+        subprocess.Popen(
+            train_cmd(workdir, arg, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                      f"--process_id={i}"),
+            env=run_env(1), cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for i, log in enumerate(logs)
+    ]  # files, not pipes: a full pipe would block one process and deadlock its peer
+
+
+def _wait_all(procs, logs, timeout=300) -> None:
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-4000:]
+
+
 def test_two_processes_on_loopback_match_one_process(tmp_path):
     # An eval and both checkpoint managers' saves at every step: with two
     # processes, 'latest' and 'best' saving the same step must not share a
@@ -140,23 +223,8 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
              "--config.data.train_crop=resize", "--config.data.flip_prob=0.0", "--config.mesh.data=-1",
              "--config.diagnostics_every_steps=0", "--config.eval_every_steps=1", "--config.checkpoint_every_steps=1"]
     run_train(tmp_path / "one", "fp,tiny", *flags, devices=2)
-    port = free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            train_cmd(tmp_path / "two", "fp,tiny", *flags, f"--coordinator_address=127.0.0.1:{port}",
-                      "--num_processes=2", f"--process_id={i}"),
-            env=run_env(1), cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        for i, log in enumerate(logs)
-    ]  # files, not pipes: a full pipe would block one process and deadlock its peer
-    try:
-        for p in procs:
-            p.wait(timeout=300)
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log.read_text()[-4000:]
+    _wait_all(_launch_two(tmp_path / "two", "fp,tiny", flags, logs), logs)
     a = flat(restore_params(tmp_path / "one", "latest")[1])
     b = flat(restore_params(tmp_path / "two", "latest")[1])
     for k in a:
@@ -167,6 +235,42 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     ea, eb = read_metrics(tmp_path / "one", "eval")[-1], read_metrics(tmp_path / "two", "eval")[-1]
     assert ea["examples"] == eb["examples"] == 400
     assert ea["top1"] == pytest.approx(eb["top1"], abs=1e-6)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_bitwise(tmp_path):
+    """A preemption notice reaching only process 1: both processes save the same step and
+    exit 0; resuming with two processes ends bitwise equal to an uninterrupted run."""
+    steps = 150
+    flags = [f"--config.total_steps={steps}", "--config.global_batch_size=16", "--config.mesh.data=-1",
+             "--config.checkpoint_every_steps=100000", "--config.diagnostics_every_steps=0"]
+    logs = [tmp_path / f"full{i}.log" for i in range(2)]
+    _wait_all(_launch_two(tmp_path / "full", "fp,tiny", flags, logs), logs)
+
+    wd = tmp_path / "interrupted"
+    logs = [tmp_path / f"interrupted{i}.log" for i in range(2)]
+    procs = _launch_two(wd, "fp,tiny", flags, logs)
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        m = wd / "metrics.jsonl"  # written by process 0
+        if m.exists() and len(m.read_text().splitlines()) >= 20:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _wait_all(procs, logs)
+    saved = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 20 <= saved[0] < steps, f"expected one mid-run save, got {saved}"
+    for log in logs:  # both processes stopped at that step for the notice
+        assert f"saved a checkpoint at step {saved[0]}" in log.read_text()
+
+    logs = [tmp_path / f"resumed{i}.log" for i in range(2)]
+    _wait_all(_launch_two(wd, "fp,tiny", flags, logs), logs)
+    a = flat(restore_params(tmp_path / "full", "latest")[1])
+    b = flat(restore_params(wd, "latest")[1])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    la = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full", "train")]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(wd, "train")]
+    assert la == lb and len(la) == steps
 
 
 # ----------------------------------------------------------------------------- failures
@@ -217,6 +321,36 @@ def test_all_checkpoints_corrupt_refuses_to_start_from_scratch(tmp_path):
     with pytest.raises(CheckpointError, match="Refusing to start from scratch"):
         train_and_evaluate(cfg, tmp_path)
     assert (tmp_path / "metrics.jsonl").stat().st_mtime == mtime
+
+
+# ----------------------------------------------------------------------------- recipe
+def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_path):
+    """Same seed and data, KD off: the presets differ only by their switches, and each switch shows."""
+    runs = {}
+    for name, preset, strength in [("baseline", "baseline", 0.0), ("grs0", "baseline+grs", 0.0),
+                                   ("grs", "baseline+grs", 1e-2), ("asm", "baseline+asm", 0.0),
+                                   ("binaryvit", "binaryvit", 1e-2)]:
+        cfg = tiny_config(preset, total_steps=40, warmup_steps=2, distill__enabled=False,
+                          grs__strength=strength, diagnostics_every_steps=0, checkpoint_every_steps=40)
+        train_and_evaluate(cfg, tmp_path / name)
+        runs[name] = (read_metrics(tmp_path / name, "train"), flat(restore_params(tmp_path / name, "latest")[1]))
+    late_flips = {k: np.mean([r["flip_rate/all"] for r in rows[20:]]) for k, (rows, _) in runs.items()}
+    # GRS at strength 0 is the baseline, bit for bit; switched on, it cuts late sign flips several-fold.
+    assert [r["loss"] for r in runs["grs0"][0]] == [r["loss"] for r in runs["baseline"][0]]
+    assert late_flips["baseline"] > 0
+    assert late_flips["grs"] * 4 <= late_flips["baseline"], late_flips
+    assert late_flips["binaryvit"] * 4 <= late_flips["asm"], late_flips
+    # ASM adds parameters that learn, and changes the training trajectory.
+    asm_keys = runs["asm"][1].keys() - runs["baseline"][1].keys()
+    assert asm_keys and asm_keys <= runs["binaryvit"][1].keys()
+    init = flat(nnx.to_pure_dict(nnx.state(create("vit_micro_28", "baseline+asm", num_classes=10, image_size=28,
+                                                  in_channels=1, embed_dim=32, depth=1, num_heads=2), nnx.Param)))
+    assert all(not np.array_equal(runs["asm"][1][k], init[k]) for k in asm_keys), asm_keys
+    losses = {k: [r["loss"] for r in rows] for k, (rows, _) in runs.items() if k != "grs0"}
+    names = sorted(losses)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert losses[a] != losses[b], (a, b)
 
 
 # ----------------------------------------------------------------------------- accuracy
