@@ -26,7 +26,7 @@ MFU = model FLOPs per second / peak. Model FLOPs per step
 (binary and full-precision MACs both count: training runs the binary layers
 as float matmuls). ``MFU+T`` adds the teacher forward (``2 x teacher MACs x
 batch``) for presets that distil. Peak: CPU ``--peak-gflops`` (default
-DESIGN.md's ~100 GFLOP/s per core in float32, x2 for bfloat16, times the cores
+~100 GFLOP/s per core in float32 (XLA's matmul rate on a current x86 core), x2 for bfloat16, times the cores
 this process may run on); GPU / TPU a table of dense per-chip peaks by
 ``device_kind`` (``--peak-gflops`` overrides).
 
@@ -84,7 +84,7 @@ PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
     ("TPU v6 lite", (918.0, 918.0)),
     ("TPU v6e", (918.0, 918.0)),
 ]
-CPU_GFLOPS_PER_CORE = 100.0  # DESIGN.md "Measured anchors": XLA fp32 matmul; bf16 ~2x
+CPU_GFLOPS_PER_CORE = 100.0  # XLA fp32 matmul rate on a current x86 core; bf16 ~2x
 
 DEFAULT_BATCH = {"cpu": {"vit_micro_28": 128, "deit_tiny": 16, "deit_small": 8},
                  "accel": {"vit_micro_28": 1024, "deit_tiny": 256, "deit_small": 256}}
@@ -107,7 +107,7 @@ def peak_flops(dtype: str, override_gflops: float | None) -> tuple[float, str]:
     if backend == "cpu":
         cores = cpu_cores()
         per = CPU_GFLOPS_PER_CORE * (2 if dtype == "bfloat16" else 1)
-        return per * cores * 1e9, f"{per:.0f} GFLOP/s/core x {cores} cores (DESIGN.md anchor)"
+        return per * cores * 1e9, f"{per:.0f} GFLOP/s/core x {cores} cores (assumed CPU peak)"
     kind = jax.devices()[0].device_kind
     for key, (bf16, fp32) in PEAK_TFLOPS:
         if key.lower() in kind.lower():

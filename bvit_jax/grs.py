@@ -1,7 +1,7 @@
 """GRS: the gradient regularization scheme, as an optax gradient transformation.
 
 Binary training oscillates when latent weights sit near the sign boundary
-(0) and keep flipping. GRS (``../shared/DESIGN.md``) adds to the gradient of
+(0) and keep flipping. GRS (``docs/method.md``, "GRS") adds to the gradient of
 every latent binary weight
 
     g <- g + lambda * (|W| - alpha) * sign(W),   alpha = mean(|W|) per output channel

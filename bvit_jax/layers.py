@@ -4,7 +4,7 @@ Layers here read their switches from :class:`BinaryOptions`; with every switch
 off they are exactly the full-precision DeiT layers, so one implementation
 covers the teacher and every binary preset.
 
-Where the bits are (``../shared/DESIGN.md``): the inputs and weights of every
+Where the bits are (``docs/method.md``, "Where the bits are"): the inputs and weights of every
 linear layer inside the transformer blocks (q, k, v, attention output, fc1,
 fc2), and both attention matmuls (Q, K, V in +-1; probabilities in {0, c}).
 Patch embedding, tokens, LayerNorms, head, biases, scales and shifts stay in
@@ -240,7 +240,7 @@ class ActivationShift(nnx.Module):
     ``(..., tokens, channels)``; ``beta`` and ``gamma`` are learnable,
     zero-initialised, so an untrained module is plain ``sign``. ``beta`` alone is
     ReActNet's RSign (Liu et al., ECCV 2020); the adaptive ``gamma`` term is this
-    project's activation shift module (ASM, ``../shared/DESIGN.md``): it removes
+    project's activation shift module (ASM, ``docs/method.md``, "ASM"): it removes
     a learned share of each sample's own channel mean, cancelling the large
     inter-channel offsets of ViT activations.
     """

@@ -3,7 +3,7 @@
 ``create("deit_small", preset="binaryvit", num_classes=1000)`` builds a model.
 Variants fix the architecture (DeiT-Tiny/Small/Base at 224 px with 16 px
 patches, and small CPU-sized variants); presets fix the binarization recipe
-(``../shared/DESIGN.md``, "Presets"):
+(``docs/method.md``, "Presets"):
 
 =============== =========================================================
 ``fp``          DeiT (teacher): no binarization, GELU, no extra shortcuts

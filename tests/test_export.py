@@ -219,7 +219,7 @@ def test_deit_small_file_size_vs_accounting():
     model = create("deit_small", "binaryvit")
     blob = export_model(model, data=None, variant="deit_small", preset="binaryvit")
     acc = size_accounting(model)
-    assert acc["binary_params"] == 21_233_664  # the 48 encoder linears (DESIGN.md)
+    assert acc["binary_params"] == 21_233_664  # the 48 encoder linears (docs/method.md, "Accounting")
     # bvit_jax.summary's full count (every parameter + the alpha scales): the file
     # adds only its compressed header and alignment.
     assert 1.0 < len(blob) / acc["full_bytes"] < 1.01
