@@ -1,8 +1,26 @@
 #!/usr/bin/env bash
-# One-time set-up of a fresh machine: the Debian Fashion-MNIST package and a
-# virtual environment at .venv with the pinned requirements. Idempotent.
+# Set up a fresh machine for one job; idempotent.
+#
+#   bash scripts/setup.sh          # core: train, export, predict (requirements.txt)
+#   bash scripts/setup.sh test     # everything the test suite needs: core + prepare
+#                                  # (TensorFlow) + interop (torch, timm) + notebook + test tools
+#   bash scripts/setup.sh prepare interop ...   # core + the named extras
+#
+# Installs the Debian package dataset-fashion-mnist (the quick start's data)
+# and a virtual environment at .venv with the pinned lock files of the job
+# (pyproject.toml declares the groups; requirements*.txt pin them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+extras=("$@")
+if [ "${#extras[@]}" -eq 1 ] && [ "${extras[0]}" = "test" ]; then
+  extras=(prepare interop notebook test)
+fi
+locks=(requirements.txt)
+for extra in "${extras[@]}"; do
+  [ -f "requirements-$extra.txt" ] || { echo "setup.sh: unknown extra '$extra' (no requirements-$extra.txt)" >&2; exit 2; }
+  locks+=("requirements-$extra.txt")
+done
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -13,11 +31,20 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-stamp=.venv/.requirements.sha
-want=$(cat requirements.txt requirements-interop.txt pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+# One stamp per lock file. When any of the job's lock files is new or changed,
+# all of them go to pip in one call, so one resolution holds every pin at once.
+missing=0
+for lock in "${locks[@]}"; do
+  [ "$(cat ".venv/.installed-$lock.sha" 2>/dev/null)" = "$(sha256sum "$lock" | cut -d' ' -f1)" ] || missing=1
+done
+if [ "$missing" -eq 1 ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r requirements.txt -r requirements-interop.txt
+  .venv/bin/pip install -q $(printf -- '-r %s ' "${locks[@]}")
+  for lock in "${locks[@]}"; do sha256sum "$lock" | cut -d' ' -f1 > ".venv/.installed-$lock.sha"; done
+fi
+stamp=.venv/.installed-package.sha
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
