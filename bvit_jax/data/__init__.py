@@ -9,6 +9,7 @@ See docs/data.md. Main entry points::
   ev = data.create_eval_iterator(cfg, local_batch_size=128)
   x = data.eval_preprocess(open('img.jpg', 'rb').read(), cfg)  # one image
   names = data.class_names(cfg)
+  data.verify_data(cfg)  # every shard exists, opens, holds its records
 """
 
 from bvit_jax.data.config import default_data_config
@@ -27,12 +28,19 @@ from bvit_jax.data.pipeline import (
     reset_data_stats,
     steps_per_epoch,
 )
-from bvit_jax.data.sources import DatasetNotPreparedError
+from bvit_jax.data.sources import (
+    DataIntegrityError,
+    DatasetNotPreparedError,
+    RecordReadError,
+)
+from bvit_jax.data.verify import verify_data
 
 __all__ = [
+    "DataIntegrityError",
     "DatasetInfo",
     "DatasetNotPreparedError",
     "EvalSettings",
+    "RecordReadError",
     "class_names",
     "create_eval_iterator",
     "create_train_dataset",
@@ -45,4 +53,5 @@ __all__ = [
     "num_eval_batches",
     "reset_data_stats",
     "steps_per_epoch",
+    "verify_data",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -35,10 +35,10 @@ RESAMPLE = {
 
 
 def resample(name: str) -> Image.Resampling:
-  try:
-    return RESAMPLE[name]
-  except KeyError:
-    raise ValueError(f"interpolation must be one of {list(RESAMPLE)}") from None
+    try:
+        return RESAMPLE[name]
+    except KeyError:
+        raise ValueError(f"interpolation must be one of {list(RESAMPLE)}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -47,122 +47,132 @@ def resample(name: str) -> Image.Resampling:
 
 
 def random_resized_crop_box(
-    width: int, height: int, rng: np.random.Generator,
+    width: int,
+    height: int,
+    rng: np.random.Generator,
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
 ) -> tuple[int, int, int, int]:
-  """Inception-style crop box ``(left, top, w, h)``.
+    """Inception-style crop box ``(left, top, w, h)``.
 
-  torchvision's ``RandomResizedCrop.get_params`` (Szegedy et al. 2015): up to
-  10 tries of area ``A * U(scale)`` and aspect ``exp(U(log ratio))`` with
-  ``w = round(sqrt(area * aspect))``, ``h = round(sqrt(area / aspect))``,
-  uniform position; otherwise the centred largest crop with aspect clamped
-  to `ratio`.
-  """
-  area = width * height
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target_area = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-    w = int(round(math.sqrt(target_area * aspect)))
-    h = int(round(math.sqrt(target_area / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return left, top, w, h
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    w, h = int(round(height * max(ratio))), height
-  else:
-    w, h = width, height
-  return (width - w) // 2, (height - h) // 2, w, h
-
-
-def _decode_box_resized(img: Image.Image, box: Sequence[float], size: int,
-                        channels: int, interpolation: str,
-                        use_draft: bool) -> Image.Image:
-  """Decodes `img` (lazily opened) and resizes region `box` to size x size."""
-  x0, y0, x1, y1 = box
-  factor = 1.0
-  if use_draft and img.format == "JPEG":
-    w, h = img.size
-    factor = decode_lib.draft(
-        img, channels, (w * size / (x1 - x0), h * size / (y1 - y0)))
-  img = decode_lib.load(img, channels)
-  box = (x0 * factor, y0 * factor, x1 * factor, y1 * factor)
-  return img.resize((size, size), resample(interpolation), box=box)
+    torchvision's ``RandomResizedCrop.get_params`` (Szegedy et al. 2015): up to
+    10 tries of area ``A * U(scale)`` and aspect ``exp(U(log ratio))`` with
+    ``w = round(sqrt(area * aspect))``, ``h = round(sqrt(area / aspect))``,
+    uniform position; otherwise the centred largest crop with aspect clamped
+    to `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
-                        *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        channels: int = 3, interpolation: str = "bicubic",
-                        use_draft: bool = True) -> Image.Image:
-  """Decode + RandomResizedCrop(size) of a lazily opened image (see module)."""
-  left, top, w, h = random_resized_crop_box(img.size[0], img.size[1], rng,
-                                            scale, ratio)
-  return _decode_box_resized(img, (left, top, left + w, top + h), size,
-                             channels, interpolation, use_draft)
+def _decode_box_resized(
+    img: Image.Image, box: Sequence[float], size: int, channels: int, interpolation: str, use_draft: bool
+) -> Image.Image:
+    """Decodes `img` (lazily opened) and resizes region `box` to size x size."""
+    x0, y0, x1, y1 = box
+    factor = 1.0
+    if use_draft and img.format == "JPEG":
+        w, h = img.size
+        factor = decode_lib.draft(img, channels, (w * size / (x1 - x0), h * size / (y1 - y0)))
+    img = decode_lib.load(img, channels)
+    box = (x0 * factor, y0 * factor, x1 * factor, y1 * factor)
+    return img.resize((size, size), resample(interpolation), box=box)
 
 
-def center_crop_box(width: int, height: int, size: int,
-                    crop_ratio: float) -> tuple[float, float, float, float]:
-  """Region of the original that ``Resize(R)`` + ``CenterCrop(size)`` keeps.
-
-  ``R = floor(size / crop_ratio)`` (timm: 224 / 0.875 = 256). torchvision
-  resizes the shorter side to ``R`` and the longer to ``int(R * long /
-  short)``, then crops at ``round((R' - size) / 2)``. Resizing this box
-  straight to ``size`` gives the same pixels: PIL's resampling with a box
-  uses the same scale and sample positions as resize-then-crop.
-  """
-  r = int(math.floor(size / crop_ratio + 1e-6))
-  if width <= height:
-    new_w, new_h = r, int(r * height / width)
-  else:
-    new_w, new_h = int(r * width / height), r
-  new_w, new_h = max(new_w, size), max(new_h, size)
-  top = int(round((new_h - size) / 2.0))
-  left = int(round((new_w - size) / 2.0))
-  sx, sy = width / new_w, height / new_h
-  return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    channels: int = 3,
+    interpolation: str = "bicubic",
+    use_draft: bool = True,
+) -> Image.Image:
+    """Decode + RandomResizedCrop(size) of a lazily opened image (see module)."""
+    left, top, w, h = random_resized_crop_box(img.size[0], img.size[1], rng, scale, ratio)
+    return _decode_box_resized(img, (left, top, left + w, top + h), size, channels, interpolation, use_draft)
 
 
-def resize_center_crop(img: Image.Image, size: int, crop_ratio: float = 0.875,
-                       *, channels: int = 3, interpolation: str = "bicubic",
-                       use_draft: bool = True) -> Image.Image:
-  """Eval transform: shorter side to ``size / crop_ratio``, centre crop."""
-  box = center_crop_box(img.size[0], img.size[1], size, crop_ratio)
-  return _decode_box_resized(img, box, size, channels, interpolation,
-                             use_draft)
+def center_crop_box(width: int, height: int, size: int, crop_ratio: float) -> tuple[float, float, float, float]:
+    """Region of the original that ``Resize(R)`` + ``CenterCrop(size)`` keeps.
+
+    ``R = floor(size / crop_ratio)`` (timm: 224 / 0.875 = 256). torchvision
+    resizes the shorter side to ``R`` and the longer to ``int(R * long /
+    short)``, then crops at ``round((R' - size) / 2)``. Resizing this box
+    straight to ``size`` gives the same pixels: PIL's resampling with a box
+    uses the same scale and sample positions as resize-then-crop.
+    """
+    r = int(math.floor(size / crop_ratio + 1e-6))
+    if width <= height:
+        new_w, new_h = r, int(r * height / width)
+    else:
+        new_w, new_h = int(r * width / height), r
+    new_w, new_h = max(new_w, size), max(new_h, size)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def resize_center_crop(
+    img: Image.Image,
+    size: int,
+    crop_ratio: float = 0.875,
+    *,
+    channels: int = 3,
+    interpolation: str = "bicubic",
+    use_draft: bool = True,
+) -> Image.Image:
+    """Eval transform: shorter side to ``size / crop_ratio``, centre crop."""
+    box = center_crop_box(img.size[0], img.size[1], size, crop_ratio)
+    return _decode_box_resized(img, box, size, channels, interpolation, use_draft)
 
 
 def resize(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
-  """Resize to ``size x size`` (no-op if already that size)."""
-  if img.size == (size, size):
-    return img
-  return img.resize((size, size), resample(interpolation))
+    """Resize to ``size x size`` (no-op if already that size)."""
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), resample(interpolation))
 
 
 def pad_random_crop(x: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
-  """Zero-pad `pad` pixels per side, crop back to the input size at random.
+    """Zero-pad `pad` pixels per side, crop back to the input size at random.
 
-  The CIFAR / MNIST augmentation of He et al. 2016 (pad 4 at 32 px).
-  """
-  if pad <= 0:
-    return x
-  h, w = x.shape[:2]
-  padded = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
-  top = int(rng.integers(0, 2 * pad + 1))
-  left = int(rng.integers(0, 2 * pad + 1))
-  return padded[top:top + h, left:left + w]
+    The CIFAR / MNIST augmentation of He et al. 2016 (pad 4 at 32 px).
+    """
+    if pad <= 0:
+        return x
+    h, w = x.shape[:2]
+    padded = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+    top = int(rng.integers(0, 2 * pad + 1))
+    left = int(rng.integers(0, 2 * pad + 1))
+    return padded[top : top + h, left : left + w]
 
 
 def random_hflip(x: np.ndarray, rng: np.random.Generator, prob: float) -> np.ndarray:
-  """Mirror ``[H, W, C]`` left-right with probability `prob`."""
-  if prob > 0 and rng.random() < prob:
-    return x[:, ::-1]
-  return x
+    """Mirror ``[H, W, C]`` left-right with probability `prob`."""
+    if prob > 0 and rng.random() < prob:
+        return x[:, ::-1]
+    return x
 
 
 # ----------------------------------------------------------------------------
@@ -173,32 +183,31 @@ _LEVEL_DENOM = 10.0  # timm: magnitudes are given on a 0..10 scale.
 
 
 def _negate(v: float, rng: np.random.Generator) -> float:
-  return -v if rng.random() > 0.5 else v
+    return -v if rng.random() > 0.5 else v
 
 
 @dataclasses.dataclass(frozen=True)
 class _Ctx:
-  fill: tuple | int
-  interpolation: Image.Resampling
+    fill: tuple | int
+    interpolation: Image.Resampling
 
 
 def _affine(img, data, ctx):
-  return img.transform(img.size, Image.Transform.AFFINE, data,
-                       resample=ctx.interpolation, fillcolor=ctx.fill)
+    return img.transform(img.size, Image.Transform.AFFINE, data, resample=ctx.interpolation, fillcolor=ctx.fill)
 
 
 def _solarize_add(img, add):
-  lut = [min(255, i + add) if i < 128 else i for i in range(256)]
-  return img.point(lut * len(img.getbands()))
+    lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
 
 
 def _posterize(img, bits):
-  """Keep the top `bits` bits of every value; 0 bits gives black (as
-  ``ImageOps.posterize(img, 0)`` did before Pillow required bits >= 1)."""
-  if bits >= 8:
-    return img
-  mask = ~(2 ** (8 - max(bits, 0)) - 1) & 0xFF
-  return img.point([i & mask for i in range(256)] * len(img.getbands()))
+    """Keep the top `bits` bits of every value; 0 bits gives black (as
+    ``ImageOps.posterize(img, 0)`` did before Pillow required bits >= 1)."""
+    if bits >= 8:
+        return img
+    mask = ~(2 ** (8 - max(bits, 0)) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
 
 
 # name -> (op(img, level_fraction, rng, ctx)). `level` is magnitude / 10.
@@ -209,15 +218,13 @@ _OPS: dict[str, Callable] = {
     "Equalize": lambda img, l, r, c: ImageOps.equalize(img),
     "Invert": lambda img, l, r, c: ImageOps.invert(img),
     # +-30 degrees at level 1.
-    "Rotate": lambda img, l, r, c: img.rotate(
-        _negate(30.0 * l, r), resample=c.interpolation, fillcolor=c.fill),
+    "Rotate": lambda img, l, r, c: img.rotate(_negate(30.0 * l, r), resample=c.interpolation, fillcolor=c.fill),
     # Keep int(4 * level) bits (original), 4 - int(4 * level) (increasing).
     "Posterize": lambda img, l, r, c: _posterize(img, int(4 * l)),
     "PosterizeIncreasing": lambda img, l, r, c: _posterize(img, 4 - int(4 * l)),
     # Invert pixels >= threshold: int(256 * level) / 256 - int(256 * level).
     "Solarize": lambda img, l, r, c: ImageOps.solarize(img, int(256 * l)),
-    "SolarizeIncreasing": lambda img, l, r, c: ImageOps.solarize(
-        img, 256 - int(256 * l)),
+    "SolarizeIncreasing": lambda img, l, r, c: ImageOps.solarize(img, 256 - int(256 * l)),
     # Add int(110 * level) to pixels below 128.
     "SolarizeAdd": lambda img, l, r, c: _solarize_add(img, int(110 * l)),
     # Enhance factor 1.8 * level + 0.1 (original), max(0.1, 1 +- 0.9 * level).
@@ -225,109 +232,130 @@ _OPS: dict[str, Callable] = {
     "Contrast": lambda img, l, r, c: ImageEnhance.Contrast(img).enhance(1.8 * l + 0.1),
     "Brightness": lambda img, l, r, c: ImageEnhance.Brightness(img).enhance(1.8 * l + 0.1),
     "Sharpness": lambda img, l, r, c: ImageEnhance.Sharpness(img).enhance(1.8 * l + 0.1),
-    "ColorIncreasing": lambda img, l, r, c: ImageEnhance.Color(img).enhance(
-        max(0.1, 1.0 + _negate(0.9 * l, r))),
-    "ContrastIncreasing": lambda img, l, r, c: ImageEnhance.Contrast(img).enhance(
-        max(0.1, 1.0 + _negate(0.9 * l, r))),
+    "ColorIncreasing": lambda img, l, r, c: ImageEnhance.Color(img).enhance(max(0.1, 1.0 + _negate(0.9 * l, r))),
+    "ContrastIncreasing": lambda img, l, r, c: ImageEnhance.Contrast(img).enhance(max(0.1, 1.0 + _negate(0.9 * l, r))),
     "BrightnessIncreasing": lambda img, l, r, c: ImageEnhance.Brightness(img).enhance(
-        max(0.1, 1.0 + _negate(0.9 * l, r))),
+        max(0.1, 1.0 + _negate(0.9 * l, r))
+    ),
     "SharpnessIncreasing": lambda img, l, r, c: ImageEnhance.Sharpness(img).enhance(
-        max(0.1, 1.0 + _negate(0.9 * l, r))),
+        max(0.1, 1.0 + _negate(0.9 * l, r))
+    ),
     # Shear factor +-0.3 at level 1.
     "ShearX": lambda img, l, r, c: _affine(img, (1, _negate(0.3 * l, r), 0, 0, 1, 0), c),
     "ShearY": lambda img, l, r, c: _affine(img, (1, 0, 0, _negate(0.3 * l, r), 1, 0), c),
     # Translate by +-45 % of the side at level 1.
-    "TranslateXRel": lambda img, l, r, c: _affine(
-        img, (1, 0, _negate(0.45 * l, r) * img.size[0], 0, 1, 0), c),
-    "TranslateYRel": lambda img, l, r, c: _affine(
-        img, (1, 0, 0, 0, 1, _negate(0.45 * l, r) * img.size[1]), c),
+    "TranslateXRel": lambda img, l, r, c: _affine(img, (1, 0, _negate(0.45 * l, r) * img.size[0], 0, 1, 0), c),
+    "TranslateYRel": lambda img, l, r, c: _affine(img, (1, 0, 0, 0, 1, _negate(0.45 * l, r) * img.size[1]), c),
 }
 
 RAND_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
-    "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
-    "ShearY", "TranslateXRel", "TranslateYRel")
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 RAND_INCREASING_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing",
-    "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class RandAugment:
-  """RandAugment (Cubuk et al. 2020) with timm's policy strings.
+    """RandAugment (Cubuk et al. 2020) with timm's policy strings.
 
-  ``'rand-m9-mstd0.5-inc1'`` (DeiT's ``--aa``) means: ``n=2`` ops per image
-  (default), drawn uniformly with replacement from 15 ops; magnitude ``m=9``
-  on a 0..10 scale, re-drawn for every op application as
-  ``clip(N(m, mstd=0.5), 0, mmax=10)``; ``inc1`` selects the "increasing"
-  variants (stronger posterize / solarize / enhance at larger m); each chosen
-  op is applied with probability ``p=0.5``. Geometric ops fill with the
-  dataset mean colour and use `interpolation`. Keys: ``m``, ``n``, ``mstd``,
-  ``mmax``, ``inc``, ``p``.
-  """
+    ``'rand-m9-mstd0.5-inc1'`` (DeiT's ``--aa``) means: ``n=2`` ops per image
+    (default), drawn uniformly with replacement from 15 ops; magnitude ``m=9``
+    on a 0..10 scale, re-drawn for every op application as
+    ``clip(N(m, mstd=0.5), 0, mmax=10)``; ``inc1`` selects the "increasing"
+    variants (stronger posterize / solarize / enhance at larger m); each chosen
+    op is applied with probability ``p=0.5``. Geometric ops fill with the
+    dataset mean colour and use `interpolation`. Keys: ``m``, ``n``, ``mstd``,
+    ``mmax``, ``inc``, ``p``.
+    """
 
-  num_ops: int = 2
-  magnitude: float = 9.0
-  magnitude_std: float = 0.5
-  magnitude_max: float = 10.0
-  increasing: bool = True
-  prob: float = 0.5
-  fill: tuple = (124, 116, 104)
-  interpolation: str = "bicubic"
+    num_ops: int = 2
+    magnitude: float = 9.0
+    magnitude_std: float = 0.5
+    magnitude_max: float = 10.0
+    increasing: bool = True
+    prob: float = 0.5
+    fill: tuple = (124, 116, 104)
+    interpolation: str = "bicubic"
 
-  @classmethod
-  def from_string(cls, spec: str, fill=(124, 116, 104),
-                  interpolation: str = "bicubic") -> "RandAugment":
-    parts = spec.split("-")
-    if parts[0] != "rand":
-      raise ValueError(f"RandAugment spec must start with 'rand': {spec!r}")
-    kw = dict(num_ops=2, magnitude=10.0, magnitude_std=0.0,
-              magnitude_max=10.0, increasing=False, prob=0.5)
-    for part in parts[1:]:
-      m = re.fullmatch(r"([a-z]+)([0-9.]+|inf)", part)
-      if not m:
-        raise ValueError(f"bad RandAugment section {part!r} in {spec!r}")
-      key, val = m.groups()
-      if key == "m":
-        kw["magnitude"] = float(val)
-      elif key == "n":
-        kw["num_ops"] = int(val)
-      elif key == "mstd":
-        kw["magnitude_std"] = float(val)
-      elif key == "mmax":
-        kw["magnitude_max"] = float(val)
-      elif key == "inc":
-        kw["increasing"] = bool(int(val))
-      elif key == "p":
-        kw["prob"] = float(val)
-      else:
-        raise ValueError(f"unknown RandAugment key {key!r} in {spec!r}")
-    return cls(fill=tuple(fill), interpolation=interpolation, **kw)
+    @classmethod
+    def from_string(cls, spec: str, fill=(124, 116, 104), interpolation: str = "bicubic") -> RandAugment:
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"RandAugment spec must start with 'rand': {spec!r}")
+        kw = dict(num_ops=2, magnitude=10.0, magnitude_std=0.0, magnitude_max=10.0, increasing=False, prob=0.5)
+        for part in parts[1:]:
+            m = re.fullmatch(r"([a-z]+)([0-9.]+|inf)", part)
+            if not m:
+                raise ValueError(f"bad RandAugment section {part!r} in {spec!r}")
+            key, val = m.groups()
+            if key == "m":
+                kw["magnitude"] = float(val)
+            elif key == "n":
+                kw["num_ops"] = int(val)
+            elif key == "mstd":
+                kw["magnitude_std"] = float(val)
+            elif key == "mmax":
+                kw["magnitude_max"] = float(val)
+            elif key == "inc":
+                kw["increasing"] = bool(int(val))
+            elif key == "p":
+                kw["prob"] = float(val)
+            else:
+                raise ValueError(f"unknown RandAugment key {key!r} in {spec!r}")
+        return cls(fill=tuple(fill), interpolation=interpolation, **kw)
 
-  @property
-  def ops(self) -> tuple[str, ...]:
-    return RAND_INCREASING_TRANSFORMS if self.increasing else RAND_TRANSFORMS
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return RAND_INCREASING_TRANSFORMS if self.increasing else RAND_TRANSFORMS
 
-  def sample_magnitude(self, rng: np.random.Generator) -> float:
-    m = self.magnitude
-    if self.magnitude_std == float("inf"):
-      m = rng.uniform(0, m)
-    elif self.magnitude_std > 0:
-      m = rng.normal(m, self.magnitude_std)
-    return float(np.clip(m, 0.0, self.magnitude_max))
+    def sample_magnitude(self, rng: np.random.Generator) -> float:
+        m = self.magnitude
+        if self.magnitude_std == float("inf"):
+            m = rng.uniform(0, m)
+        elif self.magnitude_std > 0:
+            m = rng.normal(m, self.magnitude_std)
+        return float(np.clip(m, 0.0, self.magnitude_max))
 
-  def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    fill = self.fill if img.mode == "RGB" else int(round(np.mean(self.fill)))
-    ctx = _Ctx(fill=fill, interpolation=resample(self.interpolation))
-    ops = self.ops
-    for k in rng.integers(0, len(ops), size=self.num_ops):
-      if self.prob < 1.0 and rng.random() > self.prob:
-        continue
-      level = self.sample_magnitude(rng) / _LEVEL_DENOM
-      img = _OPS[ops[k]](img, level, rng, ctx)
-    return img
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        fill = self.fill if img.mode == "RGB" else int(round(np.mean(self.fill)))
+        ctx = _Ctx(fill=fill, interpolation=resample(self.interpolation))
+        ops = self.ops
+        for k in rng.integers(0, len(ops), size=self.num_ops):
+            if self.prob < 1.0 and rng.random() > self.prob:
+                continue
+            level = self.sample_magnitude(rng) / _LEVEL_DENOM
+            img = _OPS[ops[k]](img, level, rng, ctx)
+        return img
 
 
 # ----------------------------------------------------------------------------
@@ -335,30 +363,33 @@ class RandAugment:
 # ----------------------------------------------------------------------------
 
 
-def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float,
-                   area: Sequence[float] = (0.02, 1 / 3),
-                   ratio: Sequence[float] = (0.3, 1 / 0.3)) -> np.ndarray:
-  """Random Erasing (Zhong et al. 2020), timm's ``mode='pixel'``, one box.
+def random_erasing(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    prob: float,
+    area: Sequence[float] = (0.02, 1 / 3),
+    ratio: Sequence[float] = (0.3, 1 / 0.3),
+) -> np.ndarray:
+    """Random Erasing (Zhong et al. 2020), timm's ``mode='pixel'``, one box.
 
-  With probability `prob`: up to 10 tries of a box of area ``A * U(area)``,
-  aspect ``exp(U(log ratio))``, ``h = round(sqrt(a * aspect))``,
-  ``w = round(sqrt(a / aspect))``, kept if ``w < W`` and ``h < H``; it is
-  filled with N(0, 1) noise per pixel and channel (the image is already
-  normalised, so that is noise of the data's own scale). In place on `x`.
-  """
-  if prob <= 0 or rng.random() >= prob:
+    With probability `prob`: up to 10 tries of a box of area ``A * U(area)``,
+    aspect ``exp(U(log ratio))``, ``h = round(sqrt(a * aspect))``,
+    ``w = round(sqrt(a / aspect))``, kept if ``w < W`` and ``h < H``; it is
+    filled with N(0, 1) noise per pixel and channel (the image is already
+    normalised, so that is noise of the data's own scale). In place on `x`.
+    """
+    if prob <= 0 or rng.random() >= prob:
+        return x
+    height, width, channels = x.shape
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = height * width * rng.uniform(area[0], area[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        h = int(round(math.sqrt(target * aspect)))
+        w = int(round(math.sqrt(target / aspect)))
+        if w < width and h < height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            x[top : top + h, left : left + w] = rng.standard_normal((h, w, channels), dtype=np.float32)
+            break
     return x
-  height, width, channels = x.shape
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target = height * width * rng.uniform(area[0], area[1])
-    aspect = math.exp(rng.uniform(*log_ratio))
-    h = int(round(math.sqrt(target * aspect)))
-    w = int(round(math.sqrt(target / aspect)))
-    if w < width and h < height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      x[top:top + h, left:left + w] = rng.standard_normal(
-          (h, w, channels), dtype=np.float32)
-      break
-  return x

@@ -116,75 +116,75 @@ _SMALL_DATASETS = {
 
 
 def default_data_config(name: str = "imagenet2012") -> ml_collections.ConfigDict:
-  """The data preset for `name`; see the module docstring for each field.
+    """The data preset for `name`; see the module docstring for each field.
 
-  ``imagenet2012`` (and any unknown large-image TFDS name, e.g.
-  ``imagenette``) gets DeiT's recipe at 224 px. ``fashion_mnist`` / ``mnist``
-  read the Debian IDX files at their native 28 px with pad-2 random crop and
-  flip; ``cifar10`` / ``cifar100`` use pad-4 random crop and flip at 32 px.
-  Small presets have no RandAugment, Mixup, CutMix or random erasing.
-  """
-  c = ml_collections.ConfigDict()
-  c.name = name
-  c.source = "tfds"
-  c.data_dir = ml_collections.config_dict.placeholder(str)
-  c.manual_dir = ml_collections.config_dict.placeholder(str)
-  c.idx_dir = ml_collections.config_dict.placeholder(str)
-  c.train_split = "train"
-  c.eval_split = "validation"
-  c.image_key = "image"
-  c.label_key = "label"
-  c.num_classes = ml_collections.config_dict.placeholder(int)
+    ``imagenet2012`` (and any unknown large-image TFDS name, e.g.
+    ``imagenette``) gets DeiT's recipe at 224 px. ``fashion_mnist`` / ``mnist``
+    read the Debian IDX files at their native 28 px with pad-2 random crop and
+    flip; ``cifar10`` / ``cifar100`` use pad-4 random crop and flip at 32 px.
+    Small presets have no RandAugment, Mixup, CutMix or random erasing.
+    """
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.source = "tfds"
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.manual_dir = ml_collections.config_dict.placeholder(str)
+    c.idx_dir = ml_collections.config_dict.placeholder(str)
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.image_key = "image"
+    c.label_key = "label"
+    c.num_classes = ml_collections.config_dict.placeholder(int)
 
-  c.image_size = 224
-  c.channels = 3
-  c.interpolation = "bicubic"
-  c.jpeg_draft = True
-  c.eval_jpeg_draft = False
+    c.image_size = 224
+    c.channels = 3
+    c.interpolation = "bicubic"
+    c.jpeg_draft = True
+    c.eval_jpeg_draft = False
 
-  c.train_crop = "random_resized_crop"
-  c.rrc_scale = (0.08, 1.0)
-  c.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
-  c.pad_size = 4
-  c.flip_prob = 0.5
-  c.randaugment = "rand-m9-mstd0.5-inc1"
-  c.random_erase_prob = 0.25
-  c.mixup_alpha = 0.8
-  c.cutmix_alpha = 1.0
-  c.mix_prob = 1.0
-  c.mix_switch_prob = 0.5
-  c.label_smoothing = 0.1
-  c.repeated_aug = 3
-  c.max_decode_retries = 10
+    c.train_crop = "random_resized_crop"
+    c.rrc_scale = (0.08, 1.0)
+    c.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
+    c.pad_size = 4
+    c.flip_prob = 0.5
+    c.randaugment = "rand-m9-mstd0.5-inc1"
+    c.random_erase_prob = 0.25
+    c.mixup_alpha = 0.8
+    c.cutmix_alpha = 1.0
+    c.mix_prob = 1.0
+    c.mix_switch_prob = 0.5
+    c.label_smoothing = 0.1
+    c.repeated_aug = 3
+    c.max_decode_retries = 10
 
-  c.eval_crop = "center_crop"
-  c.crop_ratio = 0.875
+    c.eval_crop = "center_crop"
+    c.crop_ratio = 0.875
 
-  c.mean = IMAGENET_MEAN
-  c.std = IMAGENET_STD
+    c.mean = IMAGENET_MEAN
+    c.std = IMAGENET_STD
 
-  c.num_workers = 0
-  c.num_threads = 4
-  c.prefetch = 4
-  c.return_index = False
+    c.num_workers = 0
+    c.num_threads = 4
+    c.prefetch = 4
+    c.return_index = False
 
-  if name in _SMALL_DATASETS:
-    size, channels, mean, std, eval_split = _SMALL_DATASETS[name]
-    if name in DEFAULT_IDX_DIRS:
-      c.source = "idx"
-      c.idx_dir = DEFAULT_IDX_DIRS[name]
-    c.eval_split = eval_split
-    c.image_size = size
-    c.channels = channels
-    c.interpolation = "bilinear"
-    c.train_crop = "pad_random_crop"
-    c.pad_size = 2 if size == 28 else 4
-    c.randaugment = ""
-    c.random_erase_prob = 0.0
-    c.mixup_alpha = 0.0
-    c.cutmix_alpha = 0.0
-    c.repeated_aug = 1
-    c.eval_crop = "resize"
-    c.mean = mean
-    c.std = std
-  return c
+    if name in _SMALL_DATASETS:
+        size, channels, mean, std, eval_split = _SMALL_DATASETS[name]
+        if name in DEFAULT_IDX_DIRS:
+            c.source = "idx"
+            c.idx_dir = DEFAULT_IDX_DIRS[name]
+        c.eval_split = eval_split
+        c.image_size = size
+        c.channels = channels
+        c.interpolation = "bilinear"
+        c.train_crop = "pad_random_crop"
+        c.pad_size = 2 if size == 28 else 4
+        c.randaugment = ""
+        c.random_erase_prob = 0.0
+        c.mixup_alpha = 0.0
+        c.cutmix_alpha = 0.0
+        c.repeated_aug = 1
+        c.eval_crop = "resize"
+        c.mean = mean
+        c.std = std
+    return c
