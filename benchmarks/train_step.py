@@ -54,9 +54,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bvit_jax.models import get_preset  # noqa: E402
+from bvit_jax.models import get_preset, get_variant  # noqa: E402
 from bvit_jax.optim import build_optimizer  # noqa: E402
 from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
+from bvit_jax.recipes import base_config, imagenet_deit_config  # noqa: E402
 from bvit_jax.summary import summary  # noqa: E402
 from bvit_jax.train import build_model, init_train_state, make_train_step  # noqa: E402
 
@@ -86,10 +87,14 @@ PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
 ]
 CPU_GFLOPS_PER_CORE = 100.0  # XLA fp32 matmul rate on a current x86 core; bf16 ~2x
 
-DEFAULT_BATCH = {"cpu": {"vit_micro_28": 128, "deit_tiny": 16, "deit_small": 8},
-                 "accel": {"vit_micro_28": 1024, "deit_tiny": 256, "deit_small": 256}}
-DEFAULT_STEPS = {"cpu": {"vit_micro_28": 10, "deit_tiny": 2, "deit_small": 2},
-                 "accel": {"vit_micro_28": 20, "deit_tiny": 10, "deit_small": 10}}
+DEFAULT_BATCH = {
+    "cpu": {"vit_micro_28": 128, "deit_tiny": 16, "deit_small": 8},
+    "accel": {"vit_micro_28": 1024, "deit_tiny": 256, "deit_small": 256},
+}
+DEFAULT_STEPS = {
+    "cpu": {"vit_micro_28": 10, "deit_tiny": 2, "deit_small": 2},
+    "accel": {"vit_micro_28": 20, "deit_tiny": 10, "deit_small": 10},
+}
 
 
 def cpu_cores() -> int:
@@ -123,16 +128,10 @@ def get_config(variant: str, preset: str, batch: int, dtype: str):
 
         c = fashion_mnist.get_config(preset)
     elif variant.startswith("deit_"):
-        from configs.imagenet_deit import imagenet_config
-
-        c = imagenet_config(variant, preset)
+        c = imagenet_deit_config(variant, preset)
     else:
-        from configs import common
-
-        from bvit_jax.models import get_variant
-
         v = get_variant(variant)
-        c = common.base_config(preset, variant, "imagenet2012")
+        c = base_config(preset, variant, "imagenet2012")
         c.model.num_classes = v.num_classes
         c.data.image_size, c.data.channels = v.image_size, v.in_channels
     c.global_batch_size = batch
@@ -158,8 +157,15 @@ class Case:
         graphdef, params = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(params)
         latent = latent_weight_mask(model, params)
-        tx = build_optimizer(config, params, latent, use_grs=preset.grs,
-                             total_steps=config.total_steps, warmup_steps=100, grs_warmup_steps=0)
+        tx = build_optimizer(
+            config,
+            params,
+            latent,
+            use_grs=preset.grs,
+            total_steps=config.total_steps,
+            warmup_steps=100,
+            grs_warmup_steps=0,
+        )
         self.teacher_macs = 0
         teacher_graphdef = self.teacher_params = None
         if preset.distill and config.distill.enabled:
@@ -185,7 +191,10 @@ class Case:
         self.compile_s = time.perf_counter() - t0
         self.run(1)  # a second call must not compile again (it did while a parameter was weak-typed)
         if hasattr(self.step, "_cache_size") and self.step._cache_size() != 1:
-            print(f"  warning: {variant}/{preset_name}: the train step compiled {self.step._cache_size()} times", flush=True)
+            print(
+                f"  warning: {variant}/{preset_name}: the train step compiled {self.step._cache_size()} times",
+                flush=True,
+            )
         self.cpu_times.clear()
         self.times: list[float] = []
 
@@ -228,15 +237,25 @@ def parse_per_variant(text: str | None, variants: list[str], defaults: dict[str,
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--variants", default="vit_micro_28,deit_tiny,deit_small", help="comma-separated model variants")
-    ap.add_argument("--presets", default="fp,binaryvit", help="comma-separated presets; the first is the ratio's base; "
-                    "PRESET:nokd is PRESET with distillation off (no teacher forward)")
+    ap.add_argument(
+        "--presets",
+        default="fp,binaryvit",
+        help="comma-separated presets; the first is the ratio's base; "
+        "PRESET:nokd is PRESET with distillation off (no teacher forward)",
+    )
     ap.add_argument("--batch", default=None, help="batch size: N for all, or variant=N,... (defaults per backend)")
     ap.add_argument("--steps", default=None, help="steps per timed round: N or variant=N,... (defaults per backend)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved timed rounds; the median is reported")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)")
-    ap.add_argument("--peak-gflops", type=float, default=None, help="peak GFLOP/s of the devices used (overrides the defaults)")
+    ap.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)"
+    )
+    ap.add_argument(
+        "--peak-gflops", type=float, default=None, help="peak GFLOP/s of the devices used (overrides the defaults)"
+    )
     ap.add_argument("--json", default=None, help="also write the rows (and machine facts) to this JSON file")
     args = ap.parse_args(argv)
 
@@ -247,8 +266,10 @@ def main(argv=None) -> list[dict]:
     steps = parse_per_variant(args.steps, variants, DEFAULT_STEPS[kind], "steps")
     peak, peak_src = peak_flops(args.dtype, args.peak_gflops)
     dev = jax.devices()[0]
-    print(f"backend={jax.default_backend()} device={dev.device_kind} devices_used=1"
-          f"{' cores=%d' % cpu_cores() if kind == 'cpu' else ''} jax={jax.__version__} dtype={args.dtype}")
+    print(
+        f"backend={jax.default_backend()} device={dev.device_kind} devices_used=1"
+        f"{f' cores={cpu_cores()}' if kind == 'cpu' else ''} jax={jax.__version__} dtype={args.dtype}"
+    )
     print(f"peak={peak / 1e9:,.0f} GFLOP/s ({peak_src}); reps={args.reps}, median per-step time")
 
     rows = []
@@ -265,28 +286,60 @@ def main(argv=None) -> list[dict]:
         for c in cases:
             t, cpu = statistics.median(c.times), statistics.median(c.cpu_times)
             q = statistics.quantiles(c.times, n=4) if len(c.times) > 1 else [t, t, t]
-            rows.append({
-                "variant": variant, "preset": c.preset, "batch": c.batch, "step_ms": 1e3 * t,
-                "iqr_pct": 100 * (q[2] - q[0]) / t, "img_s": c.batch / t, "gmacs": c.macs / 1e9,
-                "gflop_step": c.flops / 1e9, "mfu": c.flops / t / peak,
-                "mfu_t": (c.flops + c.teacher_flops) / t / peak,
-                # ratios of rounds run back to back (the same load on a shared machine), median over rounds
-                "ratio": statistics.median(a / b for a, b in zip(c.times, base.times)),
-                "cpu_ms": 1e3 * cpu, "cpu_ratio": statistics.median(a / b for a, b in zip(c.cpu_times, base.cpu_times)),
-                "compile_s": c.compile_s, "times_s": list(c.times), "cpu_times_s": list(c.cpu_times),
-            })
+            rows.append(
+                {
+                    "variant": variant,
+                    "preset": c.preset,
+                    "batch": c.batch,
+                    "step_ms": 1e3 * t,
+                    "iqr_pct": 100 * (q[2] - q[0]) / t,
+                    "img_s": c.batch / t,
+                    "gmacs": c.macs / 1e9,
+                    "gflop_step": c.flops / 1e9,
+                    "mfu": c.flops / t / peak,
+                    "mfu_t": (c.flops + c.teacher_flops) / t / peak,
+                    # ratios of rounds run back to back (the same load on a shared machine), median over rounds
+                    "ratio": statistics.median(a / b for a, b in zip(c.times, base.times)),
+                    "cpu_ms": 1e3 * cpu,
+                    "cpu_ratio": statistics.median(a / b for a, b in zip(c.cpu_times, base.cpu_times)),
+                    "compile_s": c.compile_s,
+                    "times_s": list(c.times),
+                    "cpu_times_s": list(c.cpu_times),
+                }
+            )
         del cases
 
     cpu = kind == "cpu"
     print()
-    head = ["variant", "preset", "batch", "step ms", "IQR", "img/s", "GMAC/img", "GFLOP/step", "MFU", "MFU+T",
-            f"ratio vs {presets[0]}"] + (["CPU-s/step", "CPU-time ratio"] if cpu else [])
+    head = [
+        "variant",
+        "preset",
+        "batch",
+        "step ms",
+        "IQR",
+        "img/s",
+        "GMAC/img",
+        "GFLOP/step",
+        "MFU",
+        "MFU+T",
+        f"ratio vs {presets[0]}",
+    ] + (["CPU-s/step", "CPU-time ratio"] if cpu else [])
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
     for r in rows:
-        cells = [r["variant"], r["preset"], str(r["batch"]), f"{r['step_ms']:,.1f}", f"{r['iqr_pct']:.0f}%", f"{r['img_s']:,.1f}",
-                 f"{r['gmacs']:.3f}", f"{r['gflop_step']:,.1f}", f"{100 * r['mfu']:.1f}%", f"{100 * r['mfu_t']:.1f}%",
-                 f"{r['ratio']:.2f}x"]
+        cells = [
+            r["variant"],
+            r["preset"],
+            str(r["batch"]),
+            f"{r['step_ms']:,.1f}",
+            f"{r['iqr_pct']:.0f}%",
+            f"{r['img_s']:,.1f}",
+            f"{r['gmacs']:.3f}",
+            f"{r['gflop_step']:,.1f}",
+            f"{100 * r['mfu']:.1f}%",
+            f"{100 * r['mfu_t']:.1f}%",
+            f"{r['ratio']:.2f}x",
+        ]
         if cpu:
             cells += [f"{r['cpu_ms'] / 1e3:,.2f}", f"{r['cpu_ratio']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
@@ -299,9 +352,16 @@ def main(argv=None) -> list[dict]:
     if args.json:
         import json
 
-        facts = {"backend": jax.default_backend(), "device_kind": dev.device_kind, "jax": jax.__version__,
-                 "dtype": args.dtype, "peak_flops": peak, "peak_source": peak_src, "reps": args.reps,
-                 "cores": cpu_cores() if cpu else None}
+        facts = {
+            "backend": jax.default_backend(),
+            "device_kind": dev.device_kind,
+            "jax": jax.__version__,
+            "dtype": args.dtype,
+            "peak_flops": peak,
+            "peak_source": peak_src,
+            "reps": args.reps,
+            "cores": cpu_cores() if cpu else None,
+        }
         Path(args.json).write_text(json.dumps({"machine": facts, "rows": rows}, indent=2))
     return rows
 

@@ -30,12 +30,22 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["CheckpointStore", "CheckpointError", "CheckpointMismatchError", "config_differences", "restore_params", "load_config", "abstract_params"]
+from bvit_jax.errors import UserError
+
+__all__ = [
+    "CheckpointStore",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "config_differences",
+    "restore_params",
+    "load_config",
+    "abstract_params",
+]
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but cannot be used; the message says what to do."""
 
 
@@ -45,9 +55,7 @@ class CheckpointMismatchError(CheckpointError):
 
 def _abstract(tree: Any) -> Any:
     """``ShapeDtypeStruct`` (with sharding) for every array leaf: the restore target."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
@@ -67,9 +75,14 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
 def _state_manager(workdir: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     """The manager of ``workdir/checkpoints``: items ``state``, ``data`` (grain) and ``config``."""
     return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(), options=options, item_names=("state", "data", "config"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()},
+        (workdir / "checkpoints").absolute(),
+        options=options,
+        item_names=("state", "data", "config"),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
     )
 
 
@@ -78,15 +91,23 @@ class CheckpointStore:
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
         self.workdir = Path(workdir)
-        self.latest = _state_manager(self.workdir, ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            multiprocessing_options=_barrier_prefix("latest"),
-        ))
+        self.latest = _state_manager(
+            self.workdir,
+            ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+                multiprocessing_options=_barrier_prefix("latest"),
+            ),
+        )
         self.best = ocp.CheckpointManager(
             (self.workdir / "best").absolute(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["eval_top1"], best_mode="max",
-                enable_async_checkpointing=async_save, create=True,
+                max_to_keep=1,
+                best_fn=lambda m: m["eval_top1"],
+                best_mode="max",
+                enable_async_checkpointing=async_save,
+                create=True,
                 multiprocessing_options=_barrier_prefix("best"),
             ),
             item_names=("params",),
@@ -107,8 +128,12 @@ class CheckpointStore:
 
     def save_best(self, step: int, params: Any, eval_top1: float) -> None:
         """Offer ``params`` as the best model; orbax keeps the one with the highest top-1."""
-        self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                       metrics={"eval_top1": float(eval_top1)}, force=True)
+        self.best.save(
+            step,
+            args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+            metrics={"eval_top1": float(eval_top1)},
+            force=True,
+        )
 
     def close(self) -> None:
         """Wait for the asynchronous saves and release the managers."""
@@ -148,19 +173,23 @@ class CheckpointStore:
                 )
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                log.error("Checkpoint at step %d in %s cannot be restored (%s); trying an older one.",
-                          step, self.latest.directory, errors[-1])
+                log.error(
+                    "Checkpoint at step %d in %s cannot be restored (%s); trying an older one.",
+                    step,
+                    self.latest.directory,
+                    errors[-1],
+                )
                 continue
             if errors:
                 self._set_aside(s for s in steps if s > step)
                 log.warning("Resumed from step %d after skipping damaged checkpoint(s): %s", step, "; ".join(errors))
             return step, out["state"]
         raise CheckpointError(
-            f"No checkpoint in {self.latest.directory} can be restored:\n  " + "\n  ".join(errors) +
-            "\nRefusing to start from scratch over them. Move the damaged step folders away "
+            f"No checkpoint in {self.latest.directory} can be restored:\n  "
+            + "\n  ".join(errors)
+            + "\nRefusing to start from scratch over them. Move the damaged step folders away "
             "(or use a new --workdir) and run again."
         )
-
 
     def _check_structure(self, step: int, target: Any, config: dict | None) -> None:
         """Raise :class:`CheckpointMismatchError` if step ``step`` holds other arrays than ``target``.
@@ -175,8 +204,11 @@ class CheckpointStore:
         wanted = _shapes(target)
         diffs = [f"{k}: only in the checkpoint {saved[k]}" for k in saved.keys() - wanted.keys()]
         diffs += [f"{k}: not in the checkpoint (config wants {wanted[k]})" for k in wanted.keys() - saved.keys()]
-        diffs += [f"{k}: checkpoint {saved[k]}, config {wanted[k]}"
-                  for k in saved.keys() & wanted.keys() if saved[k] != wanted[k]]
+        diffs += [
+            f"{k}: checkpoint {saved[k]}, config {wanted[k]}"
+            for k in saved.keys() & wanted.keys()
+            if saved[k] != wanted[k]
+        ]
         if not diffs:
             return
         changed = ""
@@ -184,14 +216,16 @@ class CheckpointStore:
             try:
                 old = self.latest.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
                 changed = "\nConfig fields that differ from the checkpoint's run: " + (
-                    "; ".join(config_differences(old, config)) or "none (a code change?)")
+                    "; ".join(config_differences(old, config)) or "none (a code change?)"
+                )
             except Exception:  # noqa: BLE001 - the config item is optional information here
                 pass
         raise CheckpointMismatchError(
             f"The checkpoint at step {step} in {self.latest.directory} is intact but holds the train state of a "
             f"different model or optimizer than this config ({len(diffs)} arrays differ), e.g.\n  "
-            + "\n  ".join(sorted(diffs, key=lambda d: (not d.startswith("params/"), d))[:6]) + changed +
-            "\nTo continue that run, use the config it was started with (saved in each checkpoint and in "
+            + "\n  ".join(sorted(diffs, key=lambda d: (not d.startswith("params/"), d))[:6])
+            + changed
+            + "\nTo continue that run, use the config it was started with (saved in each checkpoint and in "
             "config.json); to train this config, use a new --workdir."
         )
 
@@ -240,11 +274,16 @@ def abstract_params(config: dict) -> Any:
     from bvit_jax.models import create  # checkpoint stands on models, not the other way
 
     m = config["model"]
-    model = nnx.eval_shape(lambda: create(
-        m["variant"], m["preset"], num_classes=m["num_classes"],
-        image_size=config["data"]["image_size"], in_channels=config["data"]["channels"],
-        **m.get("overrides", {}),
-    ))
+    model = nnx.eval_shape(
+        lambda: create(
+            m["variant"],
+            m["preset"],
+            num_classes=m["num_classes"],
+            image_size=config["data"]["image_size"],
+            in_channels=config["data"]["channels"],
+            **m.get("overrides", {}),
+        )
+    )
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -267,9 +306,12 @@ def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     if which == "best" and (workdir / "best").exists():
-        with ocp.CheckpointManager((workdir / "best").absolute(), item_names=("params",),
-                                   item_handlers={"params": ocp.StandardCheckpointHandler()},
-                                   options=_READ_OPTIONS) as mngr:
+        with ocp.CheckpointManager(
+            (workdir / "best").absolute(),
+            item_names=("params",),
+            item_handlers={"params": ocp.StandardCheckpointHandler()},
+            options=_READ_OPTIONS,
+        ) as mngr:
             step = mngr.best_step() if mngr.best_step() is not None else mngr.latest_step()
             if step is not None:
                 out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))

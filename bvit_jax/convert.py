@@ -61,16 +61,20 @@ import json
 import math
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bvit_jax import cli
+from bvit_jax.errors import MissingExtraError, UserError
 from bvit_jax.models import VisionTransformer, config_overrides, create, get_variant
 from bvit_jax.param_groups import path_str
+from bvit_jax.recipes import imagenet_deit_config
 
 __all__ = [
     "ImportReport",
@@ -96,8 +100,13 @@ _TIMM_NAME = re.compile(r"^(?:timm/)?deit_(tiny|small|base)(_distilled)?_patch(\
 _DISTILL_KEYS = ("dist_token", "head_dist.weight", "head_dist.bias")
 
 
-class UnsupportedCheckpointError(ValueError):
-    """The state dict holds tensors this model has no place for (e.g. DeiT's distillation token)."""
+class UnsupportedCheckpointError(UserError, ValueError):
+    """The checkpoint or its name does not fit a model of this library (an unknown timm name, a
+    distillation token, a shape or depth that disagrees); the message says which and what to use."""
+
+
+class CheckpointFileError(UserError, FileNotFoundError):
+    """The state dict file to import does not exist."""
 
 
 # ----------------------------------------------------------------------------- report
@@ -145,8 +154,12 @@ class ImportReport:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"copied": self.copied, "left_at_init": self.left_at_init,
-                "num_copied": self.num_copied, "num_left": self.num_left}
+        return {
+            "copied": self.copied,
+            "left_at_init": self.left_at_init,
+            "num_copied": self.num_copied,
+            "num_left": self.num_left,
+        }
 
     def __str__(self) -> str:
         lines = [f"copied {len(self.copied)} tensors ({self.num_copied:,} values) from the DeiT state dict"]
@@ -169,7 +182,7 @@ def parse_timm_name(name: str) -> dict[str, Any]:
         return {"variant": name}
     m = _TIMM_NAME.match(name)
     if not m:
-        raise ValueError(
+        raise UnsupportedCheckpointError(
             f"unsupported timm model {name!r}: expected deit_{{tiny,small,base}}_patch16_<resolution> "
             "(e.g. deit_small_patch16_224)"
         )
@@ -203,7 +216,7 @@ def _normalize(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise TypeError(f"expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
     out = {}
     for k, v in sd.items():
-        k = k[len("module."):] if k.startswith("module.") else k
+        k = k[len("module.") :] if k.startswith("module.") else k
         out[k] = _to_numpy(v)
     return out
 
@@ -218,7 +231,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise CheckpointFileError(f"checkpoint {path} not found: pass the timm/DeiT state dict file with --checkpoint")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
@@ -229,11 +242,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, np.ndarray]:
             return {k: f[k] for k in f.files}
     try:
         import torch
-    except ImportError as e:
-        raise ImportError(
-            f"reading {path} needs PyTorch: pip install -r requirements-interop.txt "
-            "(or convert it to .safetensors / .npz first)"
-        ) from e
+    except ImportError as e:  # or convert the file to .safetensors / .npz elsewhere
+        raise MissingExtraError(f"reading {path} (a PyTorch file)", "interop", e) from None
     return _normalize(torch.load(path, map_location="cpu", weights_only=True))
 
 
@@ -300,12 +310,26 @@ def timm_to_flat(state_dict: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], 
             flat[f"{o}/{n}/bias"], src[f"{o}/{n}/bias"] = take(f"{b}.{n}.bias"), f"{b}.{n}.bias"
         qkv_w, qkv_b = take(f"{b}.attn.qkv.weight"), maybe(f"{b}.attn.qkv.bias")
         if qkv_w.shape != (3 * d, d):
-            raise ValueError(f"{b}.attn.qkv.weight has shape {qkv_w.shape}, expected (3*{d}, {d})")
+            raise UnsupportedCheckpointError(f"{b}.attn.qkv.weight has shape {qkv_w.shape}, expected (3*{d}, {d})")
         for j, part in enumerate("qkv"):
             _linear(flat, src, f"{o}/attn/{part}/linear", f"{b}.attn.qkv", qkv_w, qkv_b, slice(j * d, (j + 1) * d))
-        _linear(flat, src, f"{o}/attn/proj/linear", f"{b}.attn.proj", take(f"{b}.attn.proj.weight"), maybe(f"{b}.attn.proj.bias"))
+        _linear(
+            flat,
+            src,
+            f"{o}/attn/proj/linear",
+            f"{b}.attn.proj",
+            take(f"{b}.attn.proj.weight"),
+            maybe(f"{b}.attn.proj.bias"),
+        )
         for fc in ("fc1", "fc2"):
-            _linear(flat, src, f"{o}/mlp/{fc}/linear", f"{b}.mlp.{fc}", take(f"{b}.mlp.{fc}.weight"), maybe(f"{b}.mlp.{fc}.bias"))
+            _linear(
+                flat,
+                src,
+                f"{o}/mlp/{fc}/linear",
+                f"{b}.mlp.{fc}",
+                take(f"{b}.mlp.{fc}.weight"),
+                maybe(f"{b}.mlp.{fc}.bias"),
+            )
 
     unused = sorted(set(sd) - used)
     if unused:
@@ -323,8 +347,10 @@ def timm_to_flat(state_dict: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], 
 
 def _shape_hint(path: str, have: tuple, want: tuple) -> str:
     if path == "pos_embed":
-        return (f"; the checkpoint has {have[1] - 1} patches, the model {want[1] - 1}: "
-                "create the model with the checkpoint's image_size (and patch_size)")
+        return (
+            f"; the checkpoint has {have[1] - 1} patches, the model {want[1] - 1}: "
+            "create the model with the checkpoint's image_size (and patch_size)"
+        )
     if path.startswith("head/"):
         return "; the class count differs: create the model with num_classes to match, or pass skip_head=True"
     if path == "patch_embed/kernel":
@@ -332,7 +358,9 @@ def _shape_hint(path: str, have: tuple, want: tuple) -> str:
     return "; embed_dim / mlp_ratio differ: pick the matching variant"
 
 
-def load_timm_state_dict(model: VisionTransformer, state_dict: Mapping[str, Any], *, skip_head: bool = False) -> ImportReport:
+def load_timm_state_dict(
+    model: VisionTransformer, state_dict: Mapping[str, Any], *, skip_head: bool = False
+) -> ImportReport:
     """Copy a timm DeiT state dict into ``model`` (in place) and report what was copied.
 
     Works for every preset: the tensors a DeiT has (patch embedding, tokens,
@@ -363,20 +391,24 @@ def load_timm_state_dict(model: VisionTransformer, state_dict: Mapping[str, Any]
     extra = sorted(set(flat) - set(model_paths))
     if extra:
         src_depth = 1 + max((int(m.group(1)) for k in flat if (m := re.match(r"blocks/(\d+)/", k))), default=-1)
-        raise ValueError(
+        raise UnsupportedCheckpointError(
             f"the state dict has tensors the model lacks ({extra[:6]}{' ...' if len(extra) > 6 else ''}); "
             f"state dict depth {src_depth}, model depth {model.cfg.depth}: create the model with depth={src_depth}"
         )
-    missing = sorted(p for p in model_paths if SHARED_PATH.match(p) and p not in flat and not (skip_head and p.startswith("head/")))
+    missing = sorted(
+        p for p in model_paths if SHARED_PATH.match(p) and p not in flat and not (skip_head and p.startswith("head/"))
+    )
     if missing:
-        raise ValueError(
+        raise UnsupportedCheckpointError(
             f"the state dict lacks {len(missing)} tensor(s) the model has: {missing[:6]}"
             f"{' ...' if len(missing) > 6 else ''} (model depth {model.cfg.depth}: a shallower checkpoint?)"
         )
     for p, arr in flat.items():
         want = tuple(model_paths[p].shape)
         if tuple(arr.shape) != want:
-            raise ValueError(f"{src[p]} has shape {tuple(arr.shape)} but {p} is {want}{_shape_hint(p, arr.shape, want)}")
+            raise UnsupportedCheckpointError(
+                f"{src[p]} has shape {tuple(arr.shape)} but {p} is {want}{_shape_hint(p, arr.shape, want)}"
+            )
 
     def place(keypath, leaf):
         p = path_str(keypath)
@@ -398,7 +430,7 @@ def _arch_from_state_dict(flat: Mapping[str, np.ndarray]) -> dict[str, int]:
     n = flat["pos_embed"].shape[1] - 1
     side = math.isqrt(n)
     if side * side != n:
-        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+        raise UnsupportedCheckpointError(f"pos_embed has {n} patch positions, not a square grid")
     arch = {
         "embed_dim": int(d),
         "patch_size": int(p),
@@ -441,9 +473,13 @@ def from_timm(
     arch = _arch_from_state_dict(flat)
     variant = get_variant(info["variant"])
     if arch["embed_dim"] != variant.embed_dim:
-        raise ValueError(f"{name}: the state dict is {arch['embed_dim']} wide, {info['variant']} is {variant.embed_dim}")
+        raise UnsupportedCheckpointError(
+            f"{name}: the state dict is {arch['embed_dim']} wide, {info['variant']} is {variant.embed_dim}"
+        )
     if "patch_size" in info and arch["patch_size"] != info["patch_size"]:
-        raise ValueError(f"{name}: the state dict has {arch['patch_size']} px patches, the name says {info['patch_size']}")
+        raise UnsupportedCheckpointError(
+            f"{name}: the state dict has {arch['patch_size']} px patches, the name says {info['patch_size']}"
+        )
     kw = {k: v for k, v in arch.items() if getattr(variant, k) != v and k != "embed_dim"}
     if skip_head:
         kw.pop("num_classes", None)
@@ -453,23 +489,6 @@ def from_timm(
 
 
 # ----------------------------------------------------------------------------- workdir
-def _default_config(variant: str, preset: str):
-    """``configs/<variant>.py:<preset>`` from the repository checkout (or ``configs`` on sys.path)."""
-    import importlib
-
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "configs" / "__init__.py").exists() and str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    try:
-        module = importlib.import_module(f"configs.{variant}")
-    except ImportError as e:
-        raise RuntimeError(
-            f"cannot import configs.{variant} (the repository's configs/ is not on sys.path): "
-            "run from the repository root or pass --config=path/to/config.py:fp"
-        ) from e
-    return module.get_config(preset)
-
-
 def write_workdir(model: VisionTransformer, config, workdir: str | Path, *, report: ImportReport | None = None) -> Path:
     """Write ``model`` as a trainer workdir: ``config.json`` + ``best/`` (+ ``import_report.json``).
 
@@ -487,9 +506,12 @@ def write_workdir(model: VisionTransformer, config, workdir: str | Path, *, repo
             raise FileExistsError(f"{workdir / sub} already holds checkpoints: use a new --workdir")
     cfg = model.cfg
     variant = get_variant(config.model.variant)
-    overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                 if f.name not in ("num_classes", "image_size", "in_channels")
-                 and getattr(cfg, f.name) != getattr(variant, f.name)}
+    overrides = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in ("num_classes", "image_size", "in_channels")
+        and getattr(cfg, f.name) != getattr(variant, f.name)
+    }
     with config.unlocked():
         config.model.num_classes = cfg.num_classes
         config.data.image_size = cfg.image_size
@@ -510,63 +532,72 @@ def write_workdir(model: VisionTransformer, config, workdir: str | Path, *, repo
 
 
 # ----------------------------------------------------------------------------- command line
-def _define_flags():
+def _define_flags(fv, argv: list[str]) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    f = {}
-    f["timm_model"] = flags.DEFINE_string("timm_model", None, "timm name, e.g. deit_small_patch16_224.")
-    f["checkpoint"] = flags.DEFINE_string("checkpoint", None, "State dict file: .pth / .pt / .bin / .safetensors / .npz.")
-    f["workdir"] = flags.DEFINE_string("workdir", None, "Output workdir (config.json + best/).")
-    f["preset"] = flags.DEFINE_string("preset", "fp", "Preset of the model to build (fp: a teacher; a binary preset: an initialised student).")
-    f["skip_head"] = flags.DEFINE_bool("skip_head", False, "Leave the classifier at its initialisation.")
-    f["seed"] = flags.DEFINE_integer("seed", 0, "Initialisation seed of the parameters the checkpoint lacks.")
-    f["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config to record (default configs/deit_<size>.py:<preset>); its model/data fields are set from the checkpoint.")
-    flags.mark_flags_as_required(["timm_model", "checkpoint", "workdir"])
-    return f
+    flags.DEFINE_string("timm_model", None, "timm name, e.g. deit_small_patch16_224.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "State dict file: .pth / .pt / .bin / .safetensors / .npz.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Output workdir (config.json + best/).", flag_values=fv)
+    flags.DEFINE_string(
+        "preset",
+        "fp",
+        "Preset of the model to build (fp: a teacher; a binary preset: an initialised student).",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("skip_head", False, "Leave the classifier at its initialisation.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Initialisation seed of the parameters the checkpoint lacks.", flag_values=fv)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config to record (default: bvit_jax.recipes.imagenet_deit_config(<variant>, <preset>), "
+        "as configs/deit_<size>.py:<preset>); its model/data fields are set from the checkpoint.",
+        flag_values=fv,
+        sys_argv=argv,
+    )
+    flags.mark_flags_as_required(["timm_model", "checkpoint", "workdir"], flag_values=fv)
 
 
-def _main(flag_values) -> None:
-    f = flag_values
-    info = parse_timm_name(f["timm_model"].value)
-    config = f["config"].value
+def _run(fv, args: list[str]) -> int:
+    if args:
+        raise UserError(f"unexpected arguments {args}; bvit-convert takes only flags")
+    info = parse_timm_name(fv["timm_model"].value)
+    config = fv["config"].value
     if config is None:
-        config = _default_config(info["variant"], f["preset"].value)
-    elif config.model.preset != f["preset"].value and f["preset"].present:
-        raise ValueError(f"--preset={f['preset'].value} disagrees with the config's model.preset={config.model.preset}")
+        config = imagenet_deit_config(info["variant"], fv["preset"].value)
+    elif config.model.preset != fv["preset"].value and fv["preset"].present:
+        raise UserError(f"--preset={fv['preset'].value} disagrees with the config's model.preset={config.model.preset}")
     with config.unlocked():
         config.model.variant = info["variant"]
     preset = config.model.preset
-    model, report = from_timm(f["timm_model"].value, f["checkpoint"].value, preset=preset,
-                              skip_head=f["skip_head"].value, seed=f["seed"].value,
-                              **config_overrides(config.model.get("overrides")))
-    out = write_workdir(model, config, f["workdir"].value, report=report)
+    model, report = from_timm(
+        fv["timm_model"].value,
+        fv["checkpoint"].value,
+        preset=preset,
+        skip_head=fv["skip_head"].value,
+        seed=fv["seed"].value,
+        **config_overrides(config.model.get("overrides")),
+    )
+    out = write_workdir(model, config, fv["workdir"].value, report=report)
     print(report)
-    print(f"wrote {out}/config.json and {out}/best/ ({info['variant']}, preset {preset}, "
-          f"{model.cfg.depth} blocks, {model.cfg.image_size} px, {model.cfg.num_classes} classes)")
+    print(
+        f"wrote {out}/config.json and {out}/best/ ({info['variant']}, preset {preset}, "
+        f"{model.cfg.depth} blocks, {model.cfg.image_size} px, {model.cfg.num_classes} classes)"
+    )
     if preset == "fp":
         print(f"use it as a teacher: --config.distill.teacher_workdir={out}")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m bvit_jax.convert`` / the ``bvit-convert`` console script."""
-    from absl import app
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO
-    f = _define_flags()
-
-    def run(_argv):
-        try:
-            _main(f)
-        except (ValueError, KeyError, OSError, RuntimeError, ImportError) as e:  # a bad input: no traceback
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-
-    app.run(run, argv=argv)
+main = cli.command(
+    "bvit-convert",
+    "Import timm DeiT weights as a trainer workdir (a teacher, or an initialised "
+    "binary student):\n\n    bvit-convert --timm_model=deit_small_patch16_224 "
+    "--checkpoint=deit_small_patch16_224.pth --workdir=workdirs/deit_small_timm",
+    _define_flags,
+    _run,
+)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

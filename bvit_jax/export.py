@@ -51,7 +51,6 @@ Command line (a trainer workdir's best checkpoint -> file)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -59,17 +58,20 @@ import os
 import struct
 import sys
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bvit_jax import cli
 from bvit_jax import data as data_lib
 from bvit_jax.binarize import weight_alpha
+from bvit_jax.errors import UserError
 from bvit_jax.layers import BinaryOptions
-from bvit_jax.models import ViTConfig, VisionTransformer, create
+from bvit_jax.models import VisionTransformer, ViTConfig, create
 from bvit_jax.packed import PackedModel, check_packable, num_words, pack_signs, packed_forward, to_planes
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 
@@ -110,7 +112,7 @@ BIT_CONVENTION = {
 _REQUIRED = object()  # "data" not passed (distinct from an explicit data=None)
 
 
-class PackedFormatError(ValueError):
+class PackedFormatError(UserError, ValueError):
     """A ``.bvit`` file that cannot be read: not one, truncated, corrupt, or inconsistent."""
 
 
@@ -401,8 +403,15 @@ def export_model(
     if data is _REQUIRED:
         raise _missing_data("export_model")
     return export_params(
-        _model_flat_params(model), model.cfg, model.opts, path,
-        data=data, variant=variant, preset=preset, class_names=class_names, meta=meta,
+        _model_flat_params(model),
+        model.cfg,
+        model.opts,
+        path,
+        data=data,
+        variant=variant,
+        preset=preset,
+        class_names=class_names,
+        meta=meta,
     )
 
 
@@ -458,22 +467,29 @@ def _read_bytes(source) -> tuple[bytes, str]:
 def _parse_header(blob: bytes, where: str) -> tuple[dict[str, Any], int]:
     if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
         if len(blob) < _PREFIX.size and MAGIC.startswith(blob[:8]):
-            raise PackedFormatError(f"{where}: truncated .bvit file ({len(blob)} bytes, not even the {_PREFIX.size}-byte prefix)")
+            raise PackedFormatError(
+                f"{where}: truncated .bvit file ({len(blob)} bytes, not even the {_PREFIX.size}-byte prefix)"
+            )
         raise PackedFormatError(f"{where}: not a bvit_jax packed model (bad magic {blob[:8]!r}, expected {MAGIC!r})")
     _, hlen = _PREFIX.unpack_from(blob)
     end = _PREFIX.size + hlen
     if end > len(blob):
-        raise PackedFormatError(f"{where}: truncated .bvit file: the header needs {end} bytes but the file has {len(blob)}")
+        raise PackedFormatError(
+            f"{where}: truncated .bvit file: the header needs {end} bytes but the file has {len(blob)}"
+        )
     try:
-        header = json.loads(zlib.decompress(blob[_PREFIX.size:end]).decode("utf-8"))
+        header = json.loads(zlib.decompress(blob[_PREFIX.size : end]).decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackedFormatError(f"{where}: corrupt .bvit header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise PackedFormatError(f"{where}: corrupt .bvit header (format {header.get('format') if isinstance(header, dict) else None!r})")
+        raise PackedFormatError(
+            f"{where}: corrupt .bvit header (format {header.get('format') if isinstance(header, dict) else None!r})"
+        )
     version = header.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise PackedFormatError(
-            f"{where}: .bvit format version {version!r} is not supported by this bvit_jax (reads up to {FORMAT_VERSION})"
+            f"{where}: .bvit format version {version!r} is not supported by this bvit_jax "
+            f"(reads up to {FORMAT_VERSION})"
         )
     if version < FORMAT_VERSION:
         raise PackedFormatError(
@@ -534,7 +550,7 @@ def load_packed(source) -> PackedModel:
         off, n = int(entry["offset"]), int(entry["nbytes"])
         if n != int(np.prod(shape)) * 4 or off < 0 or off + n > nbytes:
             raise PackedFormatError(f"{where}: corrupt tensor table entry for {name!r}")
-        tensors[name] = np.frombuffer(payload[off:off + n], dtype=_DTYPES[dt]).reshape(shape)
+        tensors[name] = np.frombuffer(payload[off : off + n], dtype=_DTYPES[dt]).reshape(shape)
         if want_bits is not None:
             bits[name] = want_bits
     missing = sorted(set(expected) - set(tensors))
@@ -590,22 +606,31 @@ def export_workdir(
     if variant is None or preset is None:
         raise ValueError(f"{workdir}: config has no model.variant / model.preset")
     overrides = dict(_cfg_get(config, "model.overrides", {}) or {})  # BinaryOptions fields, as the trainer
-    abstract = nnx.eval_shape(lambda: create(
-        variant, preset,
-        num_classes=_cfg_get(config, "model.num_classes"),
-        image_size=_cfg_get(config, "data.image_size"),
-        in_channels=_cfg_get(config, "data.channels"),
-        **overrides,
-    ))
+    abstract = nnx.eval_shape(
+        lambda: create(
+            variant,
+            preset,
+            num_classes=_cfg_get(config, "model.num_classes"),
+            image_size=_cfg_get(config, "data.image_size"),
+            in_channels=_cfg_get(config, "data.channels"),
+            **overrides,
+        )
+    )
     cfg, opts = abstract.cfg, abstract.opts
     data_cfg = _cfg_get(config, "data")
     if data_cfg is None:
         raise ValueError(f"{workdir}: config has no data section (the eval preprocessing to store)")
     meta = {"workdir": os.path.abspath(os.fspath(workdir)), "checkpoint": str(which)}
     blob = export_params(
-        jax.device_get(params), cfg, opts, out,
-        data=data_cfg, variant=variant, preset=preset,
-        class_names=class_names, meta=meta,
+        jax.device_get(params),
+        cfg,
+        opts,
+        out,
+        data=data_cfg,
+        variant=variant,
+        preset=preset,
+        class_names=class_names,
+        meta=meta,
     )
     acc = size_accounting(abstract)
     return {"out": os.fspath(out), "bytes": len(blob), **acc}
@@ -615,35 +640,51 @@ def _fmt_mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bvit_jax.export",
-        description="Export a trainer workdir's checkpoint as a 1-bit packed .bvit model file.",
+def _define_flags(fv, argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Trainer workdir (holds config.json and checkpoints/).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output file, e.g. model.bvit.", flag_values=fv)
+    flags.DEFINE_enum(
+        "which",
+        "best",
+        ["best", "latest"],
+        "best: the best eval checkpoint (else the latest); latest: the latest train state.",
+        flag_values=fv,
     )
-    parser.add_argument("--workdir", required=True, help="trainer workdir (holds config.json and checkpoints/)")
-    parser.add_argument("--out", required=True, help="output file, e.g. model.bvit")
-    parser.add_argument("--which", default="best", choices=("best", "latest"),
-                        help="best (default: the best eval checkpoint, else the latest) or latest")
-    parser.add_argument("--labels", default=None,
-                        help="optional text file with one class name per line (default: the data set's names, if any)")
-    args = parser.parse_args(argv)
+    flags.DEFINE_string(
+        "labels", None, "Text file with one class name per line (default: the data set's names).", flag_values=fv
+    )
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+def _run(fv, args: list[str]) -> int:
+    if args:
+        raise UserError(f"unexpected arguments {args}; bvit-export takes only flags")
     names = None
-    if args.labels:
-        with open(args.labels, encoding="utf-8") as f:
+    if fv["labels"].value:
+        if not os.path.isfile(fv["labels"].value):
+            raise UserError(f"--labels={fv['labels'].value}: no such file (one class name per line)")
+        with open(fv["labels"].value, encoding="utf-8") as f:
             names = [line.rstrip("\n") for line in f if line.strip()]
-    try:
-        s = export_workdir(args.workdir, args.out, which=args.which, class_names=names)
-    except (PackedFormatError, ValueError, RuntimeError, OSError) as e:  # CheckpointError is a RuntimeError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    s = export_workdir(fv["workdir"].value, fv["out"].value, which=fv["which"].value, class_names=names)
     n = s["bytes"]
     print(f"wrote {s['out']}: {n} bytes ({_fmt_mb(n)})")
     print(f"  checkpoint parameters in fp32:      {_fmt_mb(s['fp32_bytes'])} ({s['fp32_bytes'] / n:.2f}x the file)")
-    print(f"  fp model of this architecture:      {_fmt_mb(s['fp_model_bytes'])} ({s['fp_model_bytes'] / n:.2f}x the file)")
+    print(
+        f"  fp model of this architecture:      {_fmt_mb(s['fp_model_bytes'])} "
+        f"({s['fp_model_bytes'] / n:.2f}x the file)"
+    )
     for key, label in (("full", "full count"), ("fp_arch", "fp-arch convention"), ("paper", "paper convention")):
         b = s[key + "_bytes"]
         print(f"  accounting, {label + ':':23s} {_fmt_mb(b)} (file / accounting {n / b:.3f})")
     return 0
+
+
+main = cli.command(
+    "bvit-export", "Export a trainer workdir's checkpoint as a 1-bit packed .bvit model file.", _define_flags, _run
+)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Command line::
 
-    python -m bvit_jax.predict --model=model.bvit img1.jpg img2.png ... [--top_k=5] [--batch_size=16] [--json]
+    bvit-predict --model=model.bvit img1.jpg img2.png ... [--top_k=5] [--batch_size=16] [--json]
+    python -m bvit_jax.predict ...   (the same)
 
 prints, per image, the ``top_k`` classes with their softmax probabilities:
 class names when the file has them (``class_names`` in its header, stored at
@@ -25,18 +26,20 @@ lines with ``--json``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bvit_jax import cli
 from bvit_jax import data as data_lib
 from bvit_jax.data.decode import DecodeError
+from bvit_jax.errors import UserError
 from bvit_jax.export import PackedFormatError, load_packed
 from bvit_jax.packed import PackedModel, packed_forward
 
@@ -46,19 +49,20 @@ __all__ = ["model_settings", "load_images", "classify", "main"]
 def model_settings(packed: PackedModel) -> data_lib.EvalSettings:
     """The eval transform stored in a packed model's header, checked against its architecture.
 
-    Raises ``ValueError`` when the header has no ``preprocess`` (exported with
-    ``data=None``) or its size / channels do not fit the model.
+    Raises :class:`~bvit_jax.export.PackedFormatError` (a ``ValueError``) when
+    the header has no ``preprocess`` (exported with ``data=None``) or its size /
+    channels do not fit the model.
     """
     pre = packed.header.get("preprocess")
     if not pre:
-        raise ValueError(
+        raise PackedFormatError(
             "the model file records no eval preprocessing (it was exported with data=None); re-export it with "
             "export_model(model, path, data=<the training data config>) or from the trainer's workdir"
         )
     settings = data_lib.eval_settings(pre)
     cfg = packed.cfg
     if (settings.size, settings.channels) != (cfg.image_size, cfg.in_channels):
-        raise ValueError(
+        raise PackedFormatError(
             f"the file's preprocessing gives {settings.size} px x {settings.channels} channel(s), "
             f"the model takes {cfg.image_size} px x {cfg.in_channels}"
         )
@@ -106,7 +110,7 @@ def classify(
     k = max(1, min(top_k, packed.cfg.num_classes))
     results = []
     for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start:start + batch_size])
+        chunk = list(paths[start : start + batch_size])
         x, errors = load_images(chunk, settings)
         n = len(chunk)
         if n < batch_size and len(paths) > batch_size:
@@ -122,36 +126,51 @@ def classify(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bvit_jax.predict", description="Classify images with an exported 1-bit .bvit model."
-    )
-    parser.add_argument("--model", required=True, help="a .bvit file from python -m bvit_jax.export")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
-    parser.add_argument("images", nargs="+")
-    args = parser.parse_args(argv)
+def _define_flags(fv, argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "A .bvit file written by bvit-export.", flag_values=fv)
+    flags.DEFINE_integer("top_k", 5, "Classes printed per image.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 16, "Images per forward pass.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_bool("json", False, "Print one JSON object per image.", flag_values=fv)
+    flags.mark_flag_as_required("model", flag_values=fv)
+
+
+def _run(fv, images: list[str]) -> int:
+    if not images:
+        raise UserError("no image files given: bvit-predict --model=model.bvit IMAGE [IMAGE ...]")
+    model = fv["model"].value
     try:
-        packed = load_packed(args.model)
-        results = classify(packed, args.images, top_k=args.top_k, batch_size=args.batch_size)
-    except (OSError, PackedFormatError, ValueError) as e:
-        print(f"error: cannot use {args.model}: {e}", file=sys.stderr)
-        return 1
+        packed = load_packed(model)
+    except OSError as e:
+        raise UserError(f"cannot read the model file {model}: {e.strerror or e}") from None
+    results = classify(packed, images, top_k=fv["top_k"].value, batch_size=fv["batch_size"].value)
     failed = 0
     for r in results:
-        if args.json:
+        if fv["json"].value:
             print(json.dumps(r))
         elif r["error"]:
             print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
         else:
-            preds = ", ".join(f"{t['name'] if t['name'] is not None else t['class']} ({t['prob']:.3f})" for t in r["top"])
+            preds = ", ".join(
+                f"{t['name'] if t['name'] is not None else t['class']} ({t['prob']:.3f})" for t in r["top"]
+            )
             print(f"{r['path']}: {preds}")
         failed += r["error"] is not None
     if failed:
         print(f"error: {failed} of {len(results)} input(s) could not be read", file=sys.stderr)
         return 1
     return 0
+
+
+main = cli.command(
+    "bvit-predict",
+    "Classify image files with an exported 1-bit .bvit model:\n\n"
+    "    bvit-predict --model=model.bvit IMAGE [IMAGE ...] [--top_k=5] [--json]",
+    _define_flags,
+    _run,
+)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ pod (each process feeds its own share of every global batch).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,24 +22,35 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bvit_jax import cli, diagnostics, sharding
 from bvit_jax import data as input_pipeline
-from bvit_jax import diagnostics, sharding
 from bvit_jax.checkpoint import CheckpointStore, restore_params
+from bvit_jax.errors import ConfigError, UserError
+from bvit_jax.grad_accum import accumulated_value_and_grad
 from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.metric_writers import MetricWriter
 from bvit_jax.models import PRESETS, VARIANTS, create, get_preset
-from bvit_jax.grad_accum import accumulated_value_and_grad
 from bvit_jax.optim import applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 from bvit_jax.preemption import PreemptionWatch
 
-__all__ = ["train_and_evaluate", "make_train_step", "init_train_state", "validate_config", "ConfigError", "steps_from", "build_model", "evaluate"]
+__all__ = [
+    "main",
+    "train_and_evaluate",
+    "make_train_step",
+    "init_train_state",
+    "validate_config",
+    "ConfigError",
+    "steps_from",
+    "build_model",
+    "evaluate",
+]
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says which field and how to fix it."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or gradient became NaN/Inf; the run stopped without saving, the message says how to resume."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -69,7 +78,9 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
             f"(data x fsdp); use a multiple of {num_devices}"
         )
     if config.eval_batch_size <= 0 or config.eval_batch_size % num_devices:
-        raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be a positive multiple of the {num_devices} devices")
+        raise ConfigError(
+            f"config.eval_batch_size={config.eval_batch_size} must be a positive multiple of the {num_devices} devices"
+        )
     if b % process_count:
         raise ConfigError(f"config.global_batch_size={b} is not divisible by the {process_count} processes")
     k = config.optimizer.grad_accum_steps
@@ -88,7 +99,9 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
         if not isinstance(config[name], int) or config[name] < 0:
             raise ConfigError(f"config.{name}={config[name]!r} must be an integer >= 0 (0 turns it off)")
     if config.grs.strength < 0:
-        raise ConfigError(f"config.grs.strength={config.grs.strength} is negative; GRS strength must be >= 0 (0 turns it off)")
+        raise ConfigError(
+            f"config.grs.strength={config.grs.strength} is negative; GRS strength must be >= 0 (0 turns it off)"
+        )
     if (config.get("total_steps", 0) or 0) <= 0 and (config.get("total_epochs", 0) or 0) <= 0:
         raise ConfigError("set config.total_steps or config.total_epochs to a positive value")
     d = config.distill
@@ -126,9 +139,14 @@ def build_model(model_cfg, data_cfg, seed: int = 0) -> nnx.Module:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return create(
-        model_cfg.variant, model_cfg.preset, num_classes=model_cfg.num_classes,
-        image_size=data_cfg.image_size, in_channels=data_cfg.channels,
-        dtype=jnp.dtype(model_cfg.dtype), seed=seed, **overrides,
+        model_cfg.variant,
+        model_cfg.preset,
+        num_classes=model_cfg.num_classes,
+        image_size=data_cfg.image_size,
+        in_channels=data_cfg.channels,
+        dtype=jnp.dtype(model_cfg.dtype),
+        seed=seed,
+        **overrides,
     )
 
 
@@ -137,10 +155,15 @@ def _load_teacher(config) -> tuple[nnx.GraphDef, Any]:
     tcfg, tparams = restore_params(config.distill.teacher_workdir, which="best")
     t, s = tcfg["model"], config.model
     if t["num_classes"] != s.num_classes:
-        raise ConfigError(f"teacher in {config.distill.teacher_workdir} has {t['num_classes']} classes, student {s.num_classes}")
+        raise ConfigError(
+            f"teacher in {config.distill.teacher_workdir} has {t['num_classes']} classes, student {s.num_classes}"
+        )
     for k in ("image_size", "channels"):
         if tcfg["data"][k] != config.data[k]:
-            raise ConfigError(f"teacher was trained with data.{k}={tcfg['data'][k]}, student uses {config.data[k]}: they must see the same inputs")
+            raise ConfigError(
+                f"teacher was trained with data.{k}={tcfg['data'][k]}, student uses {config.data[k]}: "
+                "they must see the same inputs"
+            )
     tmodel = build_model(ml_collections.ConfigDict(t), ml_collections.ConfigDict(tcfg["data"]))
     graphdef, _ = nnx.split(tmodel, nnx.Param)
     return graphdef, tparams
@@ -158,8 +181,13 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, latent: Any)
     }
 
 
-def make_train_step(config, graphdef: nnx.GraphDef, latent: Any, tx: optax.GradientTransformation,
-                    teacher_graphdef: nnx.GraphDef | None = None):
+def make_train_step(
+    config,
+    graphdef: nnx.GraphDef,
+    latent: Any,
+    tx: optax.GradientTransformation,
+    teacher_graphdef: nnx.GraphDef | None = None,
+):
     """``train_step(state, batch, teacher_params) -> (state, metrics)``, not yet jitted.
 
     One call is one optimizer update on the global batch. The loss is the label
@@ -179,8 +207,7 @@ def make_train_step(config, graphdef: nnx.GraphDef, latent: Any, tx: optax.Gradi
     def loss_fn(p, batch, tparams):
         logits = nnx.merge(graphdef, p)(batch["image"])
         label_loss = cross_entropy(logits, batch["label"])
-        parts = {"label_loss": label_loss,
-                 "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"])}
+        parts = {"label_loss": label_loss, "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"])}
         if not distill:
             return label_loss, parts
         teacher_logits = nnx.merge(teacher_graphdef, tparams)(batch["image"])
@@ -205,9 +232,13 @@ def make_train_step(config, graphdef: nnx.GraphDef, latent: Any, tx: optax.Gradi
             weight_stats = {**diagnostics.flip_rate(p, new_p, latent), **osc_metrics}
             weight_stats = {k: v for k, v in weight_stats.items() if k.endswith("/all")}
         metrics = {
-            "loss": loss, **parts, "nonfinite": (~finite).astype(jnp.int32),
-            "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_p),
-            "lr": applied_learning_rate(opt_state), **weight_stats,
+            "loss": loss,
+            **parts,
+            "nonfinite": (~finite).astype(jnp.int32),
+            "grad_norm": grad_norm,
+            "param_norm": optax.tree.norm(new_p),
+            "lr": applied_learning_rate(opt_state),
+            **weight_stats,
         }
         return {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}, metrics
 
@@ -225,12 +256,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     validate_config(config, mesh.size, nproc)
 
     # -- input ----------------------------------------------------------------
+    # Every shard of the splits this run reads exists, opens and holds its records (footers only).
+    input_pipeline.verify_data(config.data)
     info = input_pipeline.dataset_info(config.data)
     if info.num_classes != config.model.num_classes:
-        raise ConfigError(f"dataset {config.data.name} has {info.num_classes} classes but config.model.num_classes={config.model.num_classes}")
+        raise ConfigError(
+            f"dataset {config.data.name} has {info.num_classes} classes but "
+            f"config.model.num_classes={config.model.num_classes}"
+        )
     local_batch = config.global_batch_size // nproc
     train_iter = input_pipeline.create_train_iterator(
-        config.data, local_batch_size=local_batch, seed=config.seed, process_index=pid, process_count=nproc)
+        config.data, local_batch_size=local_batch, seed=config.seed, process_index=pid, process_count=nproc
+    )
     steps_per_epoch = info.num_train / config.global_batch_size
     total_steps = steps_from(config, "total", steps_per_epoch)
 
@@ -249,7 +286,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # -- optimizer ------------------------------------------------------------
     tx = build_optimizer(
-        config, params, latent, use_grs=preset.grs, total_steps=total_steps,
+        config,
+        params,
+        latent,
+        use_grs=preset.grs,
+        total_steps=total_steps,
         warmup_steps=steps_from(config, "warmup", steps_per_epoch),
         grs_warmup_steps=steps_from(config.grs, "warmup", steps_per_epoch),
     )
@@ -274,22 +315,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         mask = batch["mask"].astype(jnp.float32)
         labels = batch["label"]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {"top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
-                "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
-                "loss": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+        return {
+            "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
+            "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
+            "loss": jnp.sum(nll * mask),
+            "count": jnp.sum(mask),
+        }
 
     def diag_step(state, batch):
         """Per-layer oscillation and activation-information diagnostics (binary presets)."""
         p = state["params"]
         _, captured = apply(p, batch["image"], capture=True)
         osc_freq = {f"osc_freq/{k}": jnp.mean(f) for k, f in state["oscillation"].freq.items()}
-        return {**diagnostics.activation_metrics(captured), **osc_freq,
-                **diagnostics.near_zero_share(p, latent), **diagnostics.bimodality(p, latent)}
+        return {
+            **diagnostics.activation_metrics(captured),
+            **osc_freq,
+            **diagnostics.near_zero_share(p, latent),
+            **diagnostics.bimodality(p, latent),
+        }
 
     teacher_sh = sharding.tree_shardings(mesh, teacher_params, min_size) if distill else None
     batch_sh = sharding.batch_sharding(mesh)
-    p_train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sh, teacher_sh),
-                           out_shardings=(state_shardings, repl), donate_argnums=0)
+    p_train_step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sh, teacher_sh),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=0,
+    )
     p_eval_step = jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_sh), out_shardings=repl)
     p_diag_step = jax.jit(diag_step, in_shardings=(state_shardings, batch_sh), out_shardings=repl)
 
@@ -340,9 +392,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 # Means over the steps since the last log (lr: its current value).
                 row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k != "nonfinite"}
                 row["lr"] = float(rows[-1]["lr"])
-                writer.write(step, "train", {**row, "img_per_s": rate,
-                                             "eta_s": (total_steps - step) * config.global_batch_size / rate,
-                                             "data_skipped": input_pipeline.data_stats().get("skipped", 0)})
+                writer.write(
+                    step,
+                    "train",
+                    {
+                        **row,
+                        "img_per_s": rate,
+                        "eta_s": (total_steps - step) * config.global_batch_size / rate,
+                        "data_skipped": input_pipeline.data_stats().get("train_skipped", 0),
+                    },
+                )
             writer.advance(step)
             if has_latent and config.diagnostics_every_steps and (step % config.diagnostics_every_steps == 0 or last):
                 writer.write(step, "diagnostics", jax.device_get(p_diag_step(state, batch)))
@@ -355,8 +414,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 _stop_if_nonfinite(jax.device_get(pending), step, store)
                 store.save(step, state, train_iter, cfg_dict)
             if stop:
-                log.warning("Preemption notice (SIGTERM) received: every process saved a checkpoint at step %d "
-                            "and stops. Run again to resume.", step)
+                log.warning(
+                    "Preemption notice (SIGTERM) received: every process saved a checkpoint at step %d "
+                    "and stops. Run again to resume.",
+                    step,
+                )
                 break
         if not eval_metrics:  # resumed a finished run: report its final accuracy again
             eval_metrics = evaluate_now()
@@ -372,7 +434,7 @@ def _stop_if_nonfinite(rows: list[dict], step: int, store: CheckpointStore) -> N
     if any(int(r["nonfinite"]) for r in rows):
         store.close()
         good = store.latest_step()
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"Non-finite loss or gradient at or before step {step}; the run stopped without saving it. "
             f"The last good checkpoint is step {good} in {store.latest.directory}. Lower the learning rate "
             "(config.optimizer.base_lr), enable clipping (config.optimizer.clip_norm) or check the input data, "
@@ -384,11 +446,78 @@ def evaluate(p_eval_step, params, config, mesh, pid: int, nproc: int) -> dict[st
     """Top-1 / top-5 / loss over the full eval split: padded batches, masked, each example once."""
     totals = None
     it = input_pipeline.create_eval_iterator(
-        config.data, local_batch_size=config.eval_batch_size // nproc, process_index=pid, process_count=nproc)
+        config.data, local_batch_size=config.eval_batch_size // nproc, process_index=pid, process_count=nproc
+    )
     for local in it:
         out = p_eval_step(params, sharding.global_batch(local, mesh))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     n = float(totals["count"])
-    return {"top1": float(totals["top1"]) / n, "top5": float(totals["top5"]) / n,
-            "loss": float(totals["loss"]) / n, "examples": n}
+    return {
+        "top1": float(totals["top1"]) / n,
+        "top5": float(totals["top5"]) / n,
+        "loss": float(totals["loss"]) / n,
+        "examples": n,
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+def _define_flags(fv, argv: list[str]) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file, e.g. configs/deit_small.py:binaryvit",
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=argv,
+    )
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.", flag_values=fv)
+    flags.DEFINE_bool(
+        "distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU, SLURM).", flag_values=fv
+    )
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).", flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+def _run(fv, args: list[str]) -> int:
+    if args:
+        raise ConfigError(f"unexpected arguments {args}: every setting is a flag (--config.FIELD=VALUE)")
+    if fv["coordinator_address"].value:
+        # CPU processes need a collectives backend (gloo over TCP); harmless on GPU/TPU.
+        # Must be set before the backend initialises.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(fv["coordinator_address"].value, fv["num_processes"].value, fv["process_id"].value)
+    elif fv["distributed"].value:
+        jax.distributed.initialize()
+    from bvit_jax.summary import print_summary
+
+    config = fv["config"].value
+    if jax.process_index() == 0:
+        print_summary(build_model(config.model, config.data))
+    result = train_and_evaluate(config, fv["workdir"].value)
+    if jax.process_index() == 0 and result:
+        print(
+            f"final eval: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  ({int(result['examples'])} examples)"
+        )
+    return 0
+
+
+main = cli.command(
+    "bvit-train",
+    """Train a (binary) ViT from an ml_collections config.
+
+    bvit-train --config=configs/fashion_mnist.py:binaryvit --workdir=workdirs/fmnist \\
+        --config.distill.teacher_workdir=workdirs/fmnist_fp --config.optimizer.base_lr=1e-3
+
+Multi-process (TPU pods, GPU clusters): run one copy per host with
+--distributed (TPU, SLURM: peers found automatically) or with
+--coordinator_address, --num_processes and --process_id. Rerunning with the
+same workdir resumes from its latest checkpoint.""",
+    _define_flags,
+    _run,
+)

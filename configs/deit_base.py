@@ -13,8 +13,8 @@ distil from the fp teacher (KL on logits) and never decay latent weights.
 Expected: fp 81.8% (DeiT paper). Not run here (no ImageNet on these machines).
 """
 
-from configs.imagenet_deit import imagenet_config
+from bvit_jax.recipes import imagenet_deit_config
 
 
 def get_config(preset: str = "binaryvit"):
-    return imagenet_config("deit_base", preset)
+    return imagenet_deit_config("deit_base", preset)

@@ -10,11 +10,12 @@ Launch (preset after the colon: fp, baseline, baseline+grs, baseline+asm, binary
 Recipe: AdamW, lr 5e-4 x batch/512, cosine with 5 warm-up epochs, batch 1024,
 300 epochs, label smoothing 0.1, Mixup/CutMix, RandAugment; binary presets
 distil from the fp teacher (KL on logits) and never decay latent weights.
-Expected: fp 79.8% (DeiT paper); BinaryViT reports 'a usable level' for binaryvit. Not run here (no ImageNet on these machines).
+Expected: fp 79.8% (DeiT paper); BinaryViT reports 'a usable level' for binaryvit.
+Not run here (no ImageNet on these machines).
 """
 
-from configs.imagenet_deit import imagenet_config
+from bvit_jax.recipes import imagenet_deit_config
 
 
 def get_config(preset: str = "binaryvit"):
-    return imagenet_config("deit_small", preset)
+    return imagenet_deit_config("deit_small", preset)

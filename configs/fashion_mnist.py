@@ -10,8 +10,8 @@ Data: the Debian package ``dataset-fashion-mnist`` (IDX files under
 /usr/share/datasets/fashion-mnist), read through the project's grain pipeline.
 Validation for tuning: ``--config.data.train_split='train[:90%]'
 --config.data.eval_split='train[90%:]'``; the default evaluates on the test set.
-Expected (scripts/quickstart.sh: 1 epoch each, seed 0, 2 cores): fp 72.8%,
-binaryvit (distilled from it) 71.5% test top-1; about 2.5 + 4.5 minutes.
+Expected (scripts/quickstart.sh: 1 epoch each, seed 0, 2 cores): fp 72.0%,
+binaryvit (distilled from it) 71.2% test top-1; about 5.6 minutes for both.
 Over seeds 0-2 (docs/results.md): fp 73.11 +- 0.79%, binaryvit 71.21 +- 0.23%.
 More epochs help both: ``--config.total_epochs=6``.
 
@@ -20,7 +20,7 @@ seconds-long smoke mode: a one-block, 32-wide model, 8 steps of 32 images,
 evaluation on 400 test images. The tests use it.
 """
 
-from configs import common
+from bvit_jax.recipes import base_config
 
 
 def get_config(arg: str = "binaryvit"):
@@ -28,7 +28,7 @@ def get_config(arg: str = "binaryvit"):
     unknown = set(flags) - {"tiny"}
     if unknown:
         raise ValueError(f"unknown config flag(s) {sorted(unknown)} in {arg!r}; known: tiny")
-    c = common.base_config(preset, "vit_micro_28", "fashion_mnist")
+    c = base_config(preset, "vit_micro_28", "fashion_mnist")
     c.model.num_classes = 10
     c.data.image_size = 28
     c.data.channels = 1

@@ -16,10 +16,11 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from bvit_jax import recipes
 from bvit_jax.checkpoint import abstract_params
 from bvit_jax.models import create, override_fields
 from bvit_jax.train import ConfigError, build_model
-from configs import common, fashion_mnist
+from configs import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = str(ROOT / "configs" / "fashion_mnist.py")
@@ -114,7 +115,7 @@ def test_overrides_from_python():
     assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (48, 2, 3)
     # None means "not overridden" in create() as well
     assert create("vit_nano", "fp", embed_dim=None, attn_level_init=None).cfg.embed_dim == 32
-    assert common.model_overrides(depth=5).depth == 5
+    assert recipes.model_overrides(depth=5).depth == 5
 
 
 def test_typo_on_the_command_line_is_an_error():
@@ -128,7 +129,7 @@ def test_typo_from_python_names_the_valid_fields():
     for name in ("embed_dim", "depth", "num_heads", "patch_size", "asm", "attn_level_init"):
         assert name in str(e.value)
     with pytest.raises(ValueError, match="valid fields") as e:
-        common.model_overrides(embd_dim=32)
+        recipes.model_overrides(embd_dim=32)
     assert "embed_dim" in str(e.value)
     # an unknown key reaching build_model (e.g. from an edited config.json)
     config = fashion_mnist.get_config("fp,tiny")

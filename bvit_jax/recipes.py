@@ -1,17 +1,22 @@
-"""Defaults shared by every config: the training recipe's fields, documented once.
+"""The training recipe as an ml_collections config: every field, documented once.
+
+The files under ``configs/`` start from these functions and change what
+their run needs; they import only the installed library, so a config file
+works from any directory (``bvit-train --config=path/to/config.py:PRESET``).
 
 Durations are given in epochs (``*_epochs``) or steps (``*_steps``, wins when
 > 0), so changing the batch size never silently changes the schedule. The
-learning rate scales linearly with the batch: ``lr = base_lr * B / 512``.
+learning rate scales linearly with the batch of one optimizer update:
+``lr = base_lr * global_batch_size / lr_reference_batch``.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 from bvit_jax.data import default_data_config
-from bvit_jax.models import override_fields
+from bvit_jax.models import PRESETS, override_fields
 
-PRESETS = ("fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit")
+__all__ = ["base_config", "imagenet_deit_config", "model_overrides"]
 
 
 def model_overrides(**values) -> ml_collections.ConfigDict:
@@ -34,8 +39,9 @@ def model_overrides(**values) -> ml_collections.ConfigDict:
 
 
 def base_config(preset: str, variant: str, dataset: str) -> ml_collections.ConfigDict:
+    """Every field of a training run, with DeiT's ImageNet recipe as the defaults."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} after ':' in --config; choose one of {PRESETS}")
+        raise ValueError(f"unknown preset {preset!r} after ':' in --config; choose one of {sorted(PRESETS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -64,7 +70,7 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 0.05  # never applied to latent binary weights
     c.optimizer.clip_norm = 5.0  # 0 disables
-    c.optimizer.grad_accum_steps = 1
+    c.optimizer.grad_accum_steps = 1  # micro-batches per update; global_batch_size stays the update's batch
 
     # GRS: g <- g + lambda * (|W| - alpha) sign(W) on latent binary weights.
     c.grs = ml_collections.ConfigDict()
@@ -91,4 +97,16 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.inject_nan_at_step = -1  # fault injection for tests
+    return c
+
+
+def imagenet_deit_config(variant: str, preset: str) -> ml_collections.ConfigDict:
+    """DeiT-T/S/B on ImageNet-1k (TFDS ``imagenet2012``, 224 px): DeiT's recipe for ``preset``.
+
+    Binary presets keep the recipe; the optimizer never decays latent binary
+    weights, and they distil from an fp teacher (``distill.teacher_workdir``).
+    """
+    c = base_config(preset, variant, "imagenet2012")
+    c.model.num_classes = 1000
+    c.data.image_size = 224
     return c
