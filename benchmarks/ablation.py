@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -65,8 +63,9 @@ def train(out: Path, preset: str, seed: int, split: str, extra: list[str], name:
         flags.append(f"--config.distill.teacher_workdir={out / run_name('fp', seed)}")
     t0 = time.time()
     print("+ train.py", " ".join(flags[1:] + extra), flush=True)
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *extra], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *flags, *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
     return time.time() - t0
 
 
@@ -76,8 +75,11 @@ def main():
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--split", choices=("test", "val"), default="test")
-    ap.add_argument("--grs_strengths", default="",
-                    help="comma-separated GRS lambdas: also train baseline+grs with each (tuning, with --split=val)")
+    ap.add_argument(
+        "--grs_strengths",
+        default="",
+        help="comma-separated GRS lambdas: also train baseline+grs with each (tuning, with --split=val)",
+    )
     ap.add_argument("--report_only", action="store_true")
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("extra", nargs="*", help="extra train.py flags for every run, e.g. --config.total_epochs=3")
@@ -93,16 +95,22 @@ def main():
                 walls[run_name(preset, seed)] = train(out, preset, seed, args.split, args.extra)
             for lam in strengths:
                 name = grs_run_name(lam, seed)
-                walls[name] = train(out, "baseline+grs", seed, args.split,
-                                    args.extra + [f"--config.grs.strength={lam}"], name=name)
+                walls[name] = train(
+                    out, "baseline+grs", seed, args.split, args.extra + [f"--config.grs.strength={lam}"], name=name
+                )
         (out / "wall_times.json").write_text(json.dumps(walls, indent=1))
     from benchmarks.ablation_report import write_report, write_tuning_table
 
     if strengths:
-        write_tuning_table(out, {f"baseline+grs, lambda={lam:g}": [out / grs_run_name(lam, s) for s in seeds]
-                                 for lam in strengths}, presets, seeds)
-    write_report(out, presets, seeds, Path(args.docs), split=args.split,
-                 machine=f"{cpu_model()}, {os.cpu_count()} cores")
+        write_tuning_table(
+            out,
+            {f"baseline+grs, lambda={lam:g}": [out / grs_run_name(lam, s) for s in seeds] for lam in strengths},
+            presets,
+            seeds,
+        )
+    write_report(
+        out, presets, seeds, Path(args.docs), split=args.split, machine=f"{cpu_model()}, {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

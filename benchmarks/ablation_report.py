@@ -51,9 +51,16 @@ def _sizes(wd: Path) -> dict:
 
     cfg = load_config(wd)
     m = cfg["model"]
-    model = nnx.eval_shape(lambda: create(m["variant"], m["preset"], num_classes=m["num_classes"],
-                                          image_size=cfg["data"]["image_size"],
-                                          in_channels=cfg["data"]["channels"], **m.get("overrides", {})))
+    model = nnx.eval_shape(
+        lambda: create(
+            m["variant"],
+            m["preset"],
+            num_classes=m["num_classes"],
+            image_size=cfg["data"]["image_size"],
+            in_channels=cfg["data"]["channels"],
+            **m.get("overrides", {}),
+        )
+    )
     return summary(model).as_dict()
 
 
@@ -74,35 +81,61 @@ def _claims(stats: dict) -> list[str]:
     for a, b in (("baseline", "baseline+grs"), ("baseline+asm", "binaryvit")):
         if {a, b} <= stats.keys():
             r = stats[a]["flip"] / stats[b]["flip"]
-            out.append(f"- flip rate over the last 20% of training, {a} / {b}: **{r:.2f}x** lower with GRS "
-                       f"(target >= 2x: {'met' if r >= 2 else 'not met'}); bimodality coefficient "
-                       f"{stats[a]['bim']:.3f} -> {stats[b]['bim']:.3f} (> 0.555 suggests bimodal)")
+            out.append(
+                f"- flip rate over the last 20% of training, {a} / {b}: **{r:.2f}x** lower with GRS "
+                f"(target >= 2x: {'met' if r >= 2 else 'not met'}); bimodality coefficient "
+                f"{stats[a]['bim']:.3f} -> {stats[b]['bim']:.3f} (> 0.555 suggests bimodal)"
+            )
     for a, b in (("baseline", "baseline+asm"), ("baseline+grs", "binaryvit")):
         if {a, b} <= stats.keys():
             d = stats[b]["ent"] - stats[a]["ent"]
-            out.append(f"- mean per-channel entropy of binarized activations, {a} -> {b}: "
-                       f"{stats[a]['ent']:.4f} -> {stats[b]['ent']:.4f} bits ({d:+.4f}; target > 0: "
-                       f"{'met' if d > 0 else 'not met'})")
+            out.append(
+                f"- mean per-channel entropy of binarized activations, {a} -> {b}: "
+                f"{stats[a]['ent']:.4f} -> {stats[b]['ent']:.4f} bits ({d:+.4f}; target > 0: "
+                f"{'met' if d > 0 else 'not met'})"
+            )
     return out
 
 
 _FIGURES = [
     "Latent weights W / alpha of every binary linear at the end of training (seed 0), without and with GRS:",
-    "", "![latent weight histograms](fig_weight_histograms.png)", "",
-    "Flip rate of sign(W) per step over training (every seed):", "", "![flip rate](fig_flip_rate.png)", "",
+    "",
+    "![latent weight histograms](fig_weight_histograms.png)",
+    "",
+    "Flip rate of sign(W) per step over training (every seed):",
+    "",
+    "![flip rate](fig_flip_rate.png)",
+    "",
     "Entropy of every sign input (per channel, averaged over channels; last training batch; mean over seeds):",
-    "", "![activation entropy](fig_activation_entropy.png)", "",
-    "Test top-1 during training (every seed):", "", "![accuracy curves](fig_accuracy.png)", "",
+    "",
+    "![activation entropy](fig_activation_entropy.png)",
+    "",
+    "Test top-1 during training (every seed):",
+    "",
+    "![accuracy curves](fig_accuracy.png)",
+    "",
 ]
 
 
 def _update_results_md(path: Path, table, claims, walls, machine, split, seeds) -> None:
     """Rewrite the generated block of docs/results.md, keeping the hand-written text around it."""
     total = sum(walls.values()) if walls else float("nan")
-    block = [GEN_START, "", f"Split: {'validation (train[90%:])' if split == 'val' else 'test'}; "
-             f"seeds {', '.join(map(str, seeds))}; machine: {machine}; "
-             f"sweep wall time {total / 60:.0f} min.", "", *table, "", "Targets:", "", *claims, "",
-             *[f.replace("Test top-1", "Validation top-1") if split == "val" else f for f in _FIGURES], GEN_END]
+    block = [
+        GEN_START,
+        "",
+        f"Split: {'validation (train[90%:])' if split == 'val' else 'test'}; "
+        f"seeds {', '.join(map(str, seeds))}; machine: {machine}; "
+        f"sweep wall time {total / 60:.0f} min.",
+        "",
+        *table,
+        "",
+        "Targets:",
+        "",
+        *claims,
+        "",
+        *[f.replace("Test top-1", "Validation top-1") if split == "val" else f for f in _FIGURES],
+        GEN_END,
+    ]
     text = path.read_text() if path.exists() else "# Results\n\n" + GEN_START + "\n" + GEN_END + "\n"
     if GEN_START not in text:
         text += "\n" + GEN_START + "\n" + GEN_END + "\n"
@@ -135,8 +168,14 @@ def _plot_curves(ax, runs: dict, presets, split: str, key: str, scale: float = 1
         for i, wd in enumerate(runs.get(p, [])):
             rows = [r for r in read_metrics(wd, split) if key in r]
             if rows:
-                ax.plot([r["step"] for r in rows], [scale * r[key] for r in rows], lw=1,
-                        color=f"C{presets.index(p)}", label=p if i == 0 else None, **style)
+                ax.plot(
+                    [r["step"] for r in rows],
+                    [scale * r[key] for r in rows],
+                    lw=1,
+                    color=f"C{presets.index(p)}",
+                    label=p if i == 0 else None,
+                    **style,
+                )
 
 
 def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: str) -> None:
@@ -144,8 +183,11 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     runs = {p: [out / _name(p, s) for s in seeds if (out / _name(p, s) / "metrics.jsonl").exists()] for p in presets}
     walls = json.loads((out / "wall_times.json").read_text()) if (out / "wall_times.json").exists() else {}
     lines = []
-    table = ["| preset | top-1 (%) mean ± std | per seed | flip rate, last 20% | bimodality | act. entropy (bits) | size (paper / full, kB) | OPs (M) |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| preset | top-1 (%) mean ± std | per seed | flip rate, last 20% | bimodality | act. entropy (bits) "
+        "| size (paper / full, kB) | OPs (M) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     stats = {}
     for p, wds in runs.items():
         if not wds:
@@ -168,8 +210,12 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     lines += table
     (out / "results_table.md").write_text("\n".join(lines) + "\n")
     _update_results_md(docs / "results.md", table, _claims(stats), walls, machine, split, seeds)
-    (out / "results_stats.json").write_text(json.dumps(
-        {p: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()} for p, d in stats.items()}, indent=1))
+    (out / "results_stats.json").write_text(
+        json.dumps(
+            {p: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()} for p, d in stats.items()},
+            indent=1,
+        )
+    )
 
     # Figures -------------------------------------------------------------------------
     pairs = [("baseline", "baseline+grs"), ("baseline+asm", "binaryvit")]
@@ -177,12 +223,19 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     for ax, (a, b) in zip(axes, pairs):
         for p, color in ((a, "tab:blue"), (b, "tab:red")):
             if runs.get(p):
-                ax.hist(_latent_over_alpha(runs[p][0]), bins=200, range=(-3, 3), histtype="step", color=color,
-                        label=p, density=True)
+                ax.hist(
+                    _latent_over_alpha(runs[p][0]),
+                    bins=200,
+                    range=(-3, 3),
+                    histtype="step",
+                    color=color,
+                    label=p,
+                    density=True,
+                )
         ax.set_xlabel("latent weight / alpha (per output channel)")
         ax.legend()
     axes[0].set_ylabel("density")
-    fig.suptitle("Latent binary weights at the end of training (seed %d)" % seeds[0])
+    fig.suptitle(f"Latent binary weights at the end of training (seed {seeds[0]})")
     fig.tight_layout()
     fig.savefig(docs / "fig_weight_histograms.png", dpi=120)
     plt.close(fig)
@@ -204,8 +257,9 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
         if not runs.get(p):
             continue
         finals = [read_metrics(wd, "diagnostics")[-1] for wd in runs[p]]
-        layers = sorted(k[len("act_entropy/"):] for k in finals[0]
-                        if k.startswith("act_entropy/") and k != "act_entropy/mean")
+        layers = sorted(
+            k[len("act_entropy/") :] for k in finals[0] if k.startswith("act_entropy/") and k != "act_entropy/mean"
+        )
         ent = [np.mean([d[f"act_entropy/{l}"] for d in finals]) for l in layers]  # mean over seeds
         lows.append(min(ent))
         ax.bar(np.arange(len(layers)) + j * width, ent, width, label=p)

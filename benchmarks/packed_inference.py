@@ -70,7 +70,11 @@ def perturb(model, seed=1, scale=0.1):
     new = []
     for i, leaf in enumerate(leaves):
         k = jax.random.fold_in(jax.random.key(seed), i)
-        new.append(leaf * (1 + 0.3 * jax.random.uniform(k)) if leaf.ndim == 0 else leaf + scale * jax.random.normal(k, leaf.shape))
+        new.append(
+            leaf * (1 + 0.3 * jax.random.uniform(k))
+            if leaf.ndim == 0
+            else leaf + scale * jax.random.normal(k, leaf.shape)
+        )
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
 
@@ -100,16 +104,22 @@ def end_to_end(variants, batches, min_time):
             x = jax.random.normal(jax.random.key(b), (b, cfg.image_size, cfg.image_size, cfg.in_channels))
             diff = float(jnp.max(jnp.abs(packed_forward(packed, x) - f32(x))))
             agree = float(jnp.mean(jnp.argmax(packed_forward(packed, x), -1) == jnp.argmax(f32(x), -1)))
-            t = time_interleaved({
-                "fp32": lambda: f32(x),
-                "bf16": lambda: bf16(x),
-                "packed": lambda: packed_forward(packed, x),
-                "packed_float_attn": lambda: packed_forward(packed, x, attention="float"),
-            }, min_time=min_time)
+            t = time_interleaved(
+                {
+                    "fp32": lambda: f32(x),
+                    "bf16": lambda: bf16(x),
+                    "packed": lambda: packed_forward(packed, x),
+                    "packed_float_attn": lambda: packed_forward(packed, x, attention="float"),
+                },
+                min_time=min_time,
+            )
             t32, t16, tp, tpf = t["fp32"], t["bf16"], t["packed"], t["packed_float_attn"]
             rows.append((variant, b, t32, t16, tp, tpf, diff, agree))
-            print(f"  {variant} b={b}: fp32 {t32:.2f} ms, bf16 {t16:.2f} ms, packed {tp:.2f} ms "
-                  f"(float attention {tpf:.2f} ms), max|dlogit| {diff:.2e}, top-1 agreement {agree:.2f}", flush=True)
+            print(
+                f"  {variant} b={b}: fp32 {t32:.2f} ms, bf16 {t16:.2f} ms, packed {tp:.2f} ms "
+                f"(float attention {tpf:.2f} ms), max|dlogit| {diff:.2e}, top-1 agreement {agree:.2f}",
+                flush=True,
+            )
     return rows
 
 
@@ -124,8 +134,12 @@ def linear_layers(batches, min_time, dim=384, hidden=1536, tokens=197):
     def packed_linear(x, shift, words, alpha, bias, live):
         """sign + pack of the activation, popcount matmul, alpha and bias (as in packed_forward)."""
         return packed_matmul(
-            pack_planes(x - shift), words, x.shape[-1], live=live,
-            epilogue=lambda acc, a, b: acc.astype(jnp.float32) * a + b, epilogue_args=(alpha, bias),
+            pack_planes(x - shift),
+            words,
+            x.shape[-1],
+            live=live,
+            epilogue=lambda acc, a, b: acc.astype(jnp.float32) * a + b,
+            epilogue_args=(alpha, bias),
         )
 
     live = np.bool_(True)
@@ -140,16 +154,22 @@ def linear_layers(batches, min_time, dim=384, hidden=1536, tokens=197):
             shift, alpha, bias = jnp.zeros((k,)), jnp.ones((n,)), jnp.zeros((n,))
             ok = bool(jnp.all(popc(xw, words, k) == (jnp.where(x >= 0, 1.0, -1.0) @ w).astype(jnp.int32)))
             x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-            t = time_interleaved({
-                "fp32": lambda: fp32_mm(x, w),
-                "bf16": lambda: bf16_mm(x16, w16),
-                "popc": lambda: popc(xw, words, k),
-                "linear": lambda: packed_linear(x, shift, words, alpha, bias, live),
-            }, min_time=min_time)
+            t = time_interleaved(
+                {
+                    "fp32": lambda: fp32_mm(x, w),
+                    "bf16": lambda: bf16_mm(x16, w16),
+                    "popc": lambda: popc(xw, words, k),
+                    "linear": lambda: packed_linear(x, shift, words, alpha, bias, live),
+                },
+                min_time=min_time,
+            )
             t32, t16, tpc, tpl = t["fp32"], t["bf16"], t["popc"], t["linear"]
             rows.append((m, k, n, t32, t16, tpc, tpl, ok))
-            print(f"  M={m} K={k} N={n}: fp32 {t32:.3f} ms, bf16 {t16:.3f}, popcount {tpc:.3f}, "
-                  f"packed linear {tpl:.3f} (exact: {ok})", flush=True)
+            print(
+                f"  M={m} K={k} N={n}: fp32 {t32:.3f} ms, bf16 {t16:.3f}, popcount {tpc:.3f}, "
+                f"packed linear {tpl:.3f} (exact: {ok})",
+                flush=True,
+            )
     return rows
 
 
@@ -174,36 +194,52 @@ def main():
     if args.sizes_only:
         print_size_table(sizes(variants))
         return
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cpus, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print("end to end:", flush=True)
     e2e = end_to_end(variants, batches, args.min_time)
     print("linear layers (DeiT-S shapes):", flush=True)
     lin = linear_layers(batches, args.min_time)
     size_rows = sizes(variants)
 
-    print("\n| model (binaryvit) | batch | fp32 forward ms | bf16 forward ms | packed ms | packed, float attention ms "
-          "| packed vs fp32 | packed vs bf16 | max abs logit diff | top-1 agreement |")
+    print(
+        "\n| model (binaryvit) | batch | fp32 forward ms | bf16 forward ms | packed ms | packed, float attention ms "
+        "| packed vs fp32 | packed vs bf16 | max abs logit diff | top-1 agreement |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for v, b, t32, t16, tp, tpf, d, agree in e2e:
-        print(f"| {v} | {b} | {t32:.2f} | {t16:.2f} | {tp:.2f} | {tpf:.2f} | {t32 / tp:.1f}x | {t16 / tp:.1f}x "
-              f"| {d:.1e} | {agree:.2f} |")
-    print("\n| M x K x N | fp32 matmul ms | bf16 matmul ms | popcount matmul ms | packed linear ms "
-          "| popcount vs fp32 | packed linear vs fp32 |")
+        print(
+            f"| {v} | {b} | {t32:.2f} | {t16:.2f} | {tp:.2f} | {tpf:.2f} | {t32 / tp:.1f}x | {t16 / tp:.1f}x "
+            f"| {d:.1e} | {agree:.2f} |"
+        )
+    print(
+        "\n| M x K x N | fp32 matmul ms | bf16 matmul ms | popcount matmul ms | packed linear ms "
+        "| popcount vs fp32 | packed linear vs fp32 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for m, k, n, t32, t16, tpc, tpl, ok in lin:
         assert ok
-        print(f"| {m} x {k} x {n} | {t32:.3f} | {t16:.3f} | {tpc:.3f} | {tpl:.3f} | {t32 / tpc:.1f}x | {t32 / tpl:.1f}x |")
+        print(
+            f"| {m} x {k} x {n} | {t32:.3f} | {t16:.3f} | {tpc:.3f} | {tpl:.3f} | {t32 / tpc:.1f}x | {t32 / tpl:.1f}x |"
+        )
     print_size_table(size_rows)
 
 
 def print_size_table(size_rows):
-    print("\n| model (binaryvit) | fp model (preset fp) | binary checkpoint (fp32 latent) | file | accounting, full count "
-          "| file / full | accounting, paper convention | file / paper | fp model / file |")
+    print(
+        "\n| model (binaryvit) | fp model (preset fp) | binary checkpoint (fp32 latent) | file "
+        "| accounting, full count "
+        "| file / full | accounting, paper convention | file / paper | fp model / file |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for v, nbytes, a in size_rows:
-        print(f"| {v} | {a['fp_model_bytes'] / 1e6:.2f} MB | {a['fp32_bytes'] / 1e6:.2f} MB | {nbytes / 1e6:.3f} MB "
-              f"| {a['full_bytes'] / 1e6:.3f} MB | {nbytes / a['full_bytes']:.3f} | {a['paper_bytes'] / 1e6:.3f} MB "
-              f"| {nbytes / a['paper_bytes']:.3f} | {a['fp_model_bytes'] / nbytes:.1f}x |")
+        print(
+            f"| {v} | {a['fp_model_bytes'] / 1e6:.2f} MB | {a['fp32_bytes'] / 1e6:.2f} MB | {nbytes / 1e6:.3f} MB "
+            f"| {a['full_bytes'] / 1e6:.3f} MB | {nbytes / a['full_bytes']:.3f} | {a['paper_bytes'] / 1e6:.3f} MB "
+            f"| {nbytes / a['paper_bytes']:.3f} | {a['fp_model_bytes'] / nbytes:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

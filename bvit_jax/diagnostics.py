@@ -55,7 +55,8 @@ every axis but the last (batch and tokens) per channel:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,9 @@ def latent_weights(params: Any, mask: Any) -> dict[str, jax.Array]:
     return out
 
 
-def _summarize(name: str, per_layer: Mapping[str, jax.Array], counts: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
+def _summarize(
+    name: str, per_layer: Mapping[str, jax.Array], counts: Mapping[str, int] | None = None
+) -> dict[str, jax.Array]:
     out = {f"{name}/{k}": v for k, v in per_layer.items()}
     vals = list(per_layer.values())
     out[f"{name}/mean"] = jnp.mean(jnp.stack(vals))

@@ -19,7 +19,8 @@ so no device sends examples to another.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,9 @@ def accumulated_value_and_grad(fun: Callable[..., tuple[jax.Array, Any]], k: int
             out = (loss, aux, grads)
             return jax.tree.map(lambda c, x: c + x.astype(jnp.float32), carry, out), None
 
-        shapes = jax.eval_shape(value_and_grad, params, jax.tree.map(lambda x: x[0], split_micro_batches(batch, k)), *args)
+        shapes = jax.eval_shape(
+            value_and_grad, params, jax.tree.map(lambda x: x[0], split_micro_batches(batch, k)), *args
+        )
         (loss_shape, aux_shape), grad_shape = shapes
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss_shape, aux_shape, grad_shape))
         (loss, aux, grads), _ = jax.lax.scan(body, zeros, split_micro_batches(batch, k))

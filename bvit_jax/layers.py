@@ -69,6 +69,7 @@ def _row_mean(a: jax.Array, w: jax.Array | None = None) -> jax.Array:
     operands broadcast to the full activation shape, a dot does not. Elsewhere
     it is the plain reduction.
     """
+
     def by_dot(a, w):
         v = jnp.full(a.shape[-1:], 1.0 / a.shape[-1], a.dtype) if w is None else w.astype(a.dtype) / a.shape[-1]
         return jnp.einsum("...d,d->...", a, v, precision=jax.lax.Precision.HIGHEST)[..., None]
@@ -135,9 +136,15 @@ class LayerNorm(nnx.LayerNorm):
     """
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        if (mask is not None or self.scale is None or self.bias is None or self.axis_name is not None
-                or not self.use_fast_variance or self.reduction_axes not in (-1, (-1,), x.ndim - 1)
-                or self.feature_axes not in (-1, (-1,), x.ndim - 1)):
+        if (
+            mask is not None
+            or self.scale is None
+            or self.bias is None
+            or self.axis_name is not None
+            or not self.use_fast_variance
+            or self.reduction_axes not in (-1, (-1,), x.ndim - 1)
+            or self.feature_axes not in (-1, (-1,), x.ndim - 1)
+        ):
             return super().__call__(x, mask=mask)
         # flax promotes x, scale and bias to the compute dtype first; so does this.
         dtype = self.dtype or jnp.result_type(x, self.scale[...], self.bias[...])
@@ -348,11 +355,7 @@ class LinearBlock(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
         self.linear = BinaryLinear(in_features, out_features, opts, rngs=rngs)
-        self.norm = (
-            LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
-            if opts.linear_shortcut
-            else None
-        )
+        self.norm = LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs) if opts.linear_shortcut else None
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         y = self.linear(x, capture=capture)
@@ -455,7 +458,9 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (ViT/DeiT)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, num_tokens: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, num_tokens: int, opts: BinaryOptions, *, rngs: nnx.Rngs
+    ):
         self.norm1 = LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
         self.attn = Attention(dim, num_heads, num_tokens, opts, rngs=rngs)
         self.norm2 = LayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)

@@ -31,8 +31,15 @@ def _plain(v: Any):
 class MetricWriter:
     """JSON-lines + TensorBoard + tqdm writer; a no-op on processes other than 0."""
 
-    def __init__(self, workdir: str | Path, *, total_steps: int, start_step: int = 0, active: bool = True,
-                 progress_bar: bool | None = None):
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        active: bool = True,
+        progress_bar: bool | None = None,
+    ):
         self.active = active
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = self._bar = None

@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,16 @@ from flax import nnx
 from bvit_jax.layers import BinaryOptions, Block, LayerNorm, trunc_normal
 
 __all__ = [
-    "ViTConfig", "Preset", "VARIANTS", "PRESETS", "VisionTransformer", "create", "get_preset", "get_variant",
-    "override_fields", "config_overrides",
+    "ViTConfig",
+    "Preset",
+    "VARIANTS",
+    "PRESETS",
+    "VisionTransformer",
+    "create",
+    "get_preset",
+    "get_variant",
+    "override_fields",
+    "config_overrides",
 ]
 
 
@@ -66,10 +75,16 @@ VARIANTS: dict[str, ViTConfig] = {
     "deit_small": ViTConfig(embed_dim=384, depth=12, num_heads=6),
     "deit_base": ViTConfig(embed_dim=768, depth=12, num_heads=12),
     # CPU-sized: 28x28 (Fashion-MNIST, MNIST) and 32x32 (CIFAR) with 4 px patches.
-    "vit_micro_28": ViTConfig(image_size=28, patch_size=4, in_channels=1, embed_dim=96, depth=4, num_heads=3, num_classes=10),
-    "vit_micro_32": ViTConfig(image_size=32, patch_size=4, in_channels=3, embed_dim=96, depth=4, num_heads=3, num_classes=10),
+    "vit_micro_28": ViTConfig(
+        image_size=28, patch_size=4, in_channels=1, embed_dim=96, depth=4, num_heads=3, num_classes=10
+    ),
+    "vit_micro_32": ViTConfig(
+        image_size=32, patch_size=4, in_channels=3, embed_dim=96, depth=4, num_heads=3, num_classes=10
+    ),
     # For tests: compiles in seconds.
-    "vit_nano": ViTConfig(image_size=16, patch_size=4, in_channels=3, embed_dim=32, depth=2, num_heads=2, num_classes=10),
+    "vit_nano": ViTConfig(
+        image_size=16, patch_size=4, in_channels=3, embed_dim=32, depth=2, num_heads=2, num_classes=10
+    ),
 }
 
 
@@ -99,8 +114,10 @@ _BASELINE = BinaryOptions(
     binary_attention=True,
 )
 
+FP_OPTIONS = BinaryOptions()  # every switch off: DeiT (frozen, so a safe shared default)
+
 PRESETS: dict[str, Preset] = {
-    "fp": Preset("fp", BinaryOptions()),
+    "fp": Preset("fp", FP_OPTIONS),
     "baseline": Preset("baseline", _BASELINE, distill=True),
     "baseline+grs": Preset("baseline+grs", _BASELINE, grs=True, distill=True),
     "baseline+asm": Preset("baseline+asm", dataclasses.replace(_BASELINE, asm=True), distill=True),
@@ -113,7 +130,9 @@ def get_variant(name: str) -> ViTConfig:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(f"Unknown model variant {name!r}; choose one of {sorted(VARIANTS)} (config field model.variant).") from None
+        raise ValueError(
+            f"Unknown model variant {name!r}; choose one of {sorted(VARIANTS)} (config field model.variant)."
+        ) from None
 
 
 def get_preset(name: str) -> Preset:
@@ -121,7 +140,9 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)} (config field model.preset).") from None
+        raise ValueError(
+            f"Unknown preset {name!r}; choose one of {sorted(PRESETS)} (config field model.preset)."
+        ) from None
 
 
 class VisionTransformer(nnx.Module):
@@ -138,12 +159,18 @@ class VisionTransformer(nnx.Module):
     input minus its shift}``.
     """
 
-    def __init__(self, cfg: ViTConfig, opts: BinaryOptions = BinaryOptions(), *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ViTConfig, opts: BinaryOptions = FP_OPTIONS, *, rngs: nnx.Rngs):
         self.cfg, self.opts = cfg, opts
         d, p = cfg.embed_dim, cfg.patch_size
         self.patch_embed = nnx.Conv(
-            cfg.in_channels, d, (p, p), strides=(p, p), padding="VALID",
-            kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs,
+            cfg.in_channels,
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            kernel_init=trunc_normal,
+            dtype=opts.dtype,
+            rngs=rngs,
         )
         self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
         self.pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, cfg.num_tokens, d)))
@@ -236,7 +263,9 @@ def config_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     misplaced = sorted(k for k, v in items.items() if k in _SET_ELSEWHERE and v is not None)
     if misplaced:
         raise ValueError(
-            "config.model.overrides." + ", ".join(misplaced) + " cannot be set there: use "
+            "config.model.overrides."
+            + ", ".join(misplaced)
+            + " cannot be set there: use "
             + ", ".join(f"config.{_SET_ELSEWHERE[k]}" for k in misplaced)
         )
     unknown = sorted(set(items) - set(valid) - set(_SET_ELSEWHERE))
@@ -279,7 +308,7 @@ def create(
             f"binarization fields: {sorted(opt_fields)}"
         )
     cfg = dataclasses.replace(get_variant(variant), **{k: v for k, v in overrides.items() if k in arch_fields})
-    cfg.num_patches  # validates image/patch sizes
+    _ = cfg.num_patches  # validates image/patch sizes
     opts = dataclasses.replace(
         get_preset(preset).options, dtype=jnp.dtype(dtype), **{k: v for k, v in overrides.items() if k in opt_fields}
     )

@@ -42,8 +42,11 @@ def learning_rate_schedule(opt_cfg, total_steps: int, warmup_steps: int, global_
     peak = opt_cfg.base_lr * global_batch_size / opt_cfg.lr_reference_batch
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=opt_cfg.min_lr,
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=opt_cfg.min_lr,
     )
 
 
@@ -61,8 +64,9 @@ def weight_decay_mask(params: Any, latent_mask: Any) -> Any:
     return jax.tree.map(lambda p, lat, nd: p.ndim >= 2 and not lat and not nd, params, latent_mask, named)
 
 
-def build_optimizer(config, params: Any, latent_mask: Any, *, use_grs: bool, total_steps: int,
-                    warmup_steps: int, grs_warmup_steps: int) -> optax.GradientTransformation:
+def build_optimizer(
+    config, params: Any, latent_mask: Any, *, use_grs: bool, total_steps: int, warmup_steps: int, grs_warmup_steps: int
+) -> optax.GradientTransformation:
     """The full chain from ``config.optimizer`` / ``config.grs``.
 
     Durations are in optimizer updates; ``config.optimizer.grad_accum_steps``
@@ -76,8 +80,9 @@ def build_optimizer(config, params: Any, latent_mask: Any, *, use_grs: bool, tot
     if o.clip_norm:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
-    parts.append(adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       mask=weight_decay_mask(params, latent_mask)))
+    parts.append(
+        adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=weight_decay_mask(params, latent_mask))
+    )
     return optax.chain(*parts)
 
 

@@ -84,7 +84,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -208,7 +209,7 @@ def pack_bits_planes(bits: jax.Array) -> jax.Array:
         bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, pad)])
     out = None
     for j in range(WORD_BITS):
-        t = bits[..., j * nw:(j + 1) * nw].astype(jnp.uint32) << jnp.uint32(j)
+        t = bits[..., j * nw : (j + 1) * nw].astype(jnp.uint32) << jnp.uint32(j)
         out = t if out is None else out | t
     return out
 
@@ -270,6 +271,7 @@ def packed_matmul(
         raise ValueError(f"word counts differ: a {a.shape}, b {b.shape}")
     post = epilogue if epilogue is not None else (lambda x, *_: x)
     if b.ndim == 2:
+
         def compute(a2, b, *args):
             return post(n - 2 * _popcount_sum(jnp.bitwise_xor, a2[:, None, :], b[None, :, :], 2, 1), *args)
 
@@ -307,6 +309,7 @@ def masked_sign_sum(m: jax.Array, v: jax.Array, *, live: jax.Array | None = None
     {0, 1} and ``v`` in +-1 (both packed along ``k`` in the same order;
     padding in ``m`` is 0, so padding in ``v`` never counts).
     """
+
     def compute(m, v):
         both = _popcount_sum(jnp.bitwise_and, m[..., :, None, :], v[..., None, :, :], -1, -1)
         ones = jnp.sum(lax.population_count(m).astype(jnp.int32), axis=-1, keepdims=True)
@@ -429,7 +432,10 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     kernels = jnp.stack([t[p + "/kernel_bits"] for p in lins])
     alpha, bias = _stacked(t, lins, "/alpha"), _stacked(t, lins, "/bias")
     y = packed_matmul(
-        bits.reshape(g, b * n_tok, -1), kernels, k, live=live,
+        bits.reshape(g, b * n_tok, -1),
+        kernels,
+        k,
+        live=live,
         epilogue=lambda acc, al, bi: acc.astype(jnp.float32) * al[:, None, :] + bi[:, None, :],
         epilogue_args=(alpha, bias),
     ).reshape(g, b, n_tok, -1)
@@ -495,10 +501,16 @@ def _forward(tensors, images, live, *, cfg: ViTConfig, opts: BinaryOptions, atte
     t = tensors
     sink = {} if capture else None
     p = cfg.patch_size
-    x = lax.conv_general_dilated(
-        images.astype(jnp.float32), t["patch_embed/kernel"], (p, p), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    ) + t["patch_embed/bias"]
+    x = (
+        lax.conv_general_dilated(
+            images.astype(jnp.float32),
+            t["patch_embed/kernel"],
+            (p, p),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        + t["patch_embed/bias"]
+    )
     x = rearrange(x, "b h w d -> b (h w) d")
     cls = jnp.broadcast_to(t["cls_token"], (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + t["pos_embed"]

@@ -8,7 +8,8 @@ boolean masks that GRS, weight decay and the diagnostics use.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 from flax import nnx

@@ -112,10 +112,28 @@ _COUNTED = {
 
 # Forward order of the known children (for the table); unknown names sort last.
 _RANK = {
-    "patch_embed": 0, "cls_token": 1, "pos_embed": 2, "blocks": 3, "head": 5,
-    "norm1": 0, "attn": 1, "norm2": 2, "mlp": 3,
-    "q": 0, "k": 1, "v": 2, "q_sign": 3, "k_sign": 4, "v_sign": 5, "proj": 7,
-    "fc1": 0, "act": 1, "fc2": 2, "linear": 0, "shift": 0, "norm": 4,
+    "patch_embed": 0,
+    "cls_token": 1,
+    "pos_embed": 2,
+    "blocks": 3,
+    "head": 5,
+    "norm1": 0,
+    "attn": 1,
+    "norm2": 2,
+    "mlp": 3,
+    "q": 0,
+    "k": 1,
+    "v": 2,
+    "q_sign": 3,
+    "k_sign": 4,
+    "v_sign": 5,
+    "proj": 7,
+    "fc1": 0,
+    "act": 1,
+    "fc2": 2,
+    "linear": 0,
+    "shift": 0,
+    "norm": 4,
 }
 
 
@@ -244,22 +262,31 @@ class Summary:
             for r in rows:
                 key = "/".join(r.path.split("/")[:depth]) if r.path else r.path
                 groups.setdefault(key, []).append(r)
-            rows = tuple(
-                g[0] if len(g) == 1 else _sum_rows(k, f"{len(g)} layers", g) for k, g in groups.items()
-            )
+            rows = tuple(g[0] if len(g) == 1 else _sum_rows(k, f"{len(g)} layers", g) for k, g in groups.items())
         head = ("Layer", "Type", "1-bit params", "32-bit params", "Full kB", "Paper kB", "Binary MMACs", "FP MMACs")
         body = [
             (
-                r.path or "(root)", r.kind, f"{r.params_1bit:,}", f"{r.params_32bit:,}",
-                f"{r.size_full / 1e3:,.2f}", f"{r.size_paper / 1e3:,.2f}",
-                f"{r.binary_macs / 1e6:,.3f}", f"{r.fp_macs / 1e6:,.3f}",
+                r.path or "(root)",
+                r.kind,
+                f"{r.params_1bit:,}",
+                f"{r.params_32bit:,}",
+                f"{r.size_full / 1e3:,.2f}",
+                f"{r.size_paper / 1e3:,.2f}",
+                f"{r.binary_macs / 1e6:,.3f}",
+                f"{r.fp_macs / 1e6:,.3f}",
             )
             for r in rows
         ]
         t = self.total
         total_line = (
-            "Total", "", f"{t.params_1bit:,}", f"{t.params_32bit:,}", f"{t.size_full / 1e3:,.2f}",
-            f"{t.size_paper / 1e3:,.2f}", f"{t.binary_macs / 1e6:,.3f}", f"{t.fp_macs / 1e6:,.3f}",
+            "Total",
+            "",
+            f"{t.params_1bit:,}",
+            f"{t.params_32bit:,}",
+            f"{t.size_full / 1e3:,.2f}",
+            f"{t.size_paper / 1e3:,.2f}",
+            f"{t.binary_macs / 1e6:,.3f}",
+            f"{t.fp_macs / 1e6:,.3f}",
         )
         widths = [max(len(str(x[i])) for x in [head, total_line, *body]) for i in range(len(head))]
 
@@ -340,8 +367,16 @@ def summary(model: nnx.Module, name: str | None = None) -> Summary:
     for path in sorted(set(modules) | set(params_by_owner), key=_path_key):
         mod = modules[path]
         parent = modules.get(path[:-1]) if path else None
-        r = dict(params_1bit=0, params_32bit=0, derived_32bit=0, size_full=0.0, size_fp_arch=0.0,
-                 size_paper=0.0, binary_macs=0, fp_macs=0)
+        r = dict(
+            params_1bit=0,
+            params_32bit=0,
+            derived_32bit=0,
+            size_full=0.0,
+            size_fp_arch=0.0,
+            size_paper=0.0,
+            binary_macs=0,
+            fp_macs=0,
+        )
         for pname, n in params_by_owner.get(path, []):
             cat = _param_category(model, path, mod, parent, pname)
             one_bit = cat == "binary_kernel"
@@ -384,7 +419,8 @@ def summary(model: nnx.Module, name: str | None = None) -> Summary:
             continue
         rows.append(LayerRow("/".join(str(c) for c in path), kind, **r))
     return Summary(
-        name=name or f"{type(model).__name__} (embed {cfg.embed_dim}, depth {cfg.depth}, "
+        name=name
+        or f"{type(model).__name__} (embed {cfg.embed_dim}, depth {cfg.depth}, "
         f"{'binary' if is_binary else 'full precision'})",
         rows=tuple(rows),
         is_binary=is_binary,

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up everything (see scripts/setup.sh) and run the whole test suite.
+# Set up everything the suite needs (scripts/setup.sh test), check lint and
+# formatting (ruff, configured in pyproject.toml), run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -n 2 -q "$@" tests

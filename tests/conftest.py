@@ -15,3 +15,6 @@ if str(ROOT) not in sys.path:
 from absl import logging as absl_logging  # noqa: E402
 
 absl_logging.set_verbosity(absl_logging.WARNING)
+
+# Fixtures shared by several test modules (the TFDS-built fake ImageNet and its damaged copies).
+pytest_plugins = ["tests.data_fixtures"]

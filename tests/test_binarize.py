@@ -51,8 +51,10 @@ def assert_within(actual, expected, bound, what=""):
     bad = err > bound
     if np.any(bad):
         i = np.unravel_index(np.argmax(err - bound), err.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} beyond the bound; worst at {i}: "
-                             f"|{actual[i]} - {expected[i]}| = {err[i]:.3g} > {bound[i]:.3g}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} beyond the bound; worst at {i}: "
+            f"|{actual[i]} - {expected[i]}| = {err[i]:.3g} > {bound[i]:.3g}"
+        )
 
 
 def _vjp(f, x, upstream):
@@ -103,7 +105,8 @@ def test_binarizers_under_jit_match_eager():
     x = jnp.asarray(X)
     for f in (ste_sign, approx_sign):
         np.testing.assert_array_equal(jax.jit(f)(x), f(x))
-        np.testing.assert_array_equal(jax.jit(jax.grad(lambda z: f(z).sum()))(x), jax.grad(lambda z: f(z).sum())(x))
+        grad = jax.grad(lambda z, f=f: f(z).sum())
+        np.testing.assert_array_equal(jax.jit(grad)(x), grad(x))
 
 
 def test_get_activation_binarizer():
@@ -140,7 +143,6 @@ def test_weight_binarize_forward_alpha_per_output_channel():
 
 def test_weight_binarize_gradient_is_alpha_times_clipped_ste():
     w = _kernel()
-    alpha = np.abs(w).mean(axis=0)
     up = np.arange(1, w.size + 1, dtype=np.float32).reshape(w.shape) / 7.0
     g = np.asarray(_vjp(weight_binarize, jnp.asarray(w), jnp.asarray(up)))
     exact_alpha = np.abs(w.astype(np.float64)).mean(axis=0)
@@ -165,9 +167,7 @@ def test_elastic_binarize_forward():
 
 def test_elastic_binarize_gradients():
     up = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], np.float32)
-    gp, gc = jax.grad(lambda p, c: jnp.sum(up * elastic_binarize(p, c)), argnums=(0, 1))(
-        jnp.asarray(P), jnp.float32(C)
-    )
+    gp, gc = jax.grad(lambda p, c: jnp.sum(up * elastic_binarize(p, c)), argnums=(0, 1))(jnp.asarray(P), jnp.float32(C))
     r = P / np.float32(C)  # float32, as the binarizer computes it (0.1f / 0.1f == 1 exactly)
     inside = (r >= 0) & (r <= 1)
     # d q / d p: straight-through inside [0, c], 0 outside
@@ -178,14 +178,16 @@ def test_elastic_binarize_gradients():
     assert dq_dc[1] == pytest.approx(-0.2) and dq_dc[3] == pytest.approx(0.3)  # inside
     assert dq_dc[5] == 1.0  # above
     # float32 sum of 6 products (each product of float32 values, one rounding): gamma_n(7) * sum |terms|
-    assert abs(float(gc) - float(np.sum(up.astype(np.float64) * dq_dc))) <= gamma_n(7) * float(np.sum(np.abs(up * dq_dc)))
+    assert abs(float(gc) - float(np.sum(up.astype(np.float64) * dq_dc))) <= gamma_n(7) * float(
+        np.sum(np.abs(up * dq_dc))
+    )
     assert np.shape(gc) == ()
 
 
 def test_elastic_binarize_c_gradient_by_piece():
     """Each piece alone, so a wrong piece cannot hide in the sum."""
     for p, expected in [(-0.05, 0.0), (0.02, -0.2), (0.07, 0.3), (0.3, 1.0)]:
-        gc = jax.grad(lambda c: elastic_binarize(jnp.float32(p), c))(jnp.float32(C))
+        gc = jax.grad(lambda c, p=p: elastic_binarize(jnp.float32(p), c))(jnp.float32(C))
         assert float(gc) == pytest.approx(expected, abs=1e-6), p
 
 

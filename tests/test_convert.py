@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import timm  # noqa: E402
+import torch  # noqa: E402
 from flax import nnx
 
 from bvit_jax.checkpoint import restore_params
@@ -31,10 +33,6 @@ from bvit_jax.convert import (
 from bvit_jax.models import create
 from bvit_jax.param_groups import flatten_with_paths
 from tests.train_helpers import ROOT
-
-
-import timm  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -104,7 +102,13 @@ def test_binary_student_gets_the_shared_tensors_and_keeps_binary_only_params_at_
     for p in report.left_at_init:
         np.testing.assert_array_equal(s[p], f[p], err_msg=p)
     kinds = report.left_by_kind()
-    assert set(kinds) == {"activation shift beta (RSign)", "ASM gamma", "shortcut LayerNorm", "RPReLU", "attention level c"}
+    assert set(kinds) == {
+        "activation shift beta (RSign)",
+        "ASM gamma",
+        "shortcut LayerNorm",
+        "RPReLU",
+        "attention level c",
+    }
     assert kinds["attention level c"] == (2, 2)
     assert kinds["shortcut LayerNorm"][0] == 2 * 6 * 2  # 6 linears per block, scale + bias
     # The student runs (its forward is binary, so its logits differ from the teacher's).
@@ -155,11 +159,15 @@ def test_mismatches_name_the_setting_to_change():
 def test_deit_checkpoint_file_formats(tmp_path):
     tm = _timm_model("deit_tiny_patch16_224", depth=1, seed=4)
     sd = tm.state_dict()
-    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "deit.pth")  # DeiT's own layout, DDP prefix
+    torch.save(
+        {"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "deit.pth"
+    )  # DeiT's own layout, DDP prefix
     np.savez(tmp_path / "deit.npz", **{k: v.numpy() for k, v in sd.items()})
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))  # the HF hub's timm format
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors")
+    )  # the HF hub's timm format
     x = _images(1, 224)[1]
     ref = np.asarray(from_timm("deit_tiny_patch16_224", sd)[0](x))
     for f in ("deit.pth", "deit.npz", "model.safetensors"):
@@ -173,10 +181,19 @@ def test_command_line_writes_a_teacher_workdir_the_trainer_accepts(tmp_path):
     tm = _timm_model("deit_tiny_patch16_224", depth=1, seed=6)
     torch.save(tm.state_dict(), tmp_path / "deit_tiny.pth")
     wd = tmp_path / "teacher"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cmd = [sys.executable, "-m", "bvit_jax.convert", "--timm_model=deit_tiny_patch16_224",
-           f"--checkpoint={tmp_path / 'deit_tiny.pth'}", f"--workdir={wd}"]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "bvit_jax.convert",
+        "--timm_model=deit_tiny_patch16_224",
+        f"--checkpoint={tmp_path / 'deit_tiny.pth'}",
+        f"--workdir={wd}",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"--config.distill.teacher_workdir={wd}" in out.stdout

@@ -7,212 +7,220 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bvit_jax.data import augment
+from bvit_jax.data import augment, mixup, pipeline
 from bvit_jax.data import decode as decode_lib
-from bvit_jax.data import mixup
-from bvit_jax.data import pipeline
 
 
 def _photo(w, h, seed=0):
-  """A smooth colour image with some texture, like a downscaled photo."""
-  rng = np.random.default_rng(seed)
-  small = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3)).astype(np.uint8)
-  img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.int16)
-  img = img + rng.integers(-8, 9, img.shape)
-  return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    """A smooth colour image with some texture, like a downscaled photo."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.int16)
+    img = img + rng.integers(-8, 9, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def _jpeg(img, quality=92):
-  buf = io.BytesIO()
-  img.save(buf, "JPEG", quality=quality)
-  return buf.getvalue()
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def test_random_resized_crop_box_within_bounds_and_ranges():
-  rng = np.random.default_rng(0)
-  areas, ratios = [], []
-  for _ in range(2000):
-    left, top, w, h = augment.random_resized_crop_box(500, 375, rng)
-    assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
-    areas.append(w * h / (500 * 375))
-    ratios.append(w / h)
-  assert min(areas) >= 0.08 * 0.9 and max(areas) <= 1.0
-  assert min(ratios) >= 0.75 * 0.95 and max(ratios) <= 4 / 3 * 1.05
-  assert np.mean(areas) > 0.3  # uniform in [0.08, 1] minus rejections
-  # Fallback: a very wide image gets a centred crop of aspect 4/3.
-  rng = np.random.default_rng(1)
-  left, top, w, h = augment.random_resized_crop_box(
-      1000, 10, rng, scale=(0.99, 1.0), ratio=(0.75, 4 / 3))
-  assert (w, h) == (13, 10) and left == (1000 - 13) // 2
+    rng = np.random.default_rng(0)
+    areas, ratios = [], []
+    for _ in range(2000):
+        left, top, w, h = augment.random_resized_crop_box(500, 375, rng)
+        assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
+        areas.append(w * h / (500 * 375))
+        ratios.append(w / h)
+    assert min(areas) >= 0.08 * 0.9 and max(areas) <= 1.0
+    assert min(ratios) >= 0.75 * 0.95 and max(ratios) <= 4 / 3 * 1.05
+    assert np.mean(areas) > 0.3  # uniform in [0.08, 1] minus rejections
+    # Fallback: a very wide image gets a centred crop of aspect 4/3.
+    rng = np.random.default_rng(1)
+    left, top, w, h = augment.random_resized_crop_box(1000, 10, rng, scale=(0.99, 1.0), ratio=(0.75, 4 / 3))
+    assert (w, h) == (13, 10) and left == (1000 - 13) // 2
 
 
 def test_center_crop_box_equals_resize_then_crop():
-  # torchvision-style Resize(256) + CenterCrop(224) == one resize of the box.
-  for w, h in ((500, 375), (375, 500), (640, 427), (300, 300)):
-    img = _photo(w, h)
-    short = min(w, h)
-    new = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
-    ref = img.resize(new, Image.BICUBIC)
-    top = int(round((new[1] - 224) / 2.0))
-    left = int(round((new[0] - 224) / 2.0))
-    ref = np.asarray(ref.crop((left, top, left + 224, top + 224)), np.int16)
-    box = augment.center_crop_box(w, h, 224, 0.875)
-    got = np.asarray(img.resize((224, 224), Image.BICUBIC, box=box), np.int16)
-    assert np.abs(got - ref).max() <= 1, (w, h, short)
+    # torchvision-style Resize(256) + CenterCrop(224) == one resize of the box.
+    for w, h in ((500, 375), (375, 500), (640, 427), (300, 300)):
+        img = _photo(w, h)
+        short = min(w, h)
+        new = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        ref = img.resize(new, Image.BICUBIC)
+        top = int(round((new[1] - 224) / 2.0))
+        left = int(round((new[0] - 224) / 2.0))
+        ref = np.asarray(ref.crop((left, top, left + 224, top + 224)), np.int16)
+        box = augment.center_crop_box(w, h, 224, 0.875)
+        got = np.asarray(img.resize((224, 224), Image.BICUBIC, box=box), np.int16)
+        assert np.abs(got - ref).max() <= 1, (w, h, short)
 
 
 def test_jpeg_draft_is_close_to_full_decode():
-  img = _photo(2000, 1500)
-  data = _jpeg(img)
-  rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
-  diffs, drafted = [], 0
-  for _ in range(10):
-    a = augment.random_resized_crop(decode_lib.open_image(data), 224, rng_a,
-                                    scale=(0.5, 1.0), use_draft=True)
-    b = augment.random_resized_crop(decode_lib.open_image(data), 224, rng_b,
-                                    scale=(0.5, 1.0), use_draft=False)
-    diffs.append(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
-  probe = decode_lib.open_image(data)
-  drafted = decode_lib.draft(probe, 3, (500, 375))
-  assert drafted == 0.25  # 2000 // 4 = 500 >= 500: decoded at 1/4 scale
-  assert max(diffs) < 3.0, diffs  # mean abs difference in grey levels
-  # Eval with draft: the 2000 px image decodes at 1/4 (shorter side >= 256).
-  e1 = augment.resize_center_crop(decode_lib.open_image(data), 224, use_draft=True)
-  e2 = augment.resize_center_crop(decode_lib.open_image(data), 224, use_draft=False)
-  assert np.abs(np.asarray(e1, np.float32) - np.asarray(e2, np.float32)).mean() < 3.0
+    img = _photo(2000, 1500)
+    data = _jpeg(img)
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    diffs, drafted = [], 0
+    for _ in range(10):
+        a = augment.random_resized_crop(decode_lib.open_image(data), 224, rng_a, scale=(0.5, 1.0), use_draft=True)
+        b = augment.random_resized_crop(decode_lib.open_image(data), 224, rng_b, scale=(0.5, 1.0), use_draft=False)
+        diffs.append(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+    probe = decode_lib.open_image(data)
+    drafted = decode_lib.draft(probe, 3, (500, 375))
+    assert drafted == 0.25  # 2000 // 4 = 500 >= 500: decoded at 1/4 scale
+    assert max(diffs) < 3.0, diffs  # mean abs difference in grey levels
+    # Eval with draft: the 2000 px image decodes at 1/4 (shorter side >= 256).
+    e1 = augment.resize_center_crop(decode_lib.open_image(data), 224, use_draft=True)
+    e2 = augment.resize_center_crop(decode_lib.open_image(data), 224, use_draft=False)
+    assert np.abs(np.asarray(e1, np.float32) - np.asarray(e2, np.float32)).mean() < 3.0
 
 
 def test_randaugment_spec_parsing():
-  ra = augment.RandAugment.from_string("rand-m9-mstd0.5-inc1")
-  assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.magnitude_max,
-          ra.increasing, ra.prob) == (2, 9.0, 0.5, 10.0, True, 0.5)
-  assert len(ra.ops) == 15 and "SolarizeIncreasing" in ra.ops
-  ra = augment.RandAugment.from_string("rand-n3-m5")
-  assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.increasing) == (3, 5.0, 0.0, False)
-  with pytest.raises(ValueError):
-    augment.RandAugment.from_string("rand-q4")
-  with pytest.raises(ValueError):
-    augment.RandAugment.from_string("augmix-m3")
-  rng = np.random.default_rng(0)
-  ms = [ra.sample_magnitude(rng) for _ in range(10)]
-  assert ms == [5.0] * 10
-  ra = augment.RandAugment.from_string("rand-m9-mstd0.5")
-  ms = np.array([ra.sample_magnitude(rng) for _ in range(4000)])
-  assert abs(ms.mean() - 9.0) < 0.05 and abs(ms.std() - 0.5) < 0.05
-  assert ms.max() <= 10.0
+    ra = augment.RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.magnitude_max, ra.increasing, ra.prob) == (
+        2,
+        9.0,
+        0.5,
+        10.0,
+        True,
+        0.5,
+    )
+    assert len(ra.ops) == 15 and "SolarizeIncreasing" in ra.ops
+    ra = augment.RandAugment.from_string("rand-n3-m5")
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.increasing) == (3, 5.0, 0.0, False)
+    with pytest.raises(ValueError):
+        augment.RandAugment.from_string("rand-q4")
+    with pytest.raises(ValueError):
+        augment.RandAugment.from_string("augmix-m3")
+    rng = np.random.default_rng(0)
+    ms = [ra.sample_magnitude(rng) for _ in range(10)]
+    assert ms == [5.0] * 10
+    ra = augment.RandAugment.from_string("rand-m9-mstd0.5")
+    ms = np.array([ra.sample_magnitude(rng) for _ in range(4000)])
+    assert abs(ms.mean() - 9.0) < 0.05 and abs(ms.std() - 0.5) < 0.05
+    assert ms.max() <= 10.0
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_every_randaugment_op_runs_and_keeps_size(mode):
-  img = _photo(64, 48).convert(mode)
-  rng = np.random.default_rng(0)
-  ctx = augment._Ctx(fill=(124, 116, 104) if mode == "RGB" else 115,
-                     interpolation=Image.BICUBIC)
-  for name, op in augment._OPS.items():
-    for level in (0.0, 0.5, 0.9, 1.0):  # 1.0 = magnitude_max
-      out = op(img, level, rng, ctx)
-      assert out.size == img.size and out.mode == mode, (name, level)
-  # Known values: Invert; SolarizeIncreasing at level 0.9 inverts pixels >=
-  # 256 - 230 = 26; PosterizeIncreasing keeps 4 - 3 = 1 bit.
-  a = np.asarray(img)
-  np.testing.assert_array_equal(np.asarray(augment._OPS["Invert"](img, 0, rng, ctx)), 255 - a)
-  sol = np.asarray(augment._OPS["SolarizeIncreasing"](img, 0.9, rng, ctx))
-  np.testing.assert_array_equal(sol, np.where(a >= 26, 255 - a, a))
-  post = np.asarray(augment._OPS["PosterizeIncreasing"](img, 0.9, rng, ctx))
-  np.testing.assert_array_equal(post, a & 0x80)
-  post = np.asarray(augment._OPS["PosterizeIncreasing"](img, 1.0, rng, ctx))
-  assert not post.any()  # 0 bits kept
+    img = _photo(64, 48).convert(mode)
+    rng = np.random.default_rng(0)
+    ctx = augment._Ctx(fill=(124, 116, 104) if mode == "RGB" else 115, interpolation=Image.BICUBIC)
+    for name, op in augment._OPS.items():
+        for level in (0.0, 0.5, 0.9, 1.0):  # 1.0 = magnitude_max
+            out = op(img, level, rng, ctx)
+            assert out.size == img.size and out.mode == mode, (name, level)
+    # Known values: Invert; SolarizeIncreasing at level 0.9 inverts pixels >=
+    # 256 - 230 = 26; PosterizeIncreasing keeps 4 - 3 = 1 bit.
+    a = np.asarray(img)
+    np.testing.assert_array_equal(np.asarray(augment._OPS["Invert"](img, 0, rng, ctx)), 255 - a)
+    sol = np.asarray(augment._OPS["SolarizeIncreasing"](img, 0.9, rng, ctx))
+    np.testing.assert_array_equal(sol, np.where(a >= 26, 255 - a, a))
+    post = np.asarray(augment._OPS["PosterizeIncreasing"](img, 0.9, rng, ctx))
+    np.testing.assert_array_equal(post, a & 0x80)
+    post = np.asarray(augment._OPS["PosterizeIncreasing"](img, 1.0, rng, ctx))
+    assert not post.any()  # 0 bits kept
 
 
 def test_randaugment_is_deterministic_given_the_rng():
-  ra = augment.RandAugment.from_string("rand-m9-mstd0.5-inc1")
-  img = _photo(96, 96)
-  a = ra(img, np.random.default_rng(42))
-  b = ra(img, np.random.default_rng(42))
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  changed = sum(
-      not np.array_equal(np.asarray(ra(img, np.random.default_rng(s))),
-                         np.asarray(img)) for s in range(20))
-  assert changed >= 12  # P(no op applied) = 0.25
-  # Every op at every magnitude, RGB and L, never raises.
-  small = _photo(32, 32)
-  for spec in ("rand-m9-mstd0.5-inc1", "rand-m10-n4-mstd1-p1", "rand-m0-n4-p1"):
-    ra = augment.RandAugment.from_string(spec)
-    for s in range(150):
-      for im in (small, small.convert("L")):
-        assert ra(im, np.random.default_rng(s)).size == (32, 32)
+    ra = augment.RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    img = _photo(96, 96)
+    a = ra(img, np.random.default_rng(42))
+    b = ra(img, np.random.default_rng(42))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = sum(not np.array_equal(np.asarray(ra(img, np.random.default_rng(s))), np.asarray(img)) for s in range(20))
+    assert changed >= 12  # P(no op applied) = 0.25
+    # Every op at every magnitude, RGB and L, never raises.
+    small = _photo(32, 32)
+    for spec in ("rand-m9-mstd0.5-inc1", "rand-m10-n4-mstd1-p1", "rand-m0-n4-p1"):
+        ra = augment.RandAugment.from_string(spec)
+        for s in range(150):
+            for im in (small, small.convert("L")):
+                assert ra(im, np.random.default_rng(s)).size == (32, 32)
 
 
 def test_random_erasing():
-  x = np.zeros((32, 32, 3), np.float32)
-  augment.random_erasing(x, np.random.default_rng(0), prob=0.0)
-  assert not x.any()
-  augment.random_erasing(x, np.random.default_rng(0), prob=1.0)
-  rows, cols = np.nonzero(x.any(-1))
-  area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-  assert 0.02 * 1024 * 0.5 <= area <= 1024 / 3 * 1.3
-  assert np.count_nonzero(x.any(-1)) == area  # one filled rectangle
+    x = np.zeros((32, 32, 3), np.float32)
+    augment.random_erasing(x, np.random.default_rng(0), prob=0.0)
+    assert not x.any()
+    augment.random_erasing(x, np.random.default_rng(0), prob=1.0)
+    rows, cols = np.nonzero(x.any(-1))
+    area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert 0.02 * 1024 * 0.5 <= area <= 1024 / 3 * 1.3
+    assert np.count_nonzero(x.any(-1)) == area  # one filled rectangle
 
 
 def test_smooth_one_hot():
-  y = mixup.smooth_one_hot(np.array([2, 0]), 4, 0.1)
-  np.testing.assert_allclose(y, [[0.025, 0.025, 0.925, 0.025],
-                                 [0.925, 0.025, 0.025, 0.025]])
+    y = mixup.smooth_one_hot(np.array([2, 0]), 4, 0.1)
+    np.testing.assert_allclose(y, [[0.025, 0.025, 0.925, 0.025], [0.925, 0.025, 0.025, 0.025]])
 
 
 def test_mixup_and_cutmix_targets_match_the_pixels():
-  b, hw, k = 4, 16, 5
-  labels = np.array([0, 1, 2, 3])
-  images = np.stack([np.full((hw, hw, 1), i, np.float32) for i in range(b)])
-  seen = set()
-  for seed in range(40):
-    rng = np.random.default_rng(seed)
-    x, y, idx = mixup.mix_batch(images.copy(), labels, rng, num_classes=k,
-                                mixup_alpha=0.8, cutmix_alpha=1.0,
-                                switch_prob=0.5, smoothing=0.0)
-    np.testing.assert_allclose(y.sum(1), 1.0, rtol=1e-6)
-    # Image 0 is mixed with image 3: its pixels' mean says how much of 3.
-    frac3 = x[0].mean() / 3.0
-    np.testing.assert_allclose(y[0, 3], frac3, atol=1e-5)
-    np.testing.assert_allclose(y[0, 0], 1 - frac3, atol=1e-5)
-    np.testing.assert_array_equal(idx, np.where(y[np.arange(b), labels] >= 0.5,
-                                                labels, labels[::-1]))
-    cut = np.isin(np.unique(x[0]), [0.0, 3.0]).all()
-    seen.add("cutmix" if cut and 0 < frac3 < 1 else "mixup")
-  assert seen == {"cutmix", "mixup"}
-  # Mixup equals the textbook formula, odd batch sizes included.
-  for b in (5, 6):
-    x0 = np.random.default_rng(b).normal(size=(b, 8, 8, 3)).astype(np.float32)
-    x, y, _ = mixup.mix_batch(x0.copy(), np.arange(b), np.random.default_rng(1),
-                              num_classes=k + 2, mixup_alpha=1.0,
-                              cutmix_alpha=0.0, smoothing=0.0)
-    lam = y[0, 0]
-    np.testing.assert_allclose(x, lam * x0 + (1 - lam) * x0[::-1], atol=1e-5)
-  # Both off: smoothing only.
-  x, y, idx = mixup.mix_batch(images.copy(), labels, np.random.default_rng(0),
-                              num_classes=k, mixup_alpha=0, cutmix_alpha=0,
-                              smoothing=0.1)
-  np.testing.assert_array_equal(x, images)
-  np.testing.assert_allclose(y.max(1), 0.92)
+    b, hw, k = 4, 16, 5
+    labels = np.array([0, 1, 2, 3])
+    images = np.stack([np.full((hw, hw, 1), i, np.float32) for i in range(b)])
+    seen = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        x, y, idx = mixup.mix_batch(
+            images.copy(), labels, rng, num_classes=k, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.0
+        )
+        np.testing.assert_allclose(y.sum(1), 1.0, rtol=1e-6)
+        # Image 0 is mixed with image 3: its pixels' mean says how much of 3.
+        frac3 = x[0].mean() / 3.0
+        np.testing.assert_allclose(y[0, 3], frac3, atol=1e-5)
+        np.testing.assert_allclose(y[0, 0], 1 - frac3, atol=1e-5)
+        np.testing.assert_array_equal(idx, np.where(y[np.arange(b), labels] >= 0.5, labels, labels[::-1]))
+        cut = np.isin(np.unique(x[0]), [0.0, 3.0]).all()
+        seen.add("cutmix" if cut and 0 < frac3 < 1 else "mixup")
+    assert seen == {"cutmix", "mixup"}
+    # Mixup equals the textbook formula, odd batch sizes included.
+    for b in (5, 6):
+        x0 = np.random.default_rng(b).normal(size=(b, 8, 8, 3)).astype(np.float32)
+        x, y, _ = mixup.mix_batch(
+            x0.copy(),
+            np.arange(b),
+            np.random.default_rng(1),
+            num_classes=k + 2,
+            mixup_alpha=1.0,
+            cutmix_alpha=0.0,
+            smoothing=0.0,
+        )
+        lam = y[0, 0]
+        np.testing.assert_allclose(x, lam * x0 + (1 - lam) * x0[::-1], atol=1e-5)
+    # Both off: smoothing only.
+    x, y, idx = mixup.mix_batch(
+        images.copy(), labels, np.random.default_rng(0), num_classes=k, mixup_alpha=0, cutmix_alpha=0, smoothing=0.1
+    )
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_allclose(y.max(1), 0.92)
 
 
 def test_train_index_epochs_are_permutations():
-  n = 10
-  for p_count, repeats in ((1, 1), (2, 1), (3, 1), (2, 3)):
-    n_local = n // p_count
-    for epoch in range(3):
-      got = []
-      for p in range(p_count):
-        got += [pipeline.train_index(epoch * n_local + j, num_examples=n,
-                                     seed=3, process_index=p,
-                                     process_count=p_count, repeats=repeats)
-                for j in range(n_local)]
-      if repeats == 1:
-        assert len(set(got)) == len(got) == p_count * n_local
-      # Image of global position g is perm[g // repeats].
-      want = np.bincount([g // repeats for g in range(p_count * n_local)])
-      have = np.bincount(got, minlength=n)
-      assert sorted(have[have > 0]) == sorted(want[want > 0])
-  a = [pipeline.train_index(k, num_examples=n, seed=3, process_index=0,
-                            process_count=1) for k in range(2 * n)]
-  assert a[:n] != a[n:] and sorted(a[:n]) == sorted(a[n:]) == list(range(n))
+    n = 10
+    for p_count, repeats in ((1, 1), (2, 1), (3, 1), (2, 3)):
+        n_local = n // p_count
+        for epoch in range(3):
+            got = []
+            for p in range(p_count):
+                got += [
+                    pipeline.train_index(
+                        epoch * n_local + j,
+                        num_examples=n,
+                        seed=3,
+                        process_index=p,
+                        process_count=p_count,
+                        repeats=repeats,
+                    )
+                    for j in range(n_local)
+                ]
+            if repeats == 1:
+                assert len(set(got)) == len(got) == p_count * n_local
+            # Image of global position g is perm[g // repeats].
+            want = np.bincount([g // repeats for g in range(p_count * n_local)])
+            have = np.bincount(got, minlength=n)
+            assert sorted(have[have > 0]) == sorted(want[want > 0])
+    a = [pipeline.train_index(k, num_examples=n, seed=3, process_index=0, process_count=1) for k in range(2 * n)]
+    assert a[:n] != a[n:] and sorted(a[:n]) == sorted(a[n:]) == list(range(n))

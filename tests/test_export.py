@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ from bvit_jax import data, export, predict
 from bvit_jax.binarize import weight_alpha
 from bvit_jax.export import PackedFormatError, export_model, load_packed, pack_model, read_header, size_accounting
 from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
-from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 from bvit_jax.packed import (
     from_planes,
     masked_sign_sum,
@@ -31,6 +29,7 @@ from bvit_jax.packed import (
     to_planes,
     unpack_signs,
 )
+from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 
 BINARY_PRESETS = ["baseline", "baseline+grs", "baseline+asm", "binaryvit"]
 
@@ -117,7 +116,9 @@ def test_attention_popcount_matmuls_exact(d, n):
     np.testing.assert_array_equal(np.asarray(scores), np.einsum("bhqd,bhkd->bhqk", sign(q), sign(k)).astype(np.int32))
     m = rng.random((2, 3, n, n)) > 0.7
     pv = jax.jit(lambda m, v: masked_sign_sum(pack_bits_planes(m), pack_planes(jnp.swapaxes(v, -1, -2))))(m, k)
-    np.testing.assert_array_equal(np.asarray(pv), np.einsum("bhqk,bhkd->bhqd", m.astype(np.float32), sign(k)).astype(np.int32))
+    np.testing.assert_array_equal(
+        np.asarray(pv), np.einsum("bhqk,bhkd->bhqd", m.astype(np.float32), sign(k)).astype(np.int32)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -149,7 +150,9 @@ def test_packed_forward_matches_fresh_model():
     that exact 0 too (integer 0 times ``c``), not rounding noise, so it takes ``sign(0) = +1`` too."""
     model = create("vit_nano", "binaryvit", depth=4)
     x = _images(model.cfg, b=4)
-    np.testing.assert_allclose(np.asarray(packed_forward(pack_model(model), x)), model_forward(model, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(packed_forward(pack_model(model), x)), model_forward(model, x), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("preset", ["baseline", "binaryvit"])
@@ -252,12 +255,12 @@ def _file_tensors(blob):
     import zlib
 
     (hlen,) = struct.unpack_from("<I", blob, 8)
-    header = json.loads(zlib.decompress(blob[12:12 + hlen]))
+    header = json.loads(zlib.decompress(blob[12 : 12 + hlen]))
     start = 12 + hlen + (-(12 + hlen) % 64)
     out = {}
     for t in header["tensors"]:
         dt = {"uint32": "<u4", "float32": "<f4"}[t["dtype"]]
-        raw = blob[start + t["offset"]:start + t["offset"] + t["nbytes"]]
+        raw = blob[start + t["offset"] : start + t["offset"] + t["nbytes"]]
         out[t["name"]] = (np.frombuffer(raw, dt).reshape(t["shape"]), t.get("bits"))
     return out
 
@@ -273,7 +276,8 @@ def test_exported_tensor_values_equal_model_parameters(preset):
     binary = {p[: -len("/kernel")] for p in latent_weight_paths(model)}
     assert len(binary) == cfg.depth * 6  # q, k, v, proj, fc1, fc2
     assert set(stored) == {p for p in params if not (p.endswith("/kernel") and p[: -len("/kernel")] in binary)} | {
-        b + "/kernel_bits" for b in binary} | {b + "/alpha" for b in binary}
+        b + "/kernel_bits" for b in binary
+    } | {b + "/alpha" for b in binary}
     for path, value in params.items():
         value = np.asarray(value)
         base = path[: -len("/kernel")]
@@ -286,7 +290,9 @@ def test_exported_tensor_values_equal_model_parameters(preset):
             runtime = np.asarray(loaded.tensors[base + "/kernel_bits"])
             np.testing.assert_array_equal(from_planes(runtime, n, axis=0), words, err_msg=path)
             alpha = stored[base + "/alpha"][0]
-            want = np.asarray(weight_alpha(jnp.asarray(value)))[0] if model.opts.weight_scale else np.ones(value.shape[1])
+            want = (
+                np.asarray(weight_alpha(jnp.asarray(value)))[0] if model.opts.weight_scale else np.ones(value.shape[1])
+            )
             np.testing.assert_array_equal(alpha, want.astype(np.float32), err_msg=path)
             np.testing.assert_allclose(alpha, np.abs(value).mean(0) if model.opts.weight_scale else 1.0, rtol=1e-6)
         else:
@@ -305,18 +311,24 @@ def _micro(variant, **kw):
     return create(variant, "baseline", depth=1, embed_dim=32, num_heads=2, **kw)
 
 
-@pytest.mark.parametrize("name, variant, mean, std", [
-    ("fashion_mnist", "vit_micro_28", [0.286], [0.353]),
-    ("mnist", "vit_micro_28", [0.1307], [0.3081]),
-    ("cifar10", "vit_micro_32", [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-])
+@pytest.mark.parametrize(
+    "name, variant, mean, std",
+    [
+        ("fashion_mnist", "vit_micro_28", [0.286], [0.353]),
+        ("mnist", "vit_micro_28", [0.1307], [0.3081]),
+        ("cifar10", "vit_micro_32", [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    ],
+)
 def test_export_stores_the_training_normalisation(name, variant, mean, std):
     """Small data sets: their own statistics (not 0.5 or ImageNet's), from the data config, in file and in memory."""
     cfg = data.default_data_config(name)
     model = _micro(variant)
     want = data.eval_settings(cfg).to_dict()
-    for header in (read_header(export_model(model, data=cfg)), read_header(export_model(model, data=name)),
-                   pack_model(model, data=cfg).header):
+    for header in (
+        read_header(export_model(model, data=cfg)),
+        read_header(export_model(model, data=name)),
+        pack_model(model, data=cfg).header,
+    ):
         pre = header["preprocess"]
         assert pre == want
         assert pre["mean"] == mean and pre["std"] == std
@@ -365,8 +377,9 @@ def test_corrupt_files_are_clear_errors(nano_blob):
         load_packed(bytes(garbled))
 
 
-@pytest.mark.parametrize("version, message", [(99, "version 99 is not supported"),
-                                              (1, "version 1 was written by an older bvit_jax")])
+@pytest.mark.parametrize(
+    "version, message", [(99, "version 99 is not supported"), (1, "version 1 was written by an older bvit_jax")]
+)
 def test_other_format_versions_are_refused(nano_blob, version, message):
     import struct
     import zlib
@@ -375,7 +388,7 @@ def test_other_format_versions_are_refused(nano_blob, version, message):
     header["version"] = version
     hlen = struct.unpack_from("<I", nano_blob, 8)[0]
     new = zlib.compress(json.dumps(header).encode())
-    blob = nano_blob[:8] + struct.pack("<I", len(new)) + new + nano_blob[12 + hlen:]
+    blob = nano_blob[:8] + struct.pack("<I", len(new)) + new + nano_blob[12 + hlen :]
     with pytest.raises(PackedFormatError, match=message):
         load_packed(blob)
 

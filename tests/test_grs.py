@@ -11,9 +11,7 @@ from bvit_jax.grs import grs, grs_penalty
 
 
 def _params():
-    w = np.array(
-        [[0.3, -0.05, 1.2], [-0.6, 0.0, -0.2], [0.1, 0.25, -0.4], [-0.9, -0.15, 0.05]], np.float32
-    )
+    w = np.array([[0.3, -0.05, 1.2], [-0.6, 0.0, -0.2], [0.1, 0.25, -0.4], [-0.9, -0.15, 0.05]], np.float32)
     return {"layer": {"kernel": jnp.asarray(w), "bias": jnp.asarray([0.1, -0.2, 0.3], jnp.float32)}}
 
 
@@ -32,7 +30,12 @@ def test_grs_update_formula_on_masked_leaves_only():
     lam = 0.5
     tx = grs(lam, mask=MASK)
     upd, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_allclose(upd["layer"]["kernel"], _expected(params["layer"]["kernel"], grads["layer"]["kernel"], lam), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        upd["layer"]["kernel"],
+        _expected(params["layer"]["kernel"], grads["layer"]["kernel"], lam),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     np.testing.assert_array_equal(upd["layer"]["bias"], grads["layer"]["bias"])
     # sign(0) = +1: the zero weight gets (0 - alpha) * (+1)
     alpha1 = np.abs(np.asarray(params["layer"]["kernel"])[:, 1]).mean()

@@ -50,8 +50,10 @@ def assert_within(actual, expected, bound, what=""):
     bad = err > bound
     if np.any(bad):
         i = np.unravel_index(np.argmax(err - bound), err.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} beyond the bound; worst at {i}: "
-                             f"|{actual[i]} - {expected[i]}| = {err[i]:.3g} > {bound[i]:.3g}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} beyond the bound; worst at {i}: "
+            f"|{actual[i]} - {expected[i]}| = {err[i]:.3g} > {bound[i]:.3g}"
+        )
 
 
 def _pm1(a):
@@ -285,7 +287,9 @@ def test_layer_norm_module_backward_equals_autodiff():
     # d scale / d bias: sums over 20 rows of g xhat / g; the xhat of both within ~gamma(d + 10) relative
     gn, xn = np.asarray(g, np.float64), np.asarray(x, np.float64)
     xhat = np.abs((xn - xn.mean(-1, keepdims=True)) / xn.std(-1, keepdims=True))
-    assert_within(grads["scale"][...], plain[0], 2 * gamma_n(20 + 16 + 10) * np.sum(np.abs(gn) * (xhat + 1), (0, 1)), "scale")
+    assert_within(
+        grads["scale"][...], plain[0], 2 * gamma_n(20 + 16 + 10) * np.sum(np.abs(gn) * (xhat + 1), (0, 1)), "scale"
+    )
     assert_within(grads["bias"][...], plain[1], 2 * gamma_n(20) * np.sum(np.abs(gn), (0, 1)), "bias")
 
 
@@ -323,8 +327,9 @@ def test_rprelu_backward_equals_autodiff_of_the_formula():
 
 
 # ----------------------------------------------------------------------------- attention level c > 0
-ATT = BinaryOptions(binarize_weights=True, binarize_acts=True, learnable_shift=True, binary_attention=True,
-                    linear_shortcut=True)
+ATT = BinaryOptions(
+    binarize_weights=True, binarize_acts=True, learnable_shift=True, binary_attention=True, linear_shortcut=True
+)
 
 
 def _attention(opts=ATT, seed=0):

@@ -69,7 +69,8 @@ def test_huge_optimizer_steps_keep_attention_levels_positive(preset):
     x, y = _batch(3)
     graphdef, params = nnx.split(model, nnx.Param)
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "level" if str(path[-2].key) == "attn_level_raw" else "rest", params)
+        lambda path, _: "level" if str(path[-2].key) == "attn_level_raw" else "rest", params
+    )
     assert jax.tree.leaves(labels).count("level") == len(model.blocks)
     tx = optax.multi_transform({"level": optax.sgd(1e6), "rest": optax.set_to_zero()}, labels)
     state = tx.init(params)
@@ -106,7 +107,7 @@ def test_capture_returns_every_sign_input(preset):
     assert len(expected) == 2 * (6 + 3)  # 6 binary linears + q/k/v signs per block
     assert set(inter) == expected
     n_tok = model.cfg.num_tokens
-    for path, d in inter.items():
+    for d in inter.values():
         assert set(d) == {"x", "shifted"}
         assert d["x"].shape == d["shifted"].shape
         assert d["x"].shape[:2] == (B, n_tok)

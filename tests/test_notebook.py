@@ -14,7 +14,6 @@ import time
 
 import nbclient
 import nbformat
-import pytest
 
 from tests.train_helpers import ROOT
 
@@ -30,7 +29,9 @@ def test_notebook_is_committed_without_outputs():
     nbformat.validate(nb)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"cell {i} has outputs: strip them before committing"
+            assert not cell.outputs and cell.execution_count is None, (
+                f"cell {i} has outputs: strip them before committing"
+            )
 
 
 def test_install_cell_is_valid_ipython_and_guarded_by_an_import():
@@ -57,7 +58,10 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["BVIT_NOTEBOOK_WORKDIR"] = str(tmp_path / "runs")
     client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=600, startup_timeout=120,
+        nb,
+        kernel_name="python3",
+        timeout=600,
+        startup_timeout=120,
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
     t = time.time()

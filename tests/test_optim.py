@@ -20,8 +20,9 @@ U32 = 2.0**-24  # unit roundoff of float32
 
 
 def _tiny(preset: str):
-    model = create("vit_micro_28", preset, num_classes=10, image_size=28, in_channels=1,
-                   embed_dim=32, depth=1, num_heads=2)
+    model = create(
+        "vit_micro_28", preset, num_classes=10, image_size=28, in_channels=1, embed_dim=32, depth=1, num_heads=2
+    )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return params, latent_weight_mask(model, params)
 
@@ -30,8 +31,9 @@ def _one_update(preset: str, grads_fn, **fields):
     """Params after one update of the trainer's chain from ``grads_fn(params)``."""
     params, latent = _tiny(preset)
     cfg = tiny_config(preset, **fields)
-    tx = build_optimizer(cfg, params, latent, use_grs=get_preset(preset).grs, total_steps=10,
-                         warmup_steps=0, grs_warmup_steps=0)
+    tx = build_optimizer(
+        cfg, params, latent, use_grs=get_preset(preset).grs, total_steps=10, warmup_steps=0, grs_warmup_steps=0
+    )
     state = tx.init(params)
     updates, state = tx.update(grads_fn(params), state, params)
     return params, optax.apply_updates(params, updates), latent, state
@@ -41,13 +43,15 @@ def _one_update(preset: str, grads_fn, **fields):
 def test_weight_decay_touches_exactly_the_fp_matrices_and_never_latent_binary_weights():
     # Zero gradients: AdamW's only effect is the decay p <- p - lr * wd * p where the mask allows it.
     zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
-    before, after, latent, state = _one_update("binaryvit", zeros, optimizer__weight_decay=0.5,
-                                               optimizer__clip_norm=0.0, grs__strength=0.0)
+    before, after, latent, state = _one_update(
+        "binaryvit", zeros, optimizer__weight_decay=0.5, optimizer__clip_norm=0.0, grs__strength=0.0
+    )
     lr = float(applied_learning_rate(state))
     assert lr > 0
     decayed = []
-    for (path, p0), (_, p1), (_, lat) in zip(flatten_with_paths(before), flatten_with_paths(after),
-                                             flatten_with_paths(latent)):
+    for (path, p0), (_, p1), (_, lat) in zip(
+        flatten_with_paths(before), flatten_with_paths(after), flatten_with_paths(latent)
+    ):
         p0, p1 = np.asarray(p0), np.asarray(p1)
         if np.array_equal(p0, p1):
             continue
@@ -63,14 +67,19 @@ def test_weight_decay_touches_exactly_the_fp_matrices_and_never_latent_binary_we
 
 
 # ----------------------------------------------------------------------------- GRS placement
-@pytest.mark.parametrize("preset, expect_grs", [("baseline", False), ("baseline+asm", False),
-                                                ("baseline+grs", True), ("binaryvit", True)])
+@pytest.mark.parametrize(
+    "preset, expect_grs", [("baseline", False), ("baseline+asm", False), ("baseline+grs", True), ("binaryvit", True)]
+)
 def test_grs_moves_only_latent_weights_and_only_in_presets_that_ask_for_it(preset, expect_grs):
     zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
-    before, after, latent, _ = _one_update(preset, zeros, optimizer__weight_decay=0.0,
-                                           optimizer__clip_norm=0.0, grs__strength=1e-3)
-    moved = {path for (path, a), (_, b) in zip(flatten_with_paths(before), flatten_with_paths(after))
-             if not np.array_equal(a, b)}
+    before, after, latent, _ = _one_update(
+        preset, zeros, optimizer__weight_decay=0.0, optimizer__clip_norm=0.0, grs__strength=1e-3
+    )
+    moved = {
+        path
+        for (path, a), (_, b) in zip(flatten_with_paths(before), flatten_with_paths(after))
+        if not np.array_equal(a, b)
+    }
     latent_paths = {path for path, lat in flatten_with_paths(latent) if lat}
     if not expect_grs:
         assert moved == set()
@@ -123,8 +132,10 @@ def test_accumulated_loss_and_gradient_equal_the_full_batch_within_float32_summa
     # Least squares with a per-example mean: L = 1/B sum_b (w.x_b - y_b)^2, plus an aux mean.
     rng = np.random.default_rng(0)
     B, d, k = 64, 16, 4
-    batch = {"x": jnp.asarray(rng.normal(size=(B, d)), jnp.float32),
-             "y": jnp.asarray(rng.normal(size=(B,)), jnp.float32)}
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(B, d)), jnp.float32),
+        "y": jnp.asarray(rng.normal(size=(B,)), jnp.float32),
+    }
     w = jnp.asarray(rng.normal(size=(d,)), jnp.float32)
 
     def loss_fn(w, batch, scale):
@@ -139,7 +150,9 @@ def test_accumulated_loss_and_gradient_equal_the_full_batch_within_float32_summa
     # (Higham, Accuracy and Stability of Numerical Algorithms, 2002, eq. 4.4),
     # so both results are within (d + B + 2) * u * (mean of |per-example term|)
     # of the exact value, and of each other within twice that.
-    per_example_grad = jax.vmap(jax.grad(lambda w, x, y: 2.0 * (x @ w - y) ** 2), (None, 0, 0))(w, batch["x"], batch["y"])
+    per_example_grad = jax.vmap(jax.grad(lambda w, x, y: 2.0 * (x @ w - y) ** 2), (None, 0, 0))(
+        w, batch["x"], batch["y"]
+    )
     r = batch["x"] @ w - batch["y"]
     n = d + B + 2
     g_bound = 2 * n * U32 * np.mean(np.abs(per_example_grad), axis=0)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -59,7 +59,10 @@ def test_no_package_is_pinned_twice_and_the_core_holds_no_torch_or_tensorflow():
 
 
 def test_test_extra_pulls_in_every_other_extra():
-    self_refs = [Requirement(r) for r in PYPROJECT["optional-dependencies"]["test"]
-                 if canonicalize_name(Requirement(r).name) == canonicalize_name(PYPROJECT["name"])]
+    self_refs = [
+        Requirement(r)
+        for r in PYPROJECT["optional-dependencies"]["test"]
+        if canonicalize_name(Requirement(r).name) == canonicalize_name(PYPROJECT["name"])
+    ]
     assert len(self_refs) == 1
     assert self_refs[0].extras == set(GROUPS) - {"core", "test"}

@@ -61,8 +61,7 @@ def _fashion_config():
 def _pipeline_images(config, paths):
     """The trainer's eval batch for these files (the real grain eval iterator, encoded bytes as records)."""
     source = [{"image": open(p, "rb").read(), "label": i} for i, p in enumerate(paths)]
-    it = data.create_eval_iterator(config, local_batch_size=len(paths), process_index=0, process_count=1,
-                                   source=source)
+    it = data.create_eval_iterator(config, local_batch_size=len(paths), process_index=0, process_count=1, source=source)
     batch = next(iter(it))
     assert batch["mask"].all()
     return batch["image"]
@@ -75,8 +74,15 @@ def test_predict_input_equals_eval_pipeline_bit_for_bit(tmp_path, image_files, m
     The preprocessing comes from the exported file's header (as the command line reads it).
     """
     config = make_config()
-    model = create(variant, "baseline", image_size=config.image_size, in_channels=config.channels,
-                   depth=1, embed_dim=32, num_heads=2)
+    model = create(
+        variant,
+        "baseline",
+        image_size=config.image_size,
+        in_channels=config.channels,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    )
     path = tmp_path / "m.bvit"
     export_model(model, path, data=config)
     pre = load_packed(path).header["preprocess"]

@@ -15,12 +15,12 @@ from bvit_jax.models import create
 from bvit_jax.param_groups import latent_weight_mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def abstract(variant, preset):
     return nnx.eval_shape(lambda: create(variant, preset))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def summ(variant, preset):
     return S.summary(abstract(variant, preset))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -111,8 +110,9 @@ def test_gradient_accumulation_equals_one_large_batch_update_for_update(tmp_path
     """k=4 micro-batches of 8 vs one batch of 32: same updates, same lr at each, same params."""
     steps, runs = 8, {}
     for k in (1, 4):
-        cfg = tiny_config("fp", total_steps=steps, warmup_steps=2, optimizer__grad_accum_steps=k,
-                          diagnostics_every_steps=0)
+        cfg = tiny_config(
+            "fp", total_steps=steps, warmup_steps=2, optimizer__grad_accum_steps=k, diagnostics_every_steps=0
+        )
         train_and_evaluate(cfg, tmp_path / str(k))
         runs[k] = (flat(restore_params(tmp_path / str(k), "latest")[1]), read_metrics(tmp_path / str(k), "train"))
     (p1, rows1), (p4, rows4) = runs[1], runs[4]
@@ -140,11 +140,20 @@ def test_one_step_on_8_devices_matches_1_device_data_parallel_and_fsdp(tmp_path,
     assert jax.device_count() == 8
     results = {}
     for name, (data, fsdp) in {"single": (1, 1), "dp": (8, 1), "fsdp": (2, 4)}.items():
-        cfg = tiny_config("binaryvit", total_steps=1, mesh__data=data, mesh__fsdp=fsdp, mesh__fsdp_min_size=64,
-                          distill__teacher_workdir=str(teacher), diagnostics_every_steps=0)
+        cfg = tiny_config(
+            "binaryvit",
+            total_steps=1,
+            mesh__data=data,
+            mesh__fsdp=fsdp,
+            mesh__fsdp_min_size=64,
+            distill__teacher_workdir=str(teacher),
+            diagnostics_every_steps=0,
+        )
         train_and_evaluate(cfg, tmp_path / name)
-        results[name] = (flat(restore_params(tmp_path / name, "latest")[1]),
-                         read_metrics(tmp_path / name, "train")[-1]["loss"])
+        results[name] = (
+            flat(restore_params(tmp_path / name, "latest")[1]),
+            read_metrics(tmp_path / name, "train")[-1]["loss"],
+        )
     # FSDP really shards something in that configuration.
     mesh = sharding.create_mesh(2, 4)
     specs = jax.tree.leaves(sharding.tree_shardings(mesh, restore_params(tmp_path / "fsdp", "latest")[1], 64))
@@ -160,14 +169,19 @@ def test_one_step_on_8_devices_matches_1_device_data_parallel_and_fsdp(tmp_path,
 # ----------------------------------------------------------------------------- resume
 def test_sigterm_then_resume_equals_uninterrupted_run_bitwise(tmp_path, teacher):
     steps = 300
-    flags = [f"--config.total_steps={steps}", "--config.checkpoint_every_steps=100000",
-             f"--config.distill.teacher_workdir={teacher}", "--config.diagnostics_every_steps=0"]
+    flags = [
+        f"--config.total_steps={steps}",
+        "--config.checkpoint_every_steps=100000",
+        f"--config.distill.teacher_workdir={teacher}",
+        "--config.diagnostics_every_steps=0",
+    ]
     run_train(tmp_path / "full", "binaryvit,tiny", *flags)
 
     wd = tmp_path / "interrupted"
     log = tmp_path / "interrupted.log"
-    proc = subprocess.Popen(train_cmd(wd, "binaryvit,tiny", *flags), env=run_env(), cwd=ROOT,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        train_cmd(wd, "binaryvit,tiny", *flags), env=run_env(), cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         m = wd / "metrics.jsonl"
@@ -197,9 +211,19 @@ def _launch_two(workdir, arg: str, flags: list[str], logs: list[Path]) -> list[s
     port = free_port()
     return [
         subprocess.Popen(
-            train_cmd(workdir, arg, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                      f"--process_id={i}"),
-            env=run_env(1), cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+            train_cmd(
+                workdir,
+                arg,
+                *flags,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=run_env(1),
+            cwd=ROOT,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         for i, log in enumerate(logs)
     ]  # files, not pipes: a full pipe would block one process and deadlock its peer
 
@@ -219,9 +243,17 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     # An eval and both checkpoint managers' saves at every step: with two
     # processes, 'latest' and 'best' saving the same step must not share a
     # barrier (each manager has its own barrier-key prefix).
-    flags = ["--config.total_steps=4", "--config.global_batch_size=16", "--config.eval_batch_size=200",
-             "--config.data.train_crop=resize", "--config.data.flip_prob=0.0", "--config.mesh.data=-1",
-             "--config.diagnostics_every_steps=0", "--config.eval_every_steps=1", "--config.checkpoint_every_steps=1"]
+    flags = [
+        "--config.total_steps=4",
+        "--config.global_batch_size=16",
+        "--config.eval_batch_size=200",
+        "--config.data.train_crop=resize",
+        "--config.data.flip_prob=0.0",
+        "--config.mesh.data=-1",
+        "--config.diagnostics_every_steps=0",
+        "--config.eval_every_steps=1",
+        "--config.checkpoint_every_steps=1",
+    ]
     run_train(tmp_path / "one", "fp,tiny", *flags, devices=2)
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     _wait_all(_launch_two(tmp_path / "two", "fp,tiny", flags, logs), logs)
@@ -241,8 +273,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_bi
     """A preemption notice reaching only process 1: both processes save the same step and
     exit 0; resuming with two processes ends bitwise equal to an uninterrupted run."""
     steps = 150
-    flags = [f"--config.total_steps={steps}", "--config.global_batch_size=16", "--config.mesh.data=-1",
-             "--config.checkpoint_every_steps=100000", "--config.diagnostics_every_steps=0"]
+    flags = [
+        f"--config.total_steps={steps}",
+        "--config.global_batch_size=16",
+        "--config.mesh.data=-1",
+        "--config.checkpoint_every_steps=100000",
+        "--config.diagnostics_every_steps=0",
+    ]
     logs = [tmp_path / f"full{i}.log" for i in range(2)]
     _wait_all(_launch_two(tmp_path / "full", "fp,tiny", flags, logs), logs)
 
@@ -275,8 +312,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_bi
 
 # ----------------------------------------------------------------------------- failures
 def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_restores(tmp_path):
-    cfg = tiny_config("baseline+grs", total_steps=12, inject_nan_at_step=7, checkpoint_every_steps=4,
-                      distill__enabled=False)
+    cfg = tiny_config(
+        "baseline+grs", total_steps=12, inject_nan_at_step=7, checkpoint_every_steps=4, distill__enabled=False
+    )
     with pytest.raises(FloatingPointError, match="last good checkpoint is step 4"):
         train_and_evaluate(cfg, tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -327,11 +365,22 @@ def test_all_checkpoints_corrupt_refuses_to_start_from_scratch(tmp_path):
 def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_path):
     """Same seed and data, KD off: the presets differ only by their switches, and each switch shows."""
     runs = {}
-    for name, preset, strength in [("baseline", "baseline", 0.0), ("grs0", "baseline+grs", 0.0),
-                                   ("grs", "baseline+grs", 1e-2), ("asm", "baseline+asm", 0.0),
-                                   ("binaryvit", "binaryvit", 1e-2)]:
-        cfg = tiny_config(preset, total_steps=40, warmup_steps=2, distill__enabled=False,
-                          grs__strength=strength, diagnostics_every_steps=0, checkpoint_every_steps=40)
+    for name, preset, strength in [
+        ("baseline", "baseline", 0.0),
+        ("grs0", "baseline+grs", 0.0),
+        ("grs", "baseline+grs", 1e-2),
+        ("asm", "baseline+asm", 0.0),
+        ("binaryvit", "binaryvit", 1e-2),
+    ]:
+        cfg = tiny_config(
+            preset,
+            total_steps=40,
+            warmup_steps=2,
+            distill__enabled=False,
+            grs__strength=strength,
+            diagnostics_every_steps=0,
+            checkpoint_every_steps=40,
+        )
         train_and_evaluate(cfg, tmp_path / name)
         runs[name] = (read_metrics(tmp_path / name, "train"), flat(restore_params(tmp_path / name, "latest")[1]))
     late_flips = {k: np.mean([r["flip_rate/all"] for r in rows[20:]]) for k, (rows, _) in runs.items()}
@@ -343,22 +392,47 @@ def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_
     # ASM adds parameters that learn, and changes the training trajectory.
     asm_keys = runs["asm"][1].keys() - runs["baseline"][1].keys()
     assert asm_keys and asm_keys <= runs["binaryvit"][1].keys()
-    init = flat(nnx.to_pure_dict(nnx.state(create("vit_micro_28", "baseline+asm", num_classes=10, image_size=28,
-                                                  in_channels=1, embed_dim=32, depth=1, num_heads=2), nnx.Param)))
+    init = flat(
+        nnx.to_pure_dict(
+            nnx.state(
+                create(
+                    "vit_micro_28",
+                    "baseline+asm",
+                    num_classes=10,
+                    image_size=28,
+                    in_channels=1,
+                    embed_dim=32,
+                    depth=1,
+                    num_heads=2,
+                ),
+                nnx.Param,
+            )
+        )
+    )
     assert all(not np.array_equal(runs["asm"][1][k], init[k]) for k in asm_keys), asm_keys
     losses = {k: [r["loss"] for r in rows] for k, (rows, _) in runs.items() if k != "grs0"}
     names = sorted(losses)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert losses[a] != losses[b], (a, b)
 
 
 # ----------------------------------------------------------------------------- accuracy
 def test_fashion_mnist_short_run_is_well_above_chance(tmp_path):
     # ViTs learn slowly at first (no convolutional prior): ~500 steps of 64 images.
-    cfg = tiny_config("fp", total_steps=500, warmup_steps=25, global_batch_size=64, log_every_steps=100,
-                      checkpoint_every_steps=1000, data__eval_split="test[:2000]", eval_batch_size=400,
-                      optimizer__base_lr=3e-3, data__train_crop="resize", data__flip_prob=0.0)
+    cfg = tiny_config(
+        "fp",
+        total_steps=500,
+        warmup_steps=25,
+        global_batch_size=64,
+        log_every_steps=100,
+        checkpoint_every_steps=1000,
+        data__eval_split="test[:2000]",
+        eval_batch_size=400,
+        optimizer__base_lr=3e-3,
+        data__train_crop="resize",
+        data__flip_prob=0.0,
+    )
     cfg.model.overrides = dict(embed_dim=48, depth=2, num_heads=3)
     out = train_and_evaluate(cfg, tmp_path)
     assert out["examples"] == 2000

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import jax
+import numpy as np
 
 from configs import fashion_mnist
 
@@ -30,8 +30,13 @@ def tiny_config(preset: str = "fp", **fields):
 
 
 def train_cmd(workdir, arg: str, *flags: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'fashion_mnist.py'}:{arg}",
-            f"--workdir={workdir}", *flags]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"--config={ROOT / 'configs' / 'fashion_mnist.py'}:{arg}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
 
 
 def run_env(devices: int = 1) -> dict:
@@ -43,8 +48,9 @@ def run_env(devices: int = 1) -> dict:
 
 
 def run_train(workdir, arg: str, *flags: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(workdir, arg, *flags), env=run_env(devices), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        train_cmd(workdir, arg, *flags), env=run_env(devices), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
