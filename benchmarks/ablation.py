@@ -12,14 +12,15 @@ same seed. ``--split=val`` trains on ``train[:90%]`` and evaluates on
 training set and evaluates on the test set. Finished runs are not repeated
 (the trainer resumes a finished workdir by re-evaluating it).
 
-The report (``--report``, on by default) writes ``docs/results.md`` and the
-figures ``docs/fig_*.png`` from the workdirs' ``metrics.jsonl`` and final
-checkpoints.
+The report, written after the runs (``--report_only``: only the report, no
+training), is ``results.md`` and the figures ``fig_*.png`` in ``--docs``
+(default ``docs/``), from the workdirs' ``metrics.jsonl`` and final
+checkpoints. Extra ``train.py`` flags for every run go after ``--``, e.g.
+``-- --config.total_epochs=3``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bvit_jax import cli  # noqa: E402
+from bvit_jax.errors import UserError  # noqa: E402
 
 PRESETS = ("fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit")
 
@@ -69,34 +73,73 @@ def train(out: Path, preset: str, seed: int, split: str, extra: list[str], name:
     return time.time() - t0
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="workdirs/ablation")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--split", choices=("test", "val"), default="test")
-    ap.add_argument(
-        "--grs_strengths",
-        default="",
-        help="comma-separated GRS lambdas: also train baseline+grs with each (tuning, with --split=val)",
+def _define_flags(fv, argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    flags.DEFINE_string("out", "workdirs/ablation", "Directory of the runs' workdirs.", flag_values=fv)
+    flags.DEFINE_list("seeds", "0,1,2", "Comma-separated seeds.", flag_values=fv)
+    flags.DEFINE_list("presets", ",".join(PRESETS), "Comma-separated presets.", flag_values=fv)
+    flags.DEFINE_enum(
+        "split",
+        "test",
+        ["test", "val"],
+        "test: train on train, evaluate on test; val: train[:90%] / train[90%:].",
+        flag_values=fv,
     )
-    ap.add_argument("--report_only", action="store_true")
-    ap.add_argument("--docs", default=str(ROOT / "docs"))
-    ap.add_argument("extra", nargs="*", help="extra train.py flags for every run, e.g. --config.total_epochs=3")
-    args = ap.parse_args()
-    out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    presets = args.presets.split(",")
-    strengths = [float(v) for v in args.grs_strengths.split(",") if v]
+    flags.DEFINE_list(
+        "grs_strengths",
+        "",
+        "Comma-separated GRS lambdas: also train baseline+grs with each (tuning, with --split=val).",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "report_only", False, "Only write the report from existing workdirs (no training).", flag_values=fv
+    )
+    flags.DEFINE_string("docs", str(ROOT / "docs"), "Where the report (results.md, fig_*.png) goes.", flag_values=fv)
+
+
+def _run(fv, extra: list[str]) -> int:
+    """``extra``: the arguments after ``--``, extra train.py flags for every run (e.g. --config.total_epochs=3)."""
+    try:
+        seeds = [int(s) for s in fv["seeds"].value]
+        strengths = [float(v) for v in fv["grs_strengths"].value if v]
+    except ValueError as e:
+        raise UserError(f"--seeds / --grs_strengths: {e}") from None
+    ablation(
+        Path(fv["out"].value),
+        seeds,
+        fv["presets"].value,
+        fv["split"].value,
+        strengths,
+        report_only=fv["report_only"].value,
+        docs=Path(fv["docs"].value),
+        extra=list(extra),
+    )
+    return 0
+
+
+def ablation(
+    out: Path,
+    seeds: list[int],
+    presets: list[str],
+    split: str,
+    strengths: list[float],
+    *,
+    report_only: bool,
+    docs: Path,
+    extra: list[str],
+) -> None:
+    """Train the runs (unless ``report_only``), then write the report into ``docs``."""
     walls = {}
-    if not args.report_only:
+    if not report_only:
         for seed in seeds:
             for preset in ["fp"] + [p for p in presets if p != "fp"]:
-                walls[run_name(preset, seed)] = train(out, preset, seed, args.split, args.extra)
+                walls[run_name(preset, seed)] = train(out, preset, seed, split, extra)
             for lam in strengths:
                 name = grs_run_name(lam, seed)
                 walls[name] = train(
-                    out, "baseline+grs", seed, args.split, args.extra + [f"--config.grs.strength={lam}"], name=name
+                    out, "baseline+grs", seed, split, extra + [f"--config.grs.strength={lam}"], name=name
                 )
         (out / "wall_times.json").write_text(json.dumps(walls, indent=1))
     from benchmarks.ablation_report import write_report, write_tuning_table
@@ -108,10 +151,11 @@ def main():
             presets,
             seeds,
         )
-    write_report(
-        out, presets, seeds, Path(args.docs), split=args.split, machine=f"{cpu_model()}, {os.cpu_count()} cores"
-    )
+    write_report(out, presets, seeds, docs, split=split, machine=f"{cpu_model()}, {os.cpu_count()} cores")
+
+
+main = cli.command("benchmarks/ablation.py", __doc__, _define_flags, _run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,16 +21,18 @@ Rows:
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
+import sys
 import time
 
 import numpy as np
 from PIL import Image
 
+from bvit_jax import cli
 from bvit_jax.data import config as config_lib
 from bvit_jax.data import pipeline
+from bvit_jax.errors import UserError
 
 
 def synthetic_jpegs(n: int, size=(500, 375), seed: int = 0) -> list[bytes]:
@@ -108,13 +110,27 @@ def bench_grain(images, cfg, train: bool, seconds: float, batch: int = 64):
     return cpu * len(images), wall * len(images)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--num_images", type=int, default=256)
-    args = parser.parse_args()
-    seconds = 0.5 if args.quick else 4.0
-    num = 32 if args.quick else args.num_images
+def _define_flags(fv, argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    flags.DEFINE_bool("quick", False, "A few seconds: 32 images, 0.5 s per row (ignores --num_images).", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_images", 256, "Synthetic 500x375 JPEGs (a quarter as many 1000x750).", lower_bound=1, flag_values=fv
+    )
+
+
+def _run(fv, args: list[str]) -> int:
+    if args:
+        raise UserError(f"unexpected arguments {args}; input_pipeline.py takes only flags")
+    benchmark(quick=fv["quick"].value, num_images=fv["num_images"].value)
+    return 0
+
+
+def benchmark(quick: bool = False, num_images: int = 256) -> None:
+    """Time every row (see the module doc) and print the table."""
+    seconds = 0.5 if quick else 4.0
+    num = 32 if quick else num_images
     if hasattr(os, "sched_setaffinity"):
         cpu = sorted(os.sched_getaffinity(0))[-1]
         os.sched_setaffinity(0, {cpu})
@@ -207,5 +223,8 @@ def main():
         print(f"| {name} | {size} | {harness} | {cpu:.0f} | {wall:.0f} |", flush=True)
 
 
+main = cli.command("benchmarks/input_pipeline.py", __doc__, _define_flags, _run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,7 +22,6 @@ Times are medians of repeated calls after a warm-up (compilation excluded).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -36,6 +35,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bvit_jax import cli  # noqa: E402
+from bvit_jax.errors import UserError  # noqa: E402
 from bvit_jax.export import export_model, pack_model, size_accounting  # noqa: E402
 from bvit_jax.models import create  # noqa: E402
 from bvit_jax.packed import pack_planes, packed_forward, packed_matmul  # noqa: E402
@@ -182,16 +183,38 @@ def sizes(variants):
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--variants", default="deit_tiny,deit_small")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--min_time", type=float, default=2.0, help="seconds of timed calls per measurement")
-    p.add_argument("--sizes_only", action="store_true", help="only the size table (no timing)")
-    args = p.parse_args()
-    variants = args.variants.split(",")
-    batches = [int(b) for b in args.batches.split(",")]
-    if args.sizes_only:
+def _define_flags(fv, argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    flags.DEFINE_list("variants", "deit_tiny,deit_small", "Comma-separated model variants.", flag_values=fv)
+    flags.DEFINE_list(
+        "batches",
+        "1,8",
+        "Comma-separated batch sizes (end to end; M = batch x 197 tokens for the linears).",
+        flag_values=fv,
+    )
+    flags.DEFINE_float("min_time", 2.0, "Seconds of timed calls per measurement.", flag_values=fv)
+    flags.DEFINE_bool("sizes_only", False, "Only the size table (no timing).", flag_values=fv)
+
+
+def _run(fv, args: list[str]) -> int:
+    if args:
+        raise UserError(f"unexpected arguments {args}; packed_inference.py takes only flags")
+    variants = fv["variants"].value
+    try:
+        batches = [int(b) for b in fv["batches"].value]
+    except ValueError:
+        raise UserError(f"--batches: {fv['batches'].value} are not all integers") from None
+    if not variants or not batches:
+        raise UserError("--variants and --batches must name at least one each")
+    benchmark(variants, batches, fv["min_time"].value, sizes_only=fv["sizes_only"].value)
+    return 0
+
+
+def benchmark(variants, batches, min_time=2.0, sizes_only=False):
+    """Print the tables (see the module doc); ``sizes_only``: only the size table."""
+    if sizes_only:
         print_size_table(sizes(variants))
         return
     print(
@@ -199,9 +222,9 @@ def main():
         f"{platform.processor() or platform.machine()}"
     )
     print("end to end:", flush=True)
-    e2e = end_to_end(variants, batches, args.min_time)
+    e2e = end_to_end(variants, batches, min_time)
     print("linear layers (DeiT-S shapes):", flush=True)
-    lin = linear_layers(batches, args.min_time)
+    lin = linear_layers(batches, min_time)
     size_rows = sizes(variants)
 
     print(
@@ -242,5 +265,8 @@ def print_size_table(size_rows):
         )
 
 
+main = cli.command("benchmarks/packed_inference.py", __doc__, _define_flags, _run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

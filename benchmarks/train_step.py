@@ -25,10 +25,10 @@ MFU = model FLOPs per second / peak. Model FLOPs per step
 ``= 3 x 2 x forward MACs x batch`` with MACs from :func:`bvit_jax.summary.summary`
 (binary and full-precision MACs both count: training runs the binary layers
 as float matmuls). ``MFU+T`` adds the teacher forward (``2 x teacher MACs x
-batch``) for presets that distil. Peak: CPU ``--peak-gflops`` (default
+batch``) for presets that distil. Peak: CPU ``--peak_gflops`` (default
 ~100 GFLOP/s per core in float32 (XLA's matmul rate on a current x86 core), x2 for bfloat16, times the cores
 this process may run on); GPU / TPU a table of dense per-chip peaks by
-``device_kind`` (``--peak-gflops`` overrides).
+``device_kind`` (``--peak_gflops`` overrides).
 
   python benchmarks/train_step.py                                  # CPU default (~6 minutes on 2 cores)
   python benchmarks/train_step.py --variants vit_micro_28 --batch 128 --steps 10 --reps 7
@@ -38,11 +38,11 @@ this process may run on); GPU / TPU a table of dense per-chip peaks by
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bvit_jax import cli  # noqa: E402
+from bvit_jax.errors import UserError  # noqa: E402
 from bvit_jax.models import get_preset, get_variant  # noqa: E402
 from bvit_jax.optim import build_optimizer  # noqa: E402
 from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
@@ -107,7 +109,7 @@ def cpu_cores() -> int:
 def peak_flops(dtype: str, override_gflops: float | None) -> tuple[float, str]:
     """Peak FLOP/s of the devices this process uses, and where the number comes from."""
     if override_gflops:
-        return override_gflops * 1e9, "--peak-gflops"
+        return override_gflops * 1e9, "--peak_gflops"
     backend = jax.default_backend()
     if backend == "cpu":
         cores = cpu_cores()
@@ -118,7 +120,7 @@ def peak_flops(dtype: str, override_gflops: float | None) -> tuple[float, str]:
         if key.lower() in kind.lower():
             t = bf16 if dtype == "bfloat16" else fp32
             return t * 1e12, f"{kind}: {t:g} TFLOP/s {dtype} dense (table)"
-    return float("nan"), f"{kind}: unknown peak (pass --peak-gflops)"
+    return float("nan"), f"{kind}: unknown peak (pass --peak_gflops)"
 
 
 def get_config(variant: str, preset: str, batch: int, dtype: str):
@@ -147,7 +149,7 @@ class Case:
         self.variant, self.preset, self.batch = variant, preset_name, batch
         preset_name, _, suffix = preset_name.partition(":")
         if suffix not in ("", "nokd"):
-            raise SystemExit(f"unknown preset suffix {suffix!r} in {self.preset!r} (known: ':nokd')")
+            raise UserError(f"unknown preset suffix {suffix!r} in {self.preset!r} (known: ':nokd')")
         config = get_config(variant, preset_name, batch, dtype)
         if suffix == "nokd":  # the same student step without the teacher forward (KD off)
             config.distill.enabled = False
@@ -220,68 +222,110 @@ class Case:
         return 2.0 * self.teacher_macs * self.batch
 
 
-def parse_per_variant(text: str | None, variants: list[str], defaults: dict[str, int], name: str) -> dict[str, int]:
-    """``"128"`` (all variants) or ``"vit_micro_28=128,deit_tiny=16"``; unset -> defaults."""
+def parse_per_variant(
+    parts: Sequence[str] | str | None, variants: list[str], defaults: dict[str, int], name: str
+) -> dict[str, int]:
+    """``["128"]`` (all variants) or ``["vit_micro_28=128", "deit_tiny=16"]`` (a comma-separated string
+    is split the same way); unset -> defaults."""
     out = {v: defaults.get(v, defaults.get("deit_tiny", 8)) for v in variants}
-    if not text:
+    if not parts:
         return out
-    for part in text.split(","):
-        if "=" in part:
-            k, v = part.split("=")
-            if k not in out:
-                raise SystemExit(f"--{name}: {k!r} is not in --variants")
-            out[k] = int(v)
-        else:
-            out = {k: int(part) for k in out}
+    if isinstance(parts, str):
+        parts = parts.split(",")
+    for part in parts:
+        try:
+            if "=" in part:
+                k, v = part.split("=")
+                if k not in out:
+                    raise UserError(f"--{name}: {k!r} is not in --variants")
+                out[k] = int(v)
+            else:
+                out = {k: int(part) for k in out}
+        except ValueError:
+            raise UserError(f"--{name}: {part!r} is not N or VARIANT=N") from None
     return out
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--variants", default="vit_micro_28,deit_tiny,deit_small", help="comma-separated model variants")
-    ap.add_argument(
-        "--presets",
-        default="fp,binaryvit",
-        help="comma-separated presets; the first is the ratio's base; "
-        "PRESET:nokd is PRESET with distillation off (no teacher forward)",
-    )
-    ap.add_argument("--batch", default=None, help="batch size: N for all, or variant=N,... (defaults per backend)")
-    ap.add_argument("--steps", default=None, help="steps per timed round: N or variant=N,... (defaults per backend)")
-    ap.add_argument("--reps", type=int, default=5, help="interleaved timed rounds; the median is reported")
-    ap.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)"
-    )
-    ap.add_argument(
-        "--peak-gflops", type=float, default=None, help="peak GFLOP/s of the devices used (overrides the defaults)"
-    )
-    ap.add_argument("--json", default=None, help="also write the rows (and machine facts) to this JSON file")
-    args = ap.parse_args(argv)
+def _define_flags(fv, argv: list[str]) -> None:
+    del argv
+    from absl import flags
 
-    variants = [v for v in args.variants.split(",") if v]
-    presets = [p for p in args.presets.split(",") if p]
+    flags.DEFINE_list(
+        "variants", "vit_micro_28,deit_tiny,deit_small", "Comma-separated model variants.", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "presets",
+        "fp,binaryvit",
+        "Comma-separated presets; the first is the ratio's base; "
+        "PRESET:nokd is PRESET with distillation off (no teacher forward).",
+        flag_values=fv,
+    )
+    flags.DEFINE_list("batch", None, "Batch size: N for all, or variant=N,... (defaults per backend).", flag_values=fv)
+    flags.DEFINE_list(
+        "steps", None, "Steps per timed round: N or variant=N,... (defaults per backend).", flag_values=fv
+    )
+    flags.DEFINE_integer("reps", 5, "Interleaved timed rounds; the median is reported.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "peak_gflops", None, "Peak GFLOP/s of the devices used (overrides the defaults).", flag_values=fv
+    )
+    flags.DEFINE_string("json", None, "Also write the rows (and machine facts) to this JSON file.", flag_values=fv)
+
+
+def _run(fv, args: list[str]) -> int:
+    if args:
+        raise UserError(f"unexpected arguments {args}; train_step.py takes only flags")
+    benchmark(
+        variants=fv["variants"].value,
+        presets=fv["presets"].value,
+        batch=fv["batch"].value,
+        steps=fv["steps"].value,
+        reps=fv["reps"].value,
+        dtype=fv["dtype"].value,
+        peak_gflops=fv["peak_gflops"].value,
+        json_path=fv["json"].value,
+    )
+    return 0
+
+
+def benchmark(
+    variants: Sequence[str] = ("vit_micro_28", "deit_tiny", "deit_small"),
+    presets: Sequence[str] = ("fp", "binaryvit"),
+    batch: Sequence[str] | str | None = None,
+    steps: Sequence[str] | str | None = None,
+    reps: int = 5,
+    dtype: str = "float32",
+    peak_gflops: float | None = None,
+    json_path: str | None = None,
+) -> list[dict]:
+    """Time the train step of every (variant, preset), print the table; returns the rows (see the module doc)."""
+    variants = [v for v in variants if v]
+    presets = [p for p in presets if p]
+    if not variants or not presets:
+        raise UserError("--variants and --presets must name at least one each")
     kind = "cpu" if jax.default_backend() == "cpu" else "accel"
-    batches = parse_per_variant(args.batch, variants, DEFAULT_BATCH[kind], "batch")
-    steps = parse_per_variant(args.steps, variants, DEFAULT_STEPS[kind], "steps")
-    peak, peak_src = peak_flops(args.dtype, args.peak_gflops)
+    batches = parse_per_variant(batch, variants, DEFAULT_BATCH[kind], "batch")
+    steps_per = parse_per_variant(steps, variants, DEFAULT_STEPS[kind], "steps")
+    peak, peak_src = peak_flops(dtype, peak_gflops)
     dev = jax.devices()[0]
     print(
         f"backend={jax.default_backend()} device={dev.device_kind} devices_used=1"
-        f"{f' cores={cpu_cores()}' if kind == 'cpu' else ''} jax={jax.__version__} dtype={args.dtype}"
+        f"{f' cores={cpu_cores()}' if kind == 'cpu' else ''} jax={jax.__version__} dtype={dtype}"
     )
-    print(f"peak={peak / 1e9:,.0f} GFLOP/s ({peak_src}); reps={args.reps}, median per-step time")
+    print(f"peak={peak / 1e9:,.0f} GFLOP/s ({peak_src}); reps={reps}, median per-step time")
 
     rows = []
     for variant in variants:
         cases = []
         for preset in presets:
             t0 = time.perf_counter()
-            cases.append(Case(variant, preset, batches[variant], args.dtype))
+            cases.append(Case(variant, preset, batches[variant], dtype))
             print(f"  built+compiled {variant}/{preset} in {time.perf_counter() - t0:.1f}s", flush=True)
-        for _ in range(args.reps):
+        for _ in range(reps):
             for c in cases:
-                c.times.append(c.run(steps[variant]))
+                c.times.append(c.run(steps_per[variant]))
         base = cases[0]
         for c in cases:
             t, cpu = statistics.median(c.times), statistics.median(c.cpu_times)
@@ -349,22 +393,25 @@ def main(argv=None) -> list[dict]:
             if r["preset"] == "binaryvit":
                 verdict = "met" if r["ratio"] <= 1.25 else "not met"
                 print(f"target binaryvit <= 1.25x fp at {r['variant']}: {r['ratio']:.2f}x ({verdict})")
-    if args.json:
+    if json_path:
         import json
 
         facts = {
             "backend": jax.default_backend(),
             "device_kind": dev.device_kind,
             "jax": jax.__version__,
-            "dtype": args.dtype,
+            "dtype": dtype,
             "peak_flops": peak,
             "peak_source": peak_src,
-            "reps": args.reps,
+            "reps": reps,
             "cores": cpu_cores() if cpu else None,
         }
-        Path(args.json).write_text(json.dumps({"machine": facts, "rows": rows}, indent=2))
+        Path(json_path).write_text(json.dumps({"machine": facts, "rows": rows}, indent=2))
     return rows
 
 
+main = cli.command("benchmarks/train_step.py", __doc__, _define_flags, _run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,32 +29,11 @@ from bvit_jax.binarize import (
     weight_alpha,
     weight_binarize,
 )
+from tests.tolerances import U32, assert_within, gamma_n
 
 # Points outside the clip, on its edges, inside, and exactly 0.
 X = np.array([-3.0, -1.5, -1.0, -0.75, -0.25, -1e-3, 0.0, 1e-3, 0.25, 0.75, 1.0, 1.5, 3.0], np.float32)
 SIGN_X = np.where(X >= 0, 1.0, -1.0)
-
-
-U32 = 2.0**-24  # unit roundoff of float32
-
-
-def gamma_n(n: int) -> float:
-    """Higham's ``gamma_n = n u / (1 - n u)``: the relative bound of ``n`` float32 roundings in sequence."""
-    return n * U32 / (1 - n * U32)
-
-
-def assert_within(actual, expected, bound, what=""):
-    """``|actual - expected| <= bound`` elementwise (float64 arithmetic), with the worst offender in the message."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    bound = np.broadcast_to(np.asarray(bound, np.float64), actual.shape)
-    err = np.abs(actual - expected)
-    bad = err > bound
-    if np.any(bad):
-        i = np.unravel_index(np.argmax(err - bound), err.shape)
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.size} beyond the bound; worst at {i}: "
-            f"|{actual[i]} - {expected[i]}| = {err[i]:.3g} > {bound[i]:.3g}"
-        )
 
 
 def _vjp(f, x, upstream):

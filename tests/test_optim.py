@@ -14,9 +14,8 @@ from bvit_jax.grad_accum import accumulated_value_and_grad, split_micro_batches
 from bvit_jax.models import create, get_preset
 from bvit_jax.optim import applied_learning_rate, build_optimizer, learning_rate_schedule, weight_decay_mask
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_mask
+from tests.tolerances import U32
 from tests.train_helpers import tiny_config
-
-U32 = 2.0**-24  # unit roundoff of float32
 
 
 def _tiny(preset: str):

@@ -167,6 +167,17 @@ def test_one_step_on_8_devices_matches_1_device_data_parallel_and_fsdp(tmp_path,
 
 
 # ----------------------------------------------------------------------------- resume
+def _assert_same_run(full, resumed, steps: int) -> None:
+    """The interrupted-and-resumed run equals the uninterrupted one: final params bitwise, every step's loss."""
+    a = flat(restore_params(full, "latest")[1])
+    b = flat(restore_params(resumed, "latest")[1])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    la = [(r["step"], r["loss"]) for r in read_metrics(full, "train")]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(resumed, "train")]
+    assert la == lb and len(la) == steps
+
+
 def test_sigterm_then_resume_equals_uninterrupted_run_bitwise(tmp_path, teacher):
     steps = 300
     flags = [
@@ -197,13 +208,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run_bitwise(tmp_path, teacher)
     assert "SIGTERM" in err
 
     run_train(wd, "binaryvit,tiny", *flags)  # resumes
-    a = flat(restore_params(tmp_path / "full", "latest")[1])
-    b = flat(restore_params(wd, "latest")[1])
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    la = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full", "train")]
-    lb = [(r["step"], r["loss"]) for r in read_metrics(wd, "train")]
-    assert la == lb and len(la) == steps
+    _assert_same_run(tmp_path / "full", wd, steps)
 
 
 # ----------------------------------------------------------------------------- multi-process
@@ -301,13 +306,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_bi
 
     logs = [tmp_path / f"resumed{i}.log" for i in range(2)]
     _wait_all(_launch_two(wd, "fp,tiny", flags, logs), logs)
-    a = flat(restore_params(tmp_path / "full", "latest")[1])
-    b = flat(restore_params(wd, "latest")[1])
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    la = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full", "train")]
-    lb = [(r["step"], r["loss"]) for r in read_metrics(wd, "train")]
-    assert la == lb and len(la) == steps
+    _assert_same_run(tmp_path / "full", wd, steps)
 
 
 # ----------------------------------------------------------------------------- failures
