@@ -1,10 +1,11 @@
-"""The optimizer chain: GRS -> gradient clipping -> AdamW, with schedules.
+"""The optimizer chain: GRS -> gradient clipping -> AdamW (-> freezing), with schedules.
 
     tx = chain(grs(lambda_t, mask=latent),          # only latent binary weights
                clip_by_global_norm(c),
-               adamw(lr_t, b1, b2, wd, mask=decay))  # no decay on latent binary
+               adamw(lr_t, b1, b2, wd, mask=decay),  # no decay on latent binary
                                                      # weights, norms, biases,
                                                      # shifts, tokens
+               freeze_oscillating(f_th, m, mask=latent))  # only if grs.freeze_threshold > 0
 
 The chain runs once per optimizer update, and every schedule (learning rate,
 warm-up, GRS strength) counts optimizer updates. ``global_batch_size`` is the
@@ -25,12 +26,20 @@ from typing import Any
 import jax
 import optax
 
-from bvit_jax.grs import grs
+from bvit_jax.grs import freeze_oscillating, grs
 from bvit_jax.param_groups import path_mask
 
-__all__ = ["learning_rate_schedule", "grs_schedule", "weight_decay_mask", "build_optimizer", "applied_learning_rate"]
+__all__ = [
+    "learning_rate_schedule",
+    "grs_schedule",
+    "GRS_SCHEDULES",
+    "weight_decay_mask",
+    "build_optimizer",
+    "applied_learning_rate",
+]
 
 NO_DECAY = (r"(^|/)pos_embed$", r"(^|/)cls_token$")
+GRS_SCHEDULES = ("constant", "linear", "cosine")  # config.grs.schedule
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int, warmup_steps: int, global_batch_size: int) -> optax.Schedule:
@@ -50,11 +59,47 @@ def learning_rate_schedule(opt_cfg, total_steps: int, warmup_steps: int, global_
     )
 
 
-def grs_schedule(strength: float, warmup_steps: int) -> optax.Schedule:
-    """GRS ``lambda_t``: linear warm-up from 0 over ``warmup_steps``, then constant."""
-    if warmup_steps <= 0:
-        return optax.constant_schedule(strength)
-    return optax.linear_schedule(0.0, strength, warmup_steps)
+def grs_schedule(
+    strength: float, warmup_steps: int = 0, *, kind: str = "constant", ramp_start: int = 0, ramp_steps: int = 0
+) -> optax.Schedule:
+    """GRS ``lambda_t`` (``t`` counts optimizer updates from 0), ``config.grs.schedule = kind``.
+
+    * ``"constant"``: ``lambda_t = strength``; with ``warmup_steps = W > 0`` a
+      linear warm-up first, ``lambda_t = strength * min(t / W, 1)``
+      (``optax.linear_schedule``; the form before schedules were added).
+    * ``"linear"``: with ``B = ramp_start``, ``R = ramp_steps``,
+      ``s = clip((t - B) / R, 0, 1)``: ``lambda_t = strength * s``;
+    * ``"cosine"``: ``lambda_t = strength * (1 - cos(pi * s)) / 2``, a ramp with
+      zero slope at both ends, the cosine annealing of Nagel et al. (ICML 2022)
+      run upwards, from 0 to ``strength``.
+
+    Both ramps are 0 up to and including ``t = B`` and exactly ``strength``
+    from ``B + R`` on;
+    ``R = 0`` switches ``lambda`` from 0 to ``strength`` at ``B``. ``"linear"``
+    with ``B = 0, R = W`` is the constant schedule's warm-up. Built from optax
+    schedules: ``join_schedules`` of ``constant_schedule(0)``, the ramp
+    (``linear_schedule(0, strength, R)``, or ``strength -
+    cosine_decay_schedule(strength, R)``) and ``constant_schedule(strength)``.
+    """
+    if kind not in GRS_SCHEDULES:
+        raise ValueError(f"unknown GRS schedule {kind!r} (config field grs.schedule); choose one of {GRS_SCHEDULES}")
+    if kind == "constant":
+        if warmup_steps <= 0:
+            return optax.constant_schedule(strength)
+        return optax.linear_schedule(0.0, strength, warmup_steps)
+    if warmup_steps > 0:
+        raise ValueError(f"grs.warmup_* belongs to the constant schedule; with schedule {kind!r} use grs.ramp_*")
+    if ramp_start < 0 or ramp_steps < 0:
+        raise ValueError(f"GRS ramp start and length must be >= 0, got {ramp_start}, {ramp_steps}")
+    zero, full = optax.constant_schedule(0.0), optax.constant_schedule(strength)
+    if ramp_steps == 0:
+        return optax.join_schedules([zero, full], [ramp_start])
+    if kind == "linear":
+        ramp = optax.linear_schedule(0.0, strength, ramp_steps)
+    else:
+        decay = optax.cosine_decay_schedule(strength, ramp_steps)
+        ramp = lambda t: strength - decay(t)  # strength * (1 - (1 + cos(pi t / R)) / 2)
+    return optax.join_schedules([zero, ramp, full], [ramp_start, ramp_start + ramp_steps])
 
 
 def weight_decay_mask(params: Any, latent_mask: Any) -> Any:
@@ -65,24 +110,48 @@ def weight_decay_mask(params: Any, latent_mask: Any) -> Any:
 
 
 def build_optimizer(
-    config, params: Any, latent_mask: Any, *, use_grs: bool, total_steps: int, warmup_steps: int, grs_warmup_steps: int
+    config,
+    params: Any,
+    latent_mask: Any,
+    *,
+    use_grs: bool,
+    total_steps: int,
+    warmup_steps: int,
+    grs_warmup_steps: int,
+    grs_ramp_start_steps: int = 0,
+    grs_ramp_steps: int = 0,
 ) -> optax.GradientTransformation:
     """The full chain from ``config.optimizer`` / ``config.grs``.
 
-    Durations are in optimizer updates; ``config.optimizer.grad_accum_steps``
-    is not seen here (the trainer accumulates before calling ``tx``).
+    GRS (when ``use_grs`` and ``grs.strength > 0``) follows
+    :func:`grs_schedule` with ``grs.schedule``; iterative freezing
+    (:func:`bvit_jax.grs.freeze_oscillating`, ``grs.freeze_threshold > 0``,
+    only if ``latent_mask`` marks any weight) is independent of GRS and goes
+    last, after AdamW. Durations are in optimizer updates;
+    ``config.optimizer.grad_accum_steps`` is not seen here (the trainer
+    accumulates before calling ``tx``).
     """
-    o = config.optimizer
+    o, g = config.optimizer, config.grs
     lr = learning_rate_schedule(o, total_steps, warmup_steps, config.global_batch_size)
     parts = []
-    if use_grs and config.grs.strength > 0:
-        parts.append(grs(grs_schedule(config.grs.strength, grs_warmup_steps), mask=latent_mask))
+    if use_grs and g.strength > 0:
+        lam = grs_schedule(
+            g.strength,
+            grs_warmup_steps,
+            kind=g.get("schedule", "constant"),
+            ramp_start=grs_ramp_start_steps,
+            ramp_steps=grs_ramp_steps,
+        )
+        parts.append(grs(lam, mask=latent_mask))
     if o.clip_norm:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     parts.append(
         adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=weight_decay_mask(params, latent_mask))
     )
+    threshold = g.get("freeze_threshold", 0.0)
+    if threshold > 0 and any(jax.tree.leaves(latent_mask)):
+        parts.append(freeze_oscillating(threshold, g.get("freeze_momentum", 0.99), mask=latent_mask))
     return optax.chain(*parts)
 
 

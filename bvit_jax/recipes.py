@@ -72,11 +72,23 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.optimizer.clip_norm = 5.0  # 0 disables
     c.optimizer.grad_accum_steps = 1  # micro-batches per update; global_batch_size stays the update's batch
 
-    # GRS: g <- g + lambda * (|W| - alpha) sign(W) on latent binary weights.
+    # GRS: g <- g + lambda_t * (|W| - alpha) sign(W) on latent binary weights (docs/method.md, "GRS").
     c.grs = ml_collections.ConfigDict()
     c.grs.strength = 1e-4 if preset in ("baseline+grs", "binaryvit") else 0.0
-    c.grs.warmup_epochs = 0.0
+    # lambda_t: 'constant' (strength, after the optional linear warm-up grs.warmup_*), or a ramp
+    # from 0 at ramp_start over ramp: 'linear' (strength * s) or 'cosine' (strength * (1 - cos(pi s)) / 2),
+    # s = clip((t - ramp_start) / ramp, 0, 1); t counts optimizer updates.
+    c.grs.schedule = "constant"
+    c.grs.warmup_epochs = 0.0  # 'constant' only
     c.grs.warmup_steps = 0
+    c.grs.ramp_start_epochs = 0.0  # 'linear' / 'cosine': lambda_t = 0 before the ramp
+    c.grs.ramp_start_steps = 0
+    c.grs.ramp_epochs = 0.0  # ramp length; 0: a step from 0 to strength at ramp_start
+    c.grs.ramp_steps = 0
+    # Iterative freezing (Nagel et al. 2022), independent of GRS: f <- m f + (1 - m) * flipped per latent
+    # weight; once f > freeze_threshold the weight's updates are zeroed for good. 0 turns it off.
+    c.grs.freeze_threshold = 0.0
+    c.grs.freeze_momentum = 0.99  # m, the weight of the past (Nagel's momentum 0.01 = 1 - m)
 
     # Knowledge distillation from an fp teacher (binary presets).
     c.distill = ml_collections.ConfigDict()

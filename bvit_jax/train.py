@@ -27,10 +27,11 @@ from bvit_jax import data as input_pipeline
 from bvit_jax.checkpoint import CheckpointStore, restore_params
 from bvit_jax.errors import ConfigError, UserError
 from bvit_jax.grad_accum import accumulated_value_and_grad
+from bvit_jax.grs import frozen_share
 from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.metric_writers import MetricWriter
 from bvit_jax.models import PRESETS, VARIANTS, create, get_preset
-from bvit_jax.optim import applied_learning_rate, build_optimizer
+from bvit_jax.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 from bvit_jax.preemption import PreemptionWatch
 
@@ -102,6 +103,7 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
         raise ConfigError(
             f"config.grs.strength={config.grs.strength} is negative; GRS strength must be >= 0 (0 turns it off)"
         )
+    _validate_grs(config.grs)
     if (config.get("total_steps", 0) or 0) <= 0 and (config.get("total_epochs", 0) or 0) <= 0:
         raise ConfigError("set config.total_steps or config.total_epochs to a positive value")
     d = config.distill
@@ -118,6 +120,34 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
             )
         if d.kd_weight < 0 or d.label_weight < 0 or d.kd_weight + d.label_weight == 0:
             raise ConfigError("config.distill.kd_weight and label_weight must be >= 0 and not both 0")
+
+
+def _validate_grs(g) -> None:
+    """The GRS schedule and freezing fields of ``config.grs``."""
+    kind = g.get("schedule", "constant")
+    if kind not in GRS_SCHEDULES:
+        raise ConfigError(f"config.grs.schedule={kind!r} is unknown; choose one of {list(GRS_SCHEDULES)}")
+    for name in ("warmup", "ramp_start", "ramp"):
+        for unit in ("steps", "epochs"):
+            value = g.get(f"{name}_{unit}", 0) or 0
+            if value < 0:
+                raise ConfigError(f"config.grs.{name}_{unit}={value} is negative; durations must be >= 0")
+    warm = (g.get("warmup_steps", 0) or 0) > 0 or (g.get("warmup_epochs", 0) or 0) > 0
+    ramp = any((g.get(f, 0) or 0) > 0 for f in ("ramp_start_steps", "ramp_start_epochs", "ramp_steps", "ramp_epochs"))
+    if kind != "constant" and warm:
+        raise ConfigError(
+            f"config.grs.warmup_steps/warmup_epochs is the warm-up of schedule 'constant', not of {kind!r}: "
+            "set it to 0 and give the ramp with config.grs.ramp_start_* and config.grs.ramp_*"
+        )
+    if kind == "constant" and ramp:
+        raise ConfigError(
+            "config.grs.ramp_start_*/ramp_* only apply to config.grs.schedule='linear' or 'cosine'; "
+            "set the schedule, or set them to 0 (for a linear warm-up of 'constant' use config.grs.warmup_*)"
+        )
+    for name, note in (("freeze_threshold", "; 0 turns freezing off"), ("freeze_momentum", "")):
+        value = g.get(name, 0.0)
+        if not 0 <= value < 1:
+            raise ConfigError(f"config.grs.{name}={value} must be in [0, 1){note}")
 
 
 def _config_dict(config) -> dict:
@@ -240,6 +270,8 @@ def make_train_step(
             "lr": applied_learning_rate(opt_state),
             **weight_stats,
         }
+        if (frozen := frozen_share(opt_state)) is not None:  # iterative freezing in the chain
+            metrics["frozen_share/all"] = frozen
         return {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}, metrics
 
     return train_step
@@ -293,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         total_steps=total_steps,
         warmup_steps=steps_from(config, "warmup", steps_per_epoch),
         grs_warmup_steps=steps_from(config.grs, "warmup", steps_per_epoch),
+        grs_ramp_start_steps=steps_from(config.grs, "ramp_start", steps_per_epoch),
+        grs_ramp_steps=steps_from(config.grs, "ramp", steps_per_epoch),
     )
 
     # -- train state and shardings -----------------------------------------------

@@ -1,4 +1,4 @@
-"""GRS: the transformed gradient, its penalty, its schedule, and its effect on weights."""
+"""GRS: the transformed gradient, its penalty, its schedule, its effect on weights; iterative freezing."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from bvit_jax import diagnostics
-from bvit_jax.grs import grs, grs_penalty
+from bvit_jax.grs import freeze_oscillating, frozen_share, grs, grs_penalty
+from tests.tolerances import U32
 
 
 def _params():
@@ -113,3 +114,73 @@ def test_grs_alone_makes_gaussian_weights_bimodal():
         assert float(bim1[f"bimodality/{k}"]) > 5 / 9  # above the uniform's value: bimodal
         assert float(bim1[f"bimodality/{k}"]) > float(bim0[f"bimodality/{k}"]) + 0.3
     np.testing.assert_array_equal(p["b"]["bias"], params["b"]["bias"])  # unmasked untouched
+
+
+# ----------------------------------------------------------------------------- iterative freezing
+def _freeze_steps(m, threshold):
+    """First t with f_t = 1 - m^t > threshold, for a weight flipping at every update (float64)."""
+    t = 1
+    while not 1 - m**t > threshold:
+        t += 1
+    # f is accumulated in float32 (about t roundings of size <= u each): the crossing must not be that close.
+    assert min(abs(1 - m**t - threshold), abs(1 - m ** (t - 1) - threshold)) > 1e-4
+    return t
+
+
+@pytest.mark.parametrize("m, threshold", [(0.9, 0.6), (0.5, 0.9), (0.0, 0.5)])
+def test_freezing_stops_a_weight_flipping_every_step_at_the_analytic_step_and_for_good(m, threshold):
+    t_freeze = _freeze_steps(m, threshold)  # (0.9, 0.6) -> 9, (0.5, 0.9) -> 4, (0.0, 0.5) -> 1
+    params = _params()
+    w0 = np.asarray(params["layer"]["kernel"])
+    tx = freeze_oscillating(threshold, m, mask=MASK)
+    state = tx.init(params)
+
+    def updates_for(p, t):
+        w, b = p["layer"]["kernel"], p["layer"]["bias"]
+        # [0, 0] is reflected (w -> -w: a flip at every update), later with a huge push towards
+        # the other sign; the other kernel weights move away from 0 (never flip), by a lot.
+        uw = 10.0 * jnp.where(w >= 0, 1.0, -1.0)
+        flip = -2 * w[0, 0] if t <= t_freeze + 3 else -1e6 * jnp.sign(w[0, 0])
+        uw = uw.at[0, 0].set(flip)
+        return {"layer": {"kernel": uw, "bias": -2 * b}}  # the bias flips every update: not masked
+
+    p = params
+    history = [float(w0[0, 0])]
+    for t in range(1, t_freeze + 10):
+        upd, state = tx.update(updates_for(p, t), state, p)
+        p = optax.apply_updates(p, upd)
+        history.append(float(p["layer"]["kernel"][0, 0]))
+        frozen = np.asarray(state.inner_state.frozen["layer"]["kernel"])
+        if t < t_freeze:
+            assert not frozen.any(), t
+            f = float(state.inner_state.flip_freq["layer"]["kernel"][0, 0])
+            assert f == pytest.approx(1 - m**t, abs=t * 4 * U32), t
+            assert float(frozen_share(state)) == 0.0
+        else:
+            assert frozen[0, 0] and frozen.sum() == 1, t  # only the oscillating weight
+            assert float(frozen_share(state)) == pytest.approx(1 / 12)  # of the 12 masked weights
+        # the non-latent bias is never frozen: it keeps flipping
+        np.testing.assert_array_equal(p["layer"]["bias"], np.asarray(params["layer"]["bias"]) * (-1) ** t)
+    # moves (flips) at updates 1 .. t_freeze - 1, then never again
+    expected = [w0[0, 0] * (-1) ** min(t, t_freeze - 1) for t in range(t_freeze + 10)]
+    np.testing.assert_array_equal(np.float32(history), np.float32(expected))
+    # the weights that never flip were never frozen and moved at every update
+    others = np.ones((4, 3), bool)
+    others[0, 0] = False
+    np.testing.assert_allclose(
+        np.abs(np.asarray(p["layer"]["kernel"]))[others], np.abs(w0)[others] + 10.0 * (t_freeze + 9), rtol=1e-5
+    )
+
+
+def test_freezing_needs_params_validates_its_arguments_and_is_found_in_a_chain():
+    params = _params()
+    tx = freeze_oscillating(0.1)
+    with pytest.raises(ValueError, match="parameters"):
+        tx.update(params, tx.init(params))
+    for bad in (dict(threshold=1.0), dict(threshold=-0.1), dict(threshold=0.1, momentum=1.0)):
+        with pytest.raises(ValueError, match="freeze"):
+            freeze_oscillating(**bad)
+    chain = optax.chain(grs(0.1, mask=MASK), optax.sgd(0.1))
+    assert frozen_share(chain.init(params)) is None  # no freezing in the chain
+    chain = optax.chain(optax.sgd(0.1), freeze_oscillating(0.5, 0.9, mask=MASK))
+    assert float(frozen_share(chain.init(params))) == 0.0

@@ -1,4 +1,5 @@
-"""The optimizer chain and gradient accumulation: masks, GRS placement, lr scaling, micro-batches."""
+"""The optimizer chain and gradient accumulation: masks, GRS placement and schedules, freezing, lr scaling,
+micro-batches, and the checks of the GRS config fields."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ import pytest
 from flax import nnx
 
 from bvit_jax.grad_accum import accumulated_value_and_grad, split_micro_batches
+from bvit_jax.grs import frozen_share, grs
 from bvit_jax.models import create, get_preset
-from bvit_jax.optim import applied_learning_rate, build_optimizer, learning_rate_schedule, weight_decay_mask
+from bvit_jax.optim import (
+    applied_learning_rate,
+    build_optimizer,
+    grs_schedule,
+    learning_rate_schedule,
+    weight_decay_mask,
+)
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_mask
-from tests.tolerances import U32
+from bvit_jax.train import ConfigError, validate_config
+from tests.tolerances import U32, assert_within
 from tests.train_helpers import tiny_config
 
 
@@ -158,3 +167,208 @@ def test_accumulated_loss_and_gradient_equal_the_full_batch_within_float32_summa
     assert np.all(np.abs(np.asarray(gk - g1)) <= g_bound)
     assert abs(float(lk - l1)) <= 2 * n * U32 * float(np.mean(2.0 * r**2))
     assert abs(float(ak["mean_residual"] - a1["mean_residual"])) <= 2 * n * U32 * float(np.mean(np.abs(r)))
+
+
+# ----------------------------------------------------------------------------- GRS schedules
+S = 1e-4  # strength
+
+
+def _ramp(kind, t, start, length):
+    """The documented lambda_t of a ramp, in float64."""
+    s = np.clip((np.asarray(t, np.float64) - start) / length, 0.0, 1.0)
+    return S * s if kind == "linear" else S * (1 - np.cos(np.pi * s)) / 2
+
+
+def test_grs_schedule_constant_is_today_s_form_with_its_optional_linear_warmup():
+    t = jnp.arange(0, 40)
+    assert all(grs_schedule(S, 0)(int(i)) == S for i in (0, 1, 7, 10**6))  # optax.constant_schedule(S)
+    # the default kind, with the warm-up of before: the very same optax schedule, bitwise
+    np.testing.assert_array_equal(grs_schedule(S, 8)(t), optax.linear_schedule(0.0, S, 8)(t))
+    assert float(grs_schedule(S, 8)(0)) == 0.0
+    assert float(grs_schedule(S, 8)(4)) == pytest.approx(S / 2, rel=4 * U32)
+    assert float(grs_schedule(S, 8)(8)) == np.float32(S)
+    with pytest.raises(ValueError, match="grs.schedule"):
+        grs_schedule(S, kind="exponential")
+    with pytest.raises(ValueError, match="grs.ramp"):
+        grs_schedule(S, 8, kind="linear", ramp_steps=8)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_grs_schedule_ramps_from_zero_over_the_window_then_holds_the_strength(kind):
+    start, length = 20, 40
+    sched = grs_schedule(S, kind=kind, ramp_start=start, ramp_steps=length)
+    t = np.arange(0, start + length + 30)
+    got = np.asarray(sched(jnp.asarray(t)), np.float64)
+    # Exact outside the window: 0 up to and including its start, the strength from its end on.
+    np.testing.assert_array_equal(got[: start + 1], 0.0)
+    np.testing.assert_array_equal(got[start + length :], np.float32(S))
+    # Inside, the formula within float32 rounding: linear, strength * (1 - c/R) has ~5 roundings
+    # of size <= u*S (S itself, c/R, 1 - ., the product, the sum); cosine, strength - strength *
+    # (1 + cos(pi c/R)) / 2 adds the float32 pi and the argument's two roundings (|d/dx| <= S/2,
+    # so <= 1.5 pi u S), cos and pow to a few ulp: 32 u S bounds both with margin.
+    assert_within(got, _ramp(kind, t, start, length), 32 * U32 * S, kind)
+    # The chosen points, by the formula: a quarter, half and three quarters of the window.
+    quarter = {"linear": [0.25, 0.5, 0.75], "cosine": [(1 - np.sqrt(0.5)) / 2, 0.5, (1 + np.sqrt(0.5)) / 2]}[kind]
+    for frac, value in zip([0.25, 0.5, 0.75], quarter):
+        assert float(sched(start + int(frac * length))) == pytest.approx(S * value, abs=32 * U32 * S)
+    assert np.all(np.diff(got) >= 0)  # never decreases
+
+
+def test_grs_schedule_linear_ramp_from_zero_is_the_constant_warmup_and_a_zero_length_ramp_is_a_step():
+    t = jnp.arange(0, 30)
+    np.testing.assert_array_equal(grs_schedule(S, kind="linear", ramp_steps=8)(t), grs_schedule(S, 8)(t))
+    step = np.asarray(grs_schedule(S, kind="cosine", ramp_start=12)(t))
+    np.testing.assert_array_equal(step[:12], 0.0)
+    np.testing.assert_array_equal(step[12:], np.float32(S))
+
+
+def _old_chain(cfg, params, latent, total, warm, grs_warm):
+    """The chain as it was built before GRS schedules and freezing existed, written out."""
+    o, s = cfg.optimizer, cfg.grs.strength
+    lam = optax.constant_schedule(s) if grs_warm <= 0 else optax.linear_schedule(0.0, s, grs_warm)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+    return optax.chain(
+        grs(lam, mask=latent),
+        optax.clip_by_global_norm(o.clip_norm),
+        adamw(
+            learning_rate_schedule(o, total, warm, cfg.global_batch_size),
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mask=weight_decay_mask(params, latent),
+        ),
+    )
+
+
+@pytest.mark.parametrize("grs_warm", [0, 3])
+def test_default_grs_fields_build_bitwise_the_chain_of_before(grs_warm):
+    params, latent = _tiny("binaryvit")
+    cfg = tiny_config("binaryvit", grs__strength=1e-2)
+    assert cfg.grs.schedule == "constant" and cfg.grs.freeze_threshold == 0.0  # the defaults
+    new = build_optimizer(cfg, params, latent, use_grs=True, total_steps=10, warmup_steps=2, grs_warmup_steps=grs_warm)
+    old = _old_chain(cfg, params, latent, 10, 2, grs_warm)
+    s_new, s_old = new.init(params), old.init(params)
+    assert jax.tree.structure(s_new) == jax.tree.structure(s_old)
+    rng = np.random.default_rng(0)
+    p_new = p_old = params
+    for _ in range(4):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        u_new, s_new = new.update(grads, s_new, p_new)
+        u_old, s_old = old.update(grads, s_old, p_old)
+        jax.tree.map(np.testing.assert_array_equal, u_new, u_old)
+        p_new, p_old = optax.apply_updates(p_new, u_new), optax.apply_updates(p_old, u_old)
+    jax.tree.map(np.testing.assert_array_equal, p_new, p_old)
+
+
+@pytest.mark.parametrize(
+    "kind, start, length, first_move", [("linear", 2, 3, 3), ("cosine", 2, 3, 3), ("linear", 2, 0, 2)]
+)
+def test_grs_schedule_fields_reach_the_chain(kind, start, length, first_move):
+    # Zero data gradient, no decay: latent weights move only once lambda_t > 0, i.e. first at
+    # update t = start + 1 of a ramp (lambda_start = 0), at t = start for a zero-length ramp.
+    params, latent = _tiny("baseline+grs")
+    cfg = tiny_config(
+        "baseline+grs", grs__strength=1e-3, grs__schedule=kind, optimizer__weight_decay=0.0, optimizer__clip_norm=0.0
+    )
+    tx = build_optimizer(
+        cfg,
+        params,
+        latent,
+        use_grs=True,
+        total_steps=20,
+        warmup_steps=0,
+        grs_warmup_steps=0,
+        grs_ramp_start_steps=start,
+        grs_ramp_steps=length,
+    )
+    state, p = tx.init(params), params
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for t in range(first_move + 1):
+        upd, state = tx.update(zeros, state, p)
+        moved = {k for k, u in flatten_with_paths(upd) if np.any(np.asarray(u) != 0)}
+        assert moved == (set() if t < first_move else {k for k, lat in flatten_with_paths(latent) if lat}), t
+        p = optax.apply_updates(p, upd)
+
+
+# ----------------------------------------------------------------------------- iterative freezing
+def _flip_grads(p):
+    """sign(W): AdamW's first update is -lr * sign(W), so every weight with |W| < lr flips."""
+    return jax.tree.map(lambda w: jnp.where(w >= 0, 1.0, -1.0).astype(w.dtype), p)
+
+
+@pytest.mark.parametrize("preset", ["baseline", "binaryvit"])  # without and with GRS
+def test_freezing_fields_put_it_last_in_the_chain_on_latent_weights_only(preset):
+    params, latent = _tiny(preset)
+    # peak lr = base_lr * 32 / 128 = 0.0125, about the median |W| of the latent kernels: many flip, not all
+    fields = dict(optimizer__weight_decay=0.0, optimizer__clip_norm=0.0, optimizer__base_lr=0.05, grs__strength=1e-3)
+    kw = dict(use_grs=get_preset(preset).grs, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+    off = build_optimizer(tiny_config(preset, **fields), params, latent, **kw)
+    # momentum 0: f_t = flipped_t, so threshold 0.5 freezes a weight at its first flip
+    cfg_on = tiny_config(preset, **fields, grs__freeze_threshold=0.5, grs__freeze_momentum=0.0)
+    on = build_optimizer(cfg_on, params, latent, **kw)
+    grads = _flip_grads(params)
+    u_off, s_off = off.update(grads, off.init(params), params)
+    u_on, s_on = on.update(grads, on.init(params), params)
+    assert frozen_share(s_off) is None
+    lat = dict(flatten_with_paths(latent))
+    n_flip = n_lat = 0
+    for (path, w), (_, a), (_, b) in zip(
+        flatten_with_paths(params), flatten_with_paths(u_off), flatten_with_paths(u_on)
+    ):
+        w, a, b = np.asarray(w), np.asarray(a), np.asarray(b)
+        flips = (w + a >= 0) != (w >= 0)
+        if not lat[path]:  # never frozen, flipped or not
+            np.testing.assert_array_equal(b, a, err_msg=path)
+            continue
+        # AdamW's final update, zeroed exactly where it flips a latent sign: the freezing comes after AdamW
+        np.testing.assert_array_equal(b, np.where(flips, 0.0, a), err_msg=path)
+        n_flip, n_lat = n_flip + flips.sum(), n_lat + flips.size
+    assert 0 < n_flip < n_lat
+    assert float(frozen_share(s_on)) == pytest.approx(n_flip / n_lat, rel=1e-6)
+    # Later updates, whatever the gradient, leave the frozen weights where they are.
+    p_on = optax.apply_updates(params, u_on)
+    u2, _ = on.update(jax.tree.map(lambda g: -100.0 * g, grads), s_on, p_on)
+    frozen = dict(flatten_with_paths(optax.tree_utils.tree_get(s_on, "frozen")))  # latent leaves only
+    assert set(frozen) == {k for k, v in lat.items() if v}
+    u2 = dict(flatten_with_paths(u2))
+    for path, fr in frozen.items():
+        np.testing.assert_array_equal(np.asarray(u2[path])[np.asarray(fr)], 0.0, err_msg=path)
+        assert np.all(np.asarray(u2[path])[~np.asarray(fr)] != 0), path
+
+
+def test_freezing_is_not_added_without_latent_weights():
+    params, latent = _tiny("fp")
+    cfg = tiny_config("fp", grs__freeze_threshold=0.5)
+    tx = build_optimizer(cfg, params, latent, use_grs=False, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+    assert frozen_share(tx.init(params)) is None
+
+
+# ----------------------------------------------------------------------------- config checks
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(grs__schedule="cosin"), "config.grs.schedule='cosin' is unknown"),
+        (dict(grs__schedule="linear", grs__ramp_steps=-1), "config.grs.ramp_steps=-1 is negative"),
+        (dict(grs__schedule="cosine", grs__ramp_start_epochs=-0.5), "config.grs.ramp_start_epochs=-0.5 is negative"),
+        (dict(grs__schedule="linear", grs__warmup_steps=5), "warm-up of schedule 'constant'"),
+        (dict(grs__ramp_steps=10), "only apply to config.grs.schedule='linear' or 'cosine'"),
+        (dict(grs__freeze_threshold=1.0), r"config.grs.freeze_threshold=1.0 must be in \[0, 1\)"),
+        (dict(grs__freeze_threshold=-0.1), r"config.grs.freeze_threshold=-0.1 must be in \[0, 1\)"),
+        (dict(grs__freeze_momentum=1.0), r"config.grs.freeze_momentum=1.0 must be in \[0, 1\)"),
+    ],
+)
+def test_validate_config_rejects_bad_grs_variant_fields(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(tiny_config("fp", **fields), 1, 1)
+
+
+def test_validate_config_accepts_the_grs_variants():
+    for fields in (
+        dict(),
+        dict(grs__warmup_steps=10),
+        dict(grs__schedule="linear", grs__ramp_start_steps=5, grs__ramp_steps=10),
+        dict(grs__schedule="cosine", grs__ramp_epochs=2.0),
+        dict(grs__freeze_threshold=0.02, grs__freeze_momentum=0.99),
+    ):
+        validate_config(tiny_config("fp", **fields), 1, 1)
