@@ -42,6 +42,14 @@ every axis but the last (batch and tokens) per channel:
     channel ``c``, ``H_c = -p_c log2 p_c - (1 - p_c) log2 (1 - p_c)``
     (``0 log 0 = 0``), averaged over channels. 1 bit means each binarized
     channel is +1 half the time (the most information a sign can carry).
+  * **token entropy** (bits, at most 1): the same per token instead of per
+    channel: ``q_t`` = share of token ``t``'s channels with ``shifted >= 0``,
+    ``H(q_t)`` averaged over tokens and images. The channel entropy cannot see
+    an offset that differs from token to token (each token's bits nearly
+    constant, but positive for some tokens and negative for others, so every
+    channel is still +1 about half the time); this one does. ASM's
+    ``'token_mean'`` form targets the channel entropy, its ``'per_token'`` /
+    ``'per_head'`` forms the token entropy (``docs/method.md``, "ASM").
   * **share of +1**: share of ``shifted >= 0`` over all elements.
   * **relative error**: ``||x - alpha * sign(x - shift)|| / ||x||`` with
     ``alpha_c = mean|x - shift|`` per channel (the L1-optimal scale of a sign
@@ -226,12 +234,13 @@ def activation_metrics(captured: Mapping[str, Mapping[str, jax.Array]]) -> dict[
     """Entropy, share of +1 and approximation errors of every captured sign input.
 
     ``captured`` is the second output of ``model(x, capture=True)``. Keys
-    ``act_entropy/<path>``, ``act_pos_share/<path>``, ``act_rel_error/<path>``,
+    ``act_entropy/<path>``, ``act_token_entropy/<path>``,
+    ``act_pos_share/<path>``, ``act_rel_error/<path>``,
     ``act_bin_error/<path>``, each with ``/mean`` over layers.
     """
     if not captured:
         raise ValueError("no captured sign inputs: is the model binary, and was it called with capture=True?")
-    ent, pos, rel, binerr = {}, {}, {}, {}
+    ent, tok_ent, pos, rel, binerr = {}, {}, {}, {}, {}
     for path, d in captured.items():
         x = d["x"].astype(jnp.float32)
         s = d["shifted"].astype(jnp.float32)
@@ -239,6 +248,7 @@ def activation_metrics(captured: Mapping[str, Mapping[str, jax.Array]]) -> dict[
         plus = (s >= 0).astype(jnp.float32)
         p_c = jnp.mean(plus, axis=axes)
         ent[path] = jnp.mean(binary_entropy(p_c))
+        tok_ent[path] = jnp.mean(binary_entropy(jnp.mean(plus, axis=-1)))
         pos[path] = jnp.mean(plus)
         alpha = jnp.mean(jnp.abs(s), axis=axes, keepdims=True)
         approx = alpha * jnp.where(s >= 0, 1.0, -1.0)
@@ -246,6 +256,7 @@ def activation_metrics(captured: Mapping[str, Mapping[str, jax.Array]]) -> dict[
         binerr[path] = jnp.linalg.norm(s - approx) / jnp.maximum(jnp.linalg.norm(s), _EPS)
     return {
         **_summarize("act_entropy", ent),
+        **_summarize("act_token_entropy", tok_ent),
         **_summarize("act_pos_share", pos),
         **_summarize("act_rel_error", rel),
         **_summarize("act_bin_error", binerr),

@@ -28,8 +28,9 @@ File format (``.bvit``), version 1, all integers little-endian::
                payload start, 16-byte aligned), raw C-order bytes
 
 The header records ``format``, ``version``, ``variant``, ``preset``, the
-architecture (``config``), the binarization switches (``options``), the
-bit convention, the eval preprocessing (``preprocess``:
+architecture (``config``), the binarization switches (``options``; a file
+without ``options.asm_mode``, written before that field existed, loads as
+``"token_mean"``, the form it was trained with), the bit convention, the eval preprocessing (``preprocess``:
 ``bvit_jax.data.eval_settings(data_config).to_dict()``, the fields of the
 training data config that :func:`bvit_jax.data.eval_preprocess` reads, or
 null), ``class_names`` (from :func:`bvit_jax.data.class_names`, or given;
@@ -213,6 +214,7 @@ def _options_to_json(opts: BinaryOptions) -> dict[str, Any]:
 
 
 def _options_from_json(d: Mapping[str, Any]) -> BinaryOptions:
+    """The header's ``options``; a field it lacks (e.g. ``asm_mode`` in older files) takes its default."""
     known = {f.name for f in dataclasses.fields(BinaryOptions)} - {"dtype"}
     unknown = set(d) - known
     if unknown:

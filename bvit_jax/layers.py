@@ -35,7 +35,9 @@ from bvit_jax.binarize import (
 )
 
 __all__ = [
+    "ASM_MODES",
     "BinaryOptions",
+    "asm_statistic",
     "ActivationShift",
     "SignActivation",
     "BinaryLinear",
@@ -181,6 +183,9 @@ def _rprelu_bwd(res, g):
 rprelu.defvjp(_rprelu_fwd, _rprelu_bwd)
 
 
+ASM_MODES = ("token_mean", "per_token", "per_head")
+
+
 @dataclasses.dataclass(frozen=True)
 class BinaryOptions:
     """The switches of one model; every field is a config field (``model.*``).
@@ -192,7 +197,14 @@ class BinaryOptions:
         ApproxSign) or ``'ste'`` (clipped straight-through).
       weight_scale: multiply binary weights by ``alpha = mean|W|`` per output channel.
       learnable_shift: static per-channel ``beta`` before every sign (RSign).
-      asm: the adaptive ASM term ``gamma * mean_tokens(x)`` before every sign.
+      asm: the adaptive ASM term ``gamma * m(x)`` before every sign, ``m`` set by ``asm_mode``.
+      asm_mode: the statistic ``m(x)`` of the ASM term (:func:`asm_statistic`;
+        ignored without ``asm``): ``'token_mean'`` (default, the original
+        form) the mean over the tokens of the image, per channel;
+        ``'per_token'`` each token's own mean over its channels;
+        ``'per_head'`` as ``'per_token'`` at the block linears' inputs, and
+        each token's mean over the channels of its own attention head at the
+        ``Q``, ``K``, ``V`` signs.
       linear_shortcut: ``x + LN(binary_linear(x))`` around every block linear.
       rprelu: RPReLU in the MLP instead of GELU.
       binary_attention: Q, K, V in +-1 and attention probabilities in {0, c}.
@@ -215,6 +227,7 @@ class BinaryOptions:
     weight_scale: bool = True
     learnable_shift: bool = False
     asm: bool = False
+    asm_mode: str = "token_mean"
     linear_shortcut: bool = False
     rprelu: bool = False
     binary_attention: bool = False
@@ -224,6 +237,8 @@ class BinaryOptions:
 
     def __post_init__(self):
         get_activation_binarizer(self.act_binarizer)  # validates the name
+        if self.asm_mode not in ASM_MODES:
+            raise ValueError(f"model.asm_mode={self.asm_mode!r} is not one of {list(ASM_MODES)}")
         if self.attn_level_init is not None and not (LEVEL_MIN < self.attn_level_init < float("inf")):
             raise ValueError(
                 f"model.attn_level_init={self.attn_level_init} must be a finite number > {LEVEL_MIN} "
@@ -240,43 +255,87 @@ class BinaryOptions:
         return self.binarize_weights or self.binarize_acts or self.binary_attention
 
 
+def asm_statistic(x: jax.Array, mode: str, heads: int = 1) -> jax.Array:
+    """The statistic ``m(x)`` that ASM's ``gamma`` multiplies, for ``x`` of shape ``(..., tokens, channels)``.
+
+    * ``'token_mean'``: ``mean_tokens(x)``, shape ``(..., 1, channels)``: each
+      channel's mean over the tokens of the same image.
+    * ``'per_token'``: ``mean_channels(x)``, shape ``(..., tokens, 1)``: each
+      token's own mean over its channels.
+    * ``'per_head'``: with ``heads > 1``, each token's mean over the channels of
+      its head (channels split as ``(heads, d)``, the attention's layout),
+      broadcast back over those ``d`` channels, shape ``x.shape``; with
+      ``heads == 1`` (the block linears' inputs) as ``'per_token'``.
+
+    The packed forward (:mod:`bvit_jax.packed`) calls this same function, so
+    both forwards shift by identical float32 values. No ``stop_gradient``: the
+    gradient flows through the statistic.
+    """
+    if mode == "token_mean":
+        return jnp.mean(x, axis=-2, keepdims=True)
+    if mode == "per_head" and heads > 1:
+        grouped = rearrange(x, "... (h d) -> ... h d", h=heads)
+        m = jnp.broadcast_to(jnp.mean(grouped, axis=-1, keepdims=True), grouped.shape)
+        return rearrange(m, "... h d -> ... (h d)")
+    if mode in ("per_token", "per_head"):
+        return jnp.mean(x, axis=-1, keepdims=True)
+    raise ValueError(f"unknown asm_mode {mode!r}; choose one of {list(ASM_MODES)}")
+
+
 class ActivationShift(nnx.Module):
     """Per-channel shift subtracted before ``sign`` (RSign's beta and the ASM term).
 
-    ``shift(x) = beta + gamma * mean_tokens(x)`` for ``x`` of shape
-    ``(..., tokens, channels)``; ``beta`` and ``gamma`` are learnable,
-    zero-initialised, so an untrained module is plain ``sign``. ``beta`` alone is
-    ReActNet's RSign (Liu et al., ECCV 2020); the adaptive ``gamma`` term is this
-    project's activation shift module (ASM, ``docs/method.md``, "ASM"): it removes
-    a learned share of each sample's own channel mean, cancelling the large
-    inter-channel offsets of ViT activations.
+    ``shift(x) = beta + gamma * m(x)`` for ``x`` of shape ``(..., tokens,
+    channels)``, ``m`` the statistic of ``mode`` (:func:`asm_statistic`;
+    ``'token_mean'``: ``mean_tokens(x)``, the original form); ``beta`` and
+    ``gamma`` are learnable per-channel vectors, zero-initialised, so an
+    untrained module is plain ``sign``. ``beta`` alone is ReActNet's RSign (Liu
+    et al., ECCV 2020); the adaptive ``gamma`` term is this project's
+    activation shift module (ASM, ``docs/method.md``, "ASM"). With
+    ``'token_mean'`` it removes a learned share of each sample's own channel
+    mean, cancelling the large inter-channel offsets of ViT activations; with
+    ``'per_token'`` / ``'per_head'`` a learned share of each token's own mean
+    (over all its channels, or over those of its attention head), cancelling
+    the offsets that differ from token to token.
     """
 
-    def __init__(self, dim: int, *, static: bool = True, adaptive: bool = False):
+    def __init__(
+        self, dim: int, *, static: bool = True, adaptive: bool = False, mode: str = "token_mean", heads: int = 1
+    ):
+        if mode not in ASM_MODES:
+            raise ValueError(f"unknown asm_mode {mode!r}; choose one of {list(ASM_MODES)}")
+        if dim % heads:
+            raise ValueError(f"{dim} channels cannot be split into {heads} heads")
         self.beta = nnx.Param(jnp.zeros((dim,))) if static else None
         self.gamma = nnx.Param(jnp.zeros((dim,))) if adaptive else None
+        self.mode, self.heads = mode, heads
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shift = jnp.zeros((x.shape[-1],), x.dtype)
         if self.beta is not None:
             shift = shift + self.beta[...].astype(x.dtype)
         if self.gamma is not None:
-            shift = shift + self.gamma[...].astype(x.dtype) * jnp.mean(x, axis=-2, keepdims=True)
+            shift = shift + self.gamma[...].astype(x.dtype) * asm_statistic(x, self.mode, self.heads)
         return shift
 
 
 class SignActivation(nnx.Module):
     """Binarize an activation: ``x_b = sign(x - shift(x))`` with a surrogate gradient.
 
+    ``heads``: the attention heads the channels belong to (``Q``, ``K``, ``V``
+    signs; 1 elsewhere), read only by ``asm_mode='per_head'``.
+
     With ``capture=True`` it records, as ``nnx.Intermediate`` values, its input
     ``x`` and the shifted value ``x - shift(x)`` (the input of the sign) for the
     diagnostics in :mod:`bvit_jax.diagnostics`.
     """
 
-    def __init__(self, dim: int, opts: BinaryOptions):
+    def __init__(self, dim: int, opts: BinaryOptions, *, heads: int = 1):
         self.binarizer = opts.act_binarizer
         if opts.learnable_shift or opts.asm:
-            self.shift = ActivationShift(dim, static=opts.learnable_shift, adaptive=opts.asm)
+            self.shift = ActivationShift(
+                dim, static=opts.learnable_shift, adaptive=opts.asm, mode=opts.asm_mode, heads=heads
+            )
         else:
             self.shift = None
 
@@ -407,9 +466,9 @@ class Attention(nnx.Module):
         self.v = LinearBlock(dim, dim, opts, rngs=rngs)
         self.proj = LinearBlock(dim, dim, opts, rngs=rngs)
         if opts.binary_attention:
-            self.q_sign = SignActivation(dim, opts)
-            self.k_sign = SignActivation(dim, opts)
-            self.v_sign = SignActivation(dim, opts)
+            self.q_sign = SignActivation(dim, opts, heads=num_heads)
+            self.k_sign = SignActivation(dim, opts, heads=num_heads)
+            self.v_sign = SignActivation(dim, opts, heads=num_heads)
             level = opts.attn_level_init if opts.attn_level_init is not None else 1.0 / num_tokens
             self.attn_level_raw = nnx.Param(jnp.asarray(positive_level_inverse(level), jnp.float32))
         else:

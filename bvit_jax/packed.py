@@ -58,7 +58,9 @@ for a model whose block linears binarize weights *and* activations
 (every binary preset), from a :class:`PackedModel`:
 
 * block linears: ``LN((n - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
-  plus the real-valued shortcut, ``x_bits = [x - shift(x) >= 0]``;
+  plus the real-valued shortcut, ``x_bits = [x - shift(x) >= 0]`` (every
+  ``asm_mode``: the shift's statistic is :func:`bvit_jax.layers.asm_statistic`,
+  the model's own function);
 * binary attention (``binary_attention``): scores
   ``Q_b K_b^T = d - 2*popcount(xor(q_bits, k_bits))`` per head (``d`` the head
   width); the {0, c} probabilities as a bit mask ``m``; and
@@ -94,7 +96,7 @@ from einops import rearrange
 from jax import lax
 
 from bvit_jax.binarize import positive_level
-from bvit_jax.layers import BinaryOptions, layer_norm
+from bvit_jax.layers import BinaryOptions, asm_statistic, layer_norm
 from bvit_jax.models import ViTConfig
 
 __all__ = [
@@ -375,13 +377,16 @@ def _stacked(t, names, suffix):
     return jnp.stack(vals)
 
 
-def _shifted(x, t, names, *, shared: bool):
-    """``x - shift(x)`` for G sign activations, ``shift = beta + gamma * mean_tokens(x)``.
+def _shifted(x, t, names, *, shared: bool, mode: str = "token_mean", heads: int = 1):
+    """``x - shift(x)`` for G sign activations, ``shift = beta + gamma * m(x)``.
 
-    ``shared``: all G read the same ``x`` ``(B, N, C)`` (the token mean is
-    computed once); else ``x`` is ``(G, B, N, C)``, one input per activation.
-    Returns ``(G, B, N, C)``, or ``x`` unchanged (``(B, N, C)``) when there
-    is no shift. Same operations as :class:`bvit_jax.layers.ActivationShift`.
+    ``m`` is :func:`bvit_jax.layers.asm_statistic` of ``mode`` (the model's
+    ``asm_mode``; ``heads``: the attention heads the channels belong to, 1 at
+    the block linears). ``shared``: all G read the same ``x`` ``(B, N, C)``
+    (the statistic is computed once); else ``x`` is ``(G, B, N, C)``, one
+    input per activation. Returns ``(G, B, N, C)``, or ``x`` unchanged
+    (``(B, N, C)``) when there is no shift. Same operations, in the same
+    order, as :class:`bvit_jax.layers.ActivationShift`.
     """
     beta, gamma = _stacked(t, names, "/shift/beta"), _stacked(t, names, "/shift/gamma")
     if beta is None and gamma is None:
@@ -391,8 +396,8 @@ def _shifted(x, t, names, *, shared: bool):
     if beta is not None:
         shift = shift + beta[:, None, None, :]
     if gamma is not None:
-        mean = jnp.mean(x, axis=-2, keepdims=True)
-        shift = shift + gamma[:, None, None, :] * (mean[None] if shared else mean)
+        stat = asm_statistic(x, mode, heads)
+        shift = shift + gamma[:, None, None, :] * (stat[None] if shared else stat)
     return (x[None] if shared else x) - shift
 
 
@@ -424,7 +429,7 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     """
     lins = [p + "/linear" for p in prefixes]
     g, (b, n_tok, k) = len(prefixes), x.shape
-    shifted = _shifted(x, t, [p + "/act" for p in lins], shared=True)
+    shifted = _shifted(x, t, [p + "/act" for p in lins], shared=True, mode=opts.asm_mode)
     _record(sink, [p + "/act" for p in lins], shifted)
     bits = pack_planes(shifted)
     if bits.ndim == 3:  # no shift: one packing serves every layer
@@ -461,7 +466,7 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
         return _linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
 
-    s = _shifted(qkv, t, [n + "_sign" for n in names], shared=False)  # (3, B, N, D)
+    s = _shifted(qkv, t, [n + "_sign" for n in names], shared=False, mode=opts.asm_mode, heads=h)  # (3, B, N, D)
     _record(sink, [n + "_sign" for n in names], s)
     d = qkv.shape[-1] // h
     c = positive_level(t[prefix + "/attn_level_raw"])  # c = LEVEL_MIN + softplus(raw), as Attention.level()

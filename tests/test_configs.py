@@ -39,6 +39,7 @@ VALUES = {
     "weight_scale": False,
     "learnable_shift": False,
     "asm": False,
+    "asm_mode": "per_head",
     "linear_shortcut": False,
     "rprelu": False,
     "binary_attention": False,

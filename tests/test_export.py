@@ -15,6 +15,7 @@ from PIL import Image
 from bvit_jax import data, export, predict
 from bvit_jax.binarize import weight_alpha
 from bvit_jax.export import PackedFormatError, export_model, load_packed, pack_model, read_header, size_accounting
+from bvit_jax.layers import ASM_MODES
 from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
 from bvit_jax.packed import (
     from_planes,
@@ -32,6 +33,11 @@ from bvit_jax.packed import (
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 
 BINARY_PRESETS = ["baseline", "baseline+grs", "baseline+asm", "binaryvit"]
+ASM_PRESETS = [p for p in BINARY_PRESETS if get_preset(p).options.asm]
+# (preset, asm_mode): every preset in today's form, and every other ASM form on each ASM preset
+PRESET_MODES = [(p, "token_mean") for p in BINARY_PRESETS] + [
+    (p, m) for p in ASM_PRESETS for m in ASM_MODES if m != "token_mean"
+]
 
 
 def sign(x):
@@ -136,9 +142,10 @@ def _images(cfg, b=2, seed=3):
     return jax.random.normal(jax.random.key(seed), (b, cfg.image_size, cfg.image_size, cfg.in_channels))
 
 
-@pytest.mark.parametrize("preset", BINARY_PRESETS)
-def test_packed_forward_matches_model(preset):
-    model = perturb(create("vit_nano", preset))
+@pytest.mark.parametrize("preset, asm_mode", PRESET_MODES)
+def test_packed_forward_matches_model(preset, asm_mode):
+    model = perturb(create("vit_nano", preset, asm_mode=asm_mode))
+    assert model.opts.asm_mode == asm_mode and pack_model(model).opts.asm_mode == asm_mode
     x = _images(model.cfg)
     ref = model_forward(model, x)
     got = np.asarray(packed_forward(pack_model(model), x))
@@ -155,9 +162,12 @@ def test_packed_forward_matches_fresh_model():
     )
 
 
-@pytest.mark.parametrize("preset", ["baseline", "binaryvit"])
-def test_packed_forward_reproduces_every_sign(preset):
+@pytest.mark.parametrize("preset, asm_mode", [("baseline", "token_mean")] + [("binaryvit", m) for m in ASM_MODES])
+def test_packed_forward_reproduces_every_sign(preset, asm_mode):
     """Depth 4, odd widths: both forwards binarize every activation identically and give the same logits.
+
+    Every ``asm_mode``: the packed forward computes the shift's statistic with the
+    model's own function (:func:`bvit_jax.layers.asm_statistic`), in the same order.
 
     The model computes its binary matmuls as exact integers scaled afterwards
     and its LayerNorms with the packed forward's function, so every sign input
@@ -165,7 +175,8 @@ def test_packed_forward_reproduces_every_sign(preset):
     rounded differently near 0). Under jit on CPU the logits are bit-identical.
     """
     cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3, depth=4)
-    model = perturb(VisionTransformer(cfg, get_preset(preset).options, rngs=nnx.Rngs(0)))
+    opts = dataclasses.replace(get_preset(preset).options, asm_mode=asm_mode)
+    model = perturb(VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
     x = _images(cfg, b=4)
     graphdef, state = nnx.split(model)
     ref, inter = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, capture=True))(state, x)
@@ -192,6 +203,59 @@ def test_packed_forward_odd_widths_through_file():
     np.testing.assert_allclose(np.asarray(packed_forward(loaded, x, attention="float")), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="expected images of shape"):
         packed_forward(loaded, x[:, :16])
+
+
+@pytest.mark.parametrize("asm_mode", [m for m in ASM_MODES if m != "token_mean"])
+def test_asm_mode_through_the_file(asm_mode):
+    """The header records ``asm_mode``; the loaded model runs that form (odd widths, 3 heads)."""
+    cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3)
+    opts = dataclasses.replace(get_preset("binaryvit").options, asm_mode=asm_mode)
+    model = perturb(VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
+    x = _images(cfg)
+    blob = export_model(model, data=None, preset="binaryvit")
+    assert read_header(blob)["options"]["asm_mode"] == asm_mode
+    loaded = load_packed(blob)
+    assert loaded.opts.asm_mode == asm_mode
+    ref = model_forward(model, x)
+    got = np.asarray(packed_forward(loaded, x))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref)
+    # the same tensors run in today's form give other logits: the file's mode is the one applied
+    today = dataclasses.replace(loaded, opts=dataclasses.replace(loaded.opts, asm_mode="token_mean"))
+    assert not np.array_equal(np.asarray(packed_forward(today, x)), got)
+
+
+def _with_header(blob, edit):
+    """``blob`` with its JSON header replaced by ``edit(header)`` (payload unchanged)."""
+    import struct
+    import zlib
+
+    header = read_header(blob)
+    edit(header)
+    hlen = struct.unpack_from("<I", blob, 8)[0]
+    start = 12 + hlen + (-(12 + hlen) % 64)
+    new = zlib.compress(json.dumps(header).encode())
+    prefix = blob[:8] + struct.pack("<I", len(new)) + new
+    return prefix + b"\0" * (-len(prefix) % 64) + blob[start:]
+
+
+def test_file_without_asm_mode_loads_as_token_mean():
+    """A file written before ``asm_mode`` existed (no such key in ``options``) is today's form."""
+    model = perturb(create("vit_nano", "binaryvit"))
+    blob = export_model(model, data=None, preset="binaryvit")
+    assert read_header(blob)["options"]["asm_mode"] == "token_mean"
+    old = _with_header(blob, lambda h: h["options"].pop("asm_mode"))
+    assert "asm_mode" not in read_header(old)["options"]
+    loaded = load_packed(old)
+    assert loaded.opts.asm_mode == "token_mean"
+    x = _images(model.cfg)
+    got = np.asarray(packed_forward(loaded, x))
+    np.testing.assert_array_equal(got, np.asarray(packed_forward(load_packed(blob), x)))
+    np.testing.assert_allclose(got, model_forward(model, x), rtol=1e-5, atol=1e-6)
+    bad = _with_header(blob, lambda h: h["options"].update(asm_mode="per_pixel"))
+    with pytest.raises(PackedFormatError, match="asm_mode"):
+        load_packed(bad)
 
 
 def test_integer_dot_of_a_model_layer_is_exact():

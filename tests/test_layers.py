@@ -1,4 +1,4 @@
-"""Layers: ASM/RSign, BinaryLinear against explicit +-1 arithmetic, match_width, RPReLU,
+"""Layers: ASM (every ``asm_mode``)/RSign, BinaryLinear against explicit +-1 arithmetic, match_width, RPReLU,
 the hand-written backward passes against autodiff, the attention level.
 
 Float comparisons use bounds derived from float32 arithmetic (see
@@ -17,12 +17,14 @@ from flax import nnx
 from bvit_jax import diagnostics
 from bvit_jax.binarize import LEVEL_MIN, lsq_grad_scale
 from bvit_jax.layers import (
+    ASM_MODES,
     Attention,
     BinaryLinear,
     BinaryOptions,
     LinearBlock,
     RPReLU,
     SignActivation,
+    asm_statistic,
     layer_norm,
     match_width,
     rprelu,
@@ -37,13 +39,14 @@ def _pm1(a):
     return np.where(np.asarray(a) >= 0, 1.0, -1.0)
 
 
-def test_untrained_asm_is_plain_sign():
-    x = jax.random.normal(jax.random.key(0), (2, 7, 5)) + jnp.arange(5.0) * 3
+@pytest.mark.parametrize("mode", ASM_MODES)
+def test_untrained_asm_is_plain_sign(mode):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6)) + jnp.arange(6.0) * 3
     x = x.at[0, 0, 0].set(0.0)  # sign(0) = +1
-    act = SignActivation(5, ASM)
-    assert act.shift.beta is not None and act.shift.gamma is not None
+    act = SignActivation(6, dataclasses.replace(ASM, asm_mode=mode), heads=2)
+    assert act.shift.beta is not None and act.shift.gamma is not None and act.shift.mode == mode
     np.testing.assert_array_equal(act(x), _pm1(x))
-    np.testing.assert_array_equal(SignActivation(5, BIN)(x), _pm1(x))
+    np.testing.assert_array_equal(SignActivation(6, BIN)(x), _pm1(x))
 
 
 def test_shift_formula():
@@ -55,6 +58,94 @@ def test_shift_formula():
     act.shift.gamma[...] = gamma
     shift = beta + gamma * x.mean(axis=1, keepdims=True)
     np.testing.assert_array_equal(act(x), _pm1(x - shift))
+
+
+def _asm_reference(x, beta, gamma, mode, heads):
+    """float64 ``x - (beta + gamma * m(x))`` and ``m(x)`` (broadcast to ``x``'s shape) for each ASM mode."""
+    x = np.asarray(x, np.float64)
+    if mode == "token_mean":
+        m = x.mean(axis=-2, keepdims=True)
+    elif mode == "per_token" or heads == 1:
+        m = x.mean(axis=-1, keepdims=True)
+    else:  # per_head: each token's mean over the channels of its head
+        g = x.reshape(x.shape[:-1] + (heads, -1))
+        m = np.broadcast_to(g.mean(axis=-1, keepdims=True), g.shape).reshape(x.shape)
+    m = np.broadcast_to(m, x.shape)
+    beta, gamma = np.asarray(beta, np.float64), np.asarray(gamma, np.float64)
+    return x - (beta + gamma * m), m
+
+
+@pytest.mark.parametrize("mode, heads", [("token_mean", 1), ("per_token", 1), ("per_head", 3), ("per_head", 1)])
+def test_asm_mode_forward_equals_numpy_formula(mode, heads):
+    """``sign(x - (beta + gamma * m(x)))`` for every ``asm_mode`` against float64 numpy.
+
+    float32 bound: the mean of ``n`` values (``n`` tokens or channels) is within
+    ``gamma_n(n + 1) * mean|x|`` (a sum of ``n`` terms, one division); then one
+    product, one sum and one difference: ``gamma_n(3)`` of their magnitudes.
+    """
+    c, tokens = 12, 10
+    kx, kb, kg, ko = jax.random.split(jax.random.key(11), 4)
+    # per-token offsets (what the per-token forms are for) on top of per-channel ones
+    x = jax.random.normal(kx, (3, tokens, c)) + 3 * jax.random.normal(ko, (3, tokens, 1)) + jnp.linspace(-2, 2, c)
+    beta, gamma = 0.3 * jax.random.normal(kb, (c,)), jax.random.uniform(kg, (c,), minval=-1.5, maxval=1.5)
+    act = SignActivation(c, dataclasses.replace(ASM, asm_mode=mode), heads=heads)
+    act.shift.beta[...] = beta
+    act.shift.gamma[...] = gamma
+    y, inter = nnx.capture(act, nnx.Intermediate)(x, capture=True)
+    flat = {str(k[-1]): (v.get_value() if hasattr(v, "get_value") else v)[0] for k, v in nnx.to_flat_state(inter)}
+    shifted = np.asarray(flat["shifted"])
+    np.testing.assert_array_equal(y, _pm1(shifted))  # the sign of exactly the captured value
+    ref, m = _asm_reference(x, beta, gamma, mode, heads)
+    n = tokens if mode == "token_mean" else c // heads
+    span = np.abs(x).mean(axis=-2, keepdims=True) if mode == "token_mean" else None
+    if span is None:
+        ax = np.abs(np.asarray(x, np.float64))
+        span = ax.reshape(ax.shape[:-1] + (c // n, n)).mean(-1, keepdims=True)
+        span = np.broadcast_to(span, span.shape[:-1] + (n,)).reshape(ax.shape)
+    g64, b64 = np.asarray(gamma, np.float64), np.asarray(beta, np.float64)
+    bound = np.abs(g64) * gamma_n(n + 1) * span + gamma_n(3) * (np.abs(x) + np.abs(b64) + np.abs(g64 * m))
+    assert_within(shifted, ref, bound, f"x - shift ({mode})")
+    clear = np.abs(ref) > bound  # where rounding cannot reach 0, the signs agree
+    np.testing.assert_array_equal(np.asarray(y)[clear], _pm1(ref)[clear])
+    if mode != "token_mean":  # a different form from today's: its signs differ somewhere
+        other, _ = _asm_reference(x, beta, gamma, "token_mean", 1)
+        assert np.any(_pm1(other) != _pm1(ref))
+
+
+@pytest.mark.parametrize("mode", ASM_MODES)
+def test_asm_mode_gradients_reach_beta_and_gamma(mode):
+    """``d/d beta_c = -sum g_c`` and ``d/d gamma_c = -sum g_c * m_c`` (``g`` the surrogate gradient at
+    the sign input, sums over images and tokens): finite, non-zero, and equal to those sums."""
+    from bvit_jax.binarize import get_activation_binarizer
+
+    c, heads = 8, 2
+    kx, kw, kb, kg = jax.random.split(jax.random.key(12), 4)
+    x = 0.7 * jax.random.normal(kx, (2, 9, c)) + 0.5 * jax.random.normal(kb, (2, 9, 1))
+    up = jax.random.normal(kw, (2, 9, c))
+    act = SignActivation(c, dataclasses.replace(ASM, asm_mode=mode), heads=heads)
+    act.shift.beta[...] = 0.1 * jax.random.normal(kb, (c,))
+    act.shift.gamma[...] = 0.5 * jax.random.normal(kg, (c,))
+    grads = nnx.grad(lambda m: jnp.sum(up * m(x)))(act)
+    gb, gg = np.asarray(grads["shift"]["beta"][...]), np.asarray(grads["shift"]["gamma"][...])
+    assert np.all(np.isfinite(gb)) and np.all(np.isfinite(gg))
+    assert np.all(gb != 0) and np.all(gg != 0)
+    # closed form from the surrogate gradient at the captured sign input
+    _, inter = nnx.capture(act, nnx.Intermediate)(x, capture=True)
+    flat = {str(k[-1]): (v.get_value() if hasattr(v, "get_value") else v)[0] for k, v in nnx.to_flat_state(inter)}
+    _, vjp = jax.vjp(get_activation_binarizer(ASM.act_binarizer), flat["shifted"])
+    g = np.asarray(vjp(up)[0], np.float64)
+    m = np.broadcast_to(np.asarray(asm_statistic(x, mode, heads), np.float64), x.shape)
+    rows = (0, 1)
+    n = x.shape[0] * x.shape[1]
+    assert_within(gb, -np.sum(g, rows), gamma_n(n) * np.sum(np.abs(g), rows), "d beta")
+    assert_within(gg, -np.sum(g * m, rows), gamma_n(n + 1) * np.sum(np.abs(g * m), rows), "d gamma")
+
+
+def test_asm_mode_is_validated():
+    with pytest.raises(ValueError, match="asm_mode"):
+        dataclasses.replace(ASM, asm_mode="per_channel")
+    assert BinaryOptions().asm_mode == "token_mean"  # today's form stays the default
+    assert ASM_MODES[0] == "token_mean"
 
 
 def _captured_stats(act, x):
@@ -82,6 +173,28 @@ def test_asm_gamma_one_balances_channels_with_large_offsets():
     assert float(after["act_entropy/act"]) > float(before["act_entropy/act"]) + 0.3
     assert float(after["act_entropy/act"]) > 0.95
     assert float(after["act_entropy/act"]) <= 1.0
+
+
+def test_per_token_asm_balances_tokens_with_large_offsets():
+    """Tokens with large offsets of their own: each token's bits are nearly constant (low *token*
+    entropy) while every channel is still +1 about half the time (high *channel* entropy). The
+    'token_mean' form cannot remove such offsets; 'per_token' at gamma = 1 does."""
+    c, tokens = 32, 64
+    offsets = jnp.linspace(-6.0, 6.0, tokens)[:, None]  # one offset per token, the same in every image
+    x = jax.random.normal(jax.random.key(13), (4, tokens, c)) + offsets
+    stats = {}
+    for mode in ("token_mean", "per_token"):
+        act = SignActivation(c, dataclasses.replace(ASM, asm_mode=mode))
+        before, _ = _captured_stats(act, x)
+        act.shift.gamma[...] = jnp.ones((c,))
+        stats[mode], _ = _captured_stats(act, x)
+    assert float(before["act_entropy/act"]) > 0.95  # channels look balanced already
+    assert float(before["act_token_entropy/act"]) < 0.5  # but most tokens are constant
+    assert float(stats["token_mean"]["act_token_entropy/act"]) < 0.5  # the token mean does not help
+    assert float(stats["per_token"]["act_token_entropy/act"]) > 0.9  # each token re-centred
+    assert float(stats["per_token"]["act_entropy/act"]) > 0.95
+    for m in stats.values():
+        assert float(m["act_token_entropy/act"]) <= 1.0 and float(m["act_entropy/act"]) <= 1.0
 
 
 def test_binary_linear_matches_explicit_pm1_matmul():

@@ -9,7 +9,7 @@ from flax import nnx
 
 from bvit_jax import diagnostics as D
 from bvit_jax.layers import SignActivation
-from bvit_jax.models import PRESETS, create
+from bvit_jax.models import PRESETS, config_overrides, create, override_fields
 from bvit_jax.param_groups import latent_weight_mask
 
 B = 4
@@ -114,6 +114,26 @@ def test_capture_returns_every_sign_input(preset):
     np.testing.assert_allclose(logits, model(x), rtol=1e-5, atol=1e-5)  # capture does not change the output
     # no intermediates are left behind in the model
     assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
+
+
+def test_asm_mode_is_a_config_override():
+    """``config.model.overrides.asm_mode`` (a typed placeholder generated from ``BinaryOptions``) reaches
+    every sign's shift; the default is today's form, and per_head reads the attention's heads."""
+    from bvit_jax import recipes
+
+    assert override_fields()["asm_mode"] is str
+    overrides = recipes.model_overrides()
+    assert "asm_mode" in overrides and overrides.asm_mode is None  # unset: the preset's value
+    assert create("vit_nano", "binaryvit", **config_overrides(overrides)).opts.asm_mode == "token_mean"
+    for mode in ("per_token", "per_head"):
+        model = create("vit_nano", "binaryvit", **config_overrides(recipes.model_overrides(asm_mode=mode)))
+        assert model.opts.asm_mode == mode
+        signs = [m for _, m in nnx.iter_graph(model) if isinstance(m, SignActivation)]
+        assert len(signs) == 9 * model.cfg.depth and all(s.shift.mode == mode for s in signs)
+        attn = model.blocks[0].attn
+        assert attn.q_sign.shift.heads == model.cfg.num_heads and attn.q.linear.act.shift.heads == 1
+    with pytest.raises(ValueError, match="asm_mode"):
+        create("vit_nano", "binaryvit", asm_mode="per_channel")
 
 
 def test_fp_model_captures_nothing():
