@@ -17,6 +17,14 @@ training), is ``results.md`` and the figures ``fig_*.png`` in ``--docs``
 (default ``docs/``), from the workdirs' ``metrics.jsonl`` and final
 checkpoints. Extra ``train.py`` flags for every run go after ``--``, e.g.
 ``-- --config.total_epochs=3``.
+
+Before training it prints the plan: the steps left in each run (from its
+resolved config and its workdir's latest checkpoint) and the expected time,
+from the step times this sweep's runs have logged so far. Stopped at any
+point (Ctrl-C, a preempted VM), the same command resumes: finished runs are
+kept (only re-evaluated), unfinished ones resume from their checkpoints, and
+``wall_times.json`` accumulates. The runs use whatever JAX backend is
+installed (a GPU when ``jax[cuda12]`` is), nothing in the tool is CPU-specific.
 """
 
 from __future__ import annotations
@@ -57,20 +65,80 @@ def grs_run_name(strength: float, seed: int) -> str:
     return f"baseline_grs_lam{strength:.0e}_s{seed}"
 
 
-def train(out: Path, preset: str, seed: int, split: str, extra: list[str], name: str | None = None) -> float:
-    """One ``train.py`` run into ``out/name`` (default `run_name`); returns its wall time in seconds."""
-    wd = out / (name or run_name(preset, seed))  # a finished workdir is only re-evaluated by the trainer
+def run_flags(out: Path, preset: str, seed: int, split: str, extra: list[str], name: str | None = None) -> list[str]:
+    """The ``train.py`` flags of one run into ``out/name`` (default `run_name`)."""
+    wd = out / (name or run_name(preset, seed))
     flags = [f"--config={ROOT / 'configs' / 'fashion_mnist.py'}:{preset}", f"--workdir={wd}", f"--config.seed={seed}"]
     if split == "val":
         flags += ["--config.data.train_split=train[:90%]", "--config.data.eval_split=train[90%:]"]
     if preset != "fp":
         flags.append(f"--config.distill.teacher_workdir={out / run_name('fp', seed)}")
+    return flags + list(extra)
+
+
+def train(flags: list[str]) -> float:
+    """One ``train.py`` run (a subprocess, exactly what a user runs); returns its wall time in seconds.
+
+    The trainer resumes an interrupted workdir from its latest checkpoint and
+    only re-evaluates a finished one, so a sweep can be stopped and restarted.
+    """
     t0 = time.time()
-    print("+ train.py", " ".join(flags[1:] + extra), flush=True)
-    subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *flags, *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL
-    )
+    print("+ train.py", " ".join(flags[1:]), flush=True)
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return time.time() - t0
+
+
+def run_plan(flags: list[str]) -> dict:
+    """What is left of one run: ``{'steps', 'done', 'sec_per_step'}`` from its config and workdir.
+
+    The config is resolved exactly as ``train.py`` resolves it (the config
+    file, then the ``--config.*`` overrides); ``done`` is the workdir's latest
+    checkpoint step; ``sec_per_step`` the median measured step time of the
+    run's preset in this sweep's workdirs (None before one has logged).
+    """
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    from bvit_jax import data
+    from bvit_jax.train import steps_from
+
+    fv = absl_flags.FlagValues()
+    argv = ["train.py", *flags]
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    absl_flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    fv(argv, known_only=True)
+    config, wd = fv["config"].value, Path(fv["workdir"].value)
+    steps = steps_from(config, "total", data.dataset_info(config.data).num_train / config.global_batch_size)
+    done = max((int(p.name) for p in (wd / "checkpoints").glob("[0-9]*")), default=0)
+    return {"steps": steps, "done": min(done, steps), "preset": config.model.preset, "batch": config.global_batch_size}
+
+
+def step_seconds(out: Path) -> dict[str, float]:
+    """Median seconds per train step by preset, from the ``img_per_s`` logged by this sweep's runs."""
+    from bvit_jax.metric_writers import read_metrics
+
+    rates: dict[str, list[float]] = {}
+    for wd in out.glob("*/metrics.jsonl"):
+        config = json.loads((wd.parent / "config.json").read_text())
+        rows = [r["img_per_s"] for r in read_metrics(wd.parent, "train")[1:] if r.get("img_per_s")]
+        rates.setdefault(config["model"]["preset"], []).extend(config["global_batch_size"] / r for r in rows)
+    return {p: sorted(v)[len(v) // 2] for p, v in rates.items() if v}
+
+
+def print_cost(plans: dict[str, dict], sec: dict[str, float]) -> None:
+    """The sweep's expected cost before it starts: steps left per run, and time where a step time is known."""
+    total, unknown = 0.0, []
+    print(f"{'run':40s} {'steps left':>11s} {'expected':>10s}")
+    for name, p in plans.items():
+        left = p["steps"] - p["done"]
+        t = sec.get(p["preset"])
+        if left and t is None:
+            unknown.append(p["preset"])
+        total += left * (t or 0.0)
+        when = "-" if not left else ("?" if t is None else f"{left * t / 60:.1f} min")
+        print(f"{name:40s} {left:>6d}/{p['steps']:<4d} {when:>10s}")
+    note = f" + runs of {sorted(set(unknown))} (no step time measured yet)" if unknown else ""
+    print(f"expected: {total / 60:.1f} min of training (compile and evaluation not included){note}", flush=True)
 
 
 def _define_flags(fv, argv: list[str]) -> None:
@@ -96,7 +164,15 @@ def _define_flags(fv, argv: list[str]) -> None:
     flags.DEFINE_bool(
         "report_only", False, "Only write the report from existing workdirs (no training).", flag_values=fv
     )
-    flags.DEFINE_string("docs", str(ROOT / "docs"), "Where the report (results.md, fig_*.png) goes.", flag_values=fv)
+    flags.DEFINE_string(
+        "docs", str(ROOT / "docs"), "Where the report (results.md, results.json, fig_*.png) goes.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "regime",
+        "",
+        "Name of the study regime recorded in results.json (default: the config and extra flags).",
+        flag_values=fv,
+    )
 
 
 def _run(fv, extra: list[str]) -> int:
@@ -115,6 +191,7 @@ def _run(fv, extra: list[str]) -> int:
         report_only=fv["report_only"].value,
         docs=Path(fv["docs"].value),
         extra=list(extra),
+        regime=fv["regime"].value,
     )
     return 0
 
@@ -129,19 +206,25 @@ def ablation(
     report_only: bool,
     docs: Path,
     extra: list[str],
+    regime: str = "",
 ) -> None:
     """Train the runs (unless ``report_only``), then write the report into ``docs``."""
-    walls = {}
     if not report_only:
+        runs = {}
         for seed in seeds:
             for preset in ["fp"] + [p for p in presets if p != "fp"]:
-                walls[run_name(preset, seed)] = train(out, preset, seed, split, extra)
+                runs[run_name(preset, seed)] = run_flags(out, preset, seed, split, extra)
             for lam in strengths:
                 name = grs_run_name(lam, seed)
-                walls[name] = train(
-                    out, "baseline+grs", seed, split, extra + [f"--config.grs.strength={lam}"], name=name
-                )
-        (out / "wall_times.json").write_text(json.dumps(walls, indent=1))
+                runs[name] = run_flags(out, "baseline+grs", seed, split, extra + [f"--config.grs.strength={lam}"], name)
+        print_cost({name: run_plan(flags) for name, flags in runs.items()}, step_seconds(out))
+        # Wall times accumulate over invocations: an interrupted sweep keeps what it measured.
+        times = out / "wall_times.json"
+        walls = json.loads(times.read_text()) if times.exists() else {}
+        out.mkdir(parents=True, exist_ok=True)
+        for name, flags in runs.items():
+            walls[name] = walls.get(name, 0.0) + train(flags)
+            times.write_text(json.dumps(walls, indent=1))
     from benchmarks.ablation_report import write_report, write_tuning_table
 
     if strengths:
@@ -151,7 +234,10 @@ def ablation(
             presets,
             seeds,
         )
-    write_report(out, presets, seeds, docs, split=split, machine=f"{cpu_model()}, {os.cpu_count()} cores")
+    regime = regime or " ".join(["configs/fashion_mnist.py:PRESET", *extra])
+    write_report(
+        out, presets, seeds, docs, split=split, machine=f"{cpu_model()}, {os.cpu_count()} cores", regime=regime
+    )
 
 
 main = cli.command("benchmarks/ablation.py", __doc__, _define_flags, _run)

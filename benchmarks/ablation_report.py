@@ -178,8 +178,33 @@ def _plot_curves(ax, runs: dict, presets, split: str, key: str, scale: float = 1
                 )
 
 
-def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: str) -> None:
+def write_results_json(path: Path, out: Path, presets, seeds, *, regime: str, split: str) -> dict:
+    """``results.json``: per preset the per-seed final top-1 (%), and the paired per-seed differences.
+
+    ``{"regime", "split", "presets": {p: {"seeds": [...], "top1": [...]}},
+    "paired": {"binaryvit - baseline": {"seeds": [...], "diff": [...]}, ...}}``;
+    a difference is taken only for seeds both presets finished.
+    """
+    per = {}
+    for p in presets:
+        done = [
+            (s, _final_eval(out / _name(p, s)) * 100) for s in seeds if (out / _name(p, s) / "metrics.jsonl").exists()
+        ]
+        per[p] = {"seeds": [s for s, _ in done], "top1": [round(a, 4) for _, a in done]}
+    paired = {}
+    for a, b in (("binaryvit", "baseline"), ("baseline+grs", "baseline"), ("baseline+asm", "baseline")):
+        if a in per and b in per:
+            common = [s for s in per[a]["seeds"] if s in per[b]["seeds"]]
+            acc = {p: dict(zip(per[p]["seeds"], per[p]["top1"])) for p in (a, b)}
+            paired[f"{a} - {b}"] = {"seeds": common, "diff": [round(acc[a][s] - acc[b][s], 4) for s in common]}
+    doc = {"regime": regime, "split": split, "presets": per, "paired": paired}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: str, regime: str) -> None:
     docs.mkdir(parents=True, exist_ok=True)
+    write_results_json(docs / "results.json", out, presets, seeds, regime=regime, split=split)
     runs = {p: [out / _name(p, s) for s in seeds if (out / _name(p, s) / "metrics.jsonl").exists()] for p in presets}
     walls = json.loads((out / "wall_times.json").read_text()) if (out / "wall_times.json").exists() else {}
     lines = []
@@ -252,7 +277,7 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
 
     fig, ax = plt.subplots(figsize=(10, 3.8))
     width = 0.2
-    lows = []
+    lows, layers = [], []  # no binary preset in the sweep: an empty figure
     for j, p in enumerate([p for p in presets if p != "fp"]):
         if not runs.get(p):
             continue
