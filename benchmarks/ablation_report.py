@@ -46,21 +46,10 @@ def _latent_over_alpha(wd: Path) -> np.ndarray:
 def _sizes(wd: Path) -> dict:
     from flax import nnx
 
-    from bvit_jax.models import create
+    from bvit_jax.models import from_config
     from bvit_jax.summary import summary
 
-    cfg = load_config(wd)
-    m = cfg["model"]
-    model = nnx.eval_shape(
-        lambda: create(
-            m["variant"],
-            m["preset"],
-            num_classes=m["num_classes"],
-            image_size=cfg["data"]["image_size"],
-            in_channels=cfg["data"]["channels"],
-            **m.get("overrides", {}),
-        )
-    )
+    model = nnx.eval_shape(lambda: from_config(load_config(wd)))
     return summary(model).as_dict()
 
 

@@ -271,19 +271,9 @@ def load_config(workdir: str | Path) -> dict:
 
 def abstract_params(config: dict) -> Any:
     """Shape/dtype tree of the parameters of the model ``config['model']`` describes."""
-    from bvit_jax.models import create  # checkpoint stands on models, not the other way
+    from bvit_jax.models import from_config  # checkpoint stands on models, not the other way
 
-    m = config["model"]
-    model = nnx.eval_shape(
-        lambda: create(
-            m["variant"],
-            m["preset"],
-            num_classes=m["num_classes"],
-            image_size=config["data"]["image_size"],
-            in_channels=config["data"]["channels"],
-            **m.get("overrides", {}),
-        )
-    )
+    model = nnx.eval_shape(lambda: from_config(config))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

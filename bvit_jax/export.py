@@ -72,7 +72,7 @@ from bvit_jax import data as data_lib
 from bvit_jax.binarize import weight_alpha
 from bvit_jax.errors import UserError
 from bvit_jax.layers import BinaryOptions
-from bvit_jax.models import VisionTransformer, ViTConfig, create
+from bvit_jax.models import VisionTransformer, ViTConfig, from_config
 from bvit_jax.packed import PackedModel, check_packable, num_words, pack_signs, packed_forward, to_planes
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 
@@ -607,17 +607,7 @@ def export_workdir(
     preset = _cfg_get(config, "model.preset")
     if variant is None or preset is None:
         raise ValueError(f"{workdir}: config has no model.variant / model.preset")
-    overrides = dict(_cfg_get(config, "model.overrides", {}) or {})  # BinaryOptions fields, as the trainer
-    abstract = nnx.eval_shape(
-        lambda: create(
-            variant,
-            preset,
-            num_classes=_cfg_get(config, "model.num_classes"),
-            image_size=_cfg_get(config, "data.image_size"),
-            in_channels=_cfg_get(config, "data.channels"),
-            **overrides,
-        )
-    )
+    abstract = nnx.eval_shape(lambda: from_config(config))  # the trainer's model of this config
     cfg, opts = abstract.cfg, abstract.opts
     data_cfg = _cfg_get(config, "data")
     if data_cfg is None:

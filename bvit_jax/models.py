@@ -42,6 +42,7 @@ __all__ = [
     "get_variant",
     "override_fields",
     "config_overrides",
+    "from_config",
 ]
 
 
@@ -272,6 +273,28 @@ def config_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"Unknown field(s) {unknown} in config.model.overrides; valid fields: {sorted(valid)}")
     return {k: v for k, v in items.items() if v is not None}
+
+
+def from_config(config: Mapping[str, Any], *, seed: int = 0, dtype: Any = None) -> VisionTransformer:
+    """The model a run config describes (an ml_collections config or the dict of a saved config.json).
+
+    ``create(model.variant, model.preset, num_classes=model.num_classes,
+    image_size=data.image_size, in_channels=data.channels,
+    **config_overrides(model.overrides))``; ``dtype`` is the compute dtype
+    (None: float32, which is all that shapes and exports need).
+    """
+    m, d = config["model"], config["data"]
+    kwargs = {} if dtype is None else {"dtype": jnp.dtype(dtype)}
+    return create(
+        m["variant"],
+        m["preset"],
+        num_classes=m["num_classes"],
+        image_size=d["image_size"],
+        in_channels=d["channels"],
+        seed=seed,
+        **kwargs,
+        **config_overrides(m.get("overrides")),
+    )
 
 
 def create(

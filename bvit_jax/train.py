@@ -30,7 +30,7 @@ from bvit_jax.grad_accum import accumulated_value_and_grad
 from bvit_jax.grs import frozen_share
 from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.metric_writers import MetricWriter
-from bvit_jax.models import PRESETS, VARIANTS, create, get_preset
+from bvit_jax.models import PRESETS, VARIANTS, from_config, get_preset
 from bvit_jax.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 from bvit_jax.preemption import PreemptionWatch
@@ -162,22 +162,12 @@ def build_model(model_cfg, data_cfg, seed: int = 0) -> nnx.Module:
     ``null`` in a saved config.json) are not overridden; an unknown name is a
     ``ConfigError`` that lists the valid fields.
     """
-    from bvit_jax.models import config_overrides
-
     try:
-        overrides = config_overrides(model_cfg.get("overrides", None))
+        return from_config({"model": model_cfg, "data": data_cfg}, seed=seed, dtype=model_cfg.dtype)
     except ValueError as e:
+        if isinstance(e, UserError):
+            raise
         raise ConfigError(str(e)) from None
-    return create(
-        model_cfg.variant,
-        model_cfg.preset,
-        num_classes=model_cfg.num_classes,
-        image_size=data_cfg.image_size,
-        in_channels=data_cfg.channels,
-        dtype=jnp.dtype(model_cfg.dtype),
-        seed=seed,
-        **overrides,
-    )
 
 
 def _load_teacher(config) -> tuple[nnx.GraphDef, Any]:
