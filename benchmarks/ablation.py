@@ -65,14 +65,27 @@ def grs_run_name(strength: float, seed: int) -> str:
     return f"baseline_grs_lam{strength:.0e}_s{seed}"
 
 
-def run_flags(out: Path, preset: str, seed: int, split: str, extra: list[str], name: str | None = None) -> list[str]:
-    """The ``train.py`` flags of one run into ``out/name`` (default `run_name`)."""
+def run_flags(
+    out: Path,
+    preset: str,
+    seed: int,
+    split: str,
+    extra: list[str],
+    name: str | None = None,
+    teacher_seed: int | None = None,
+) -> list[str]:
+    """The ``train.py`` flags of one run into ``out/name`` (default `run_name`).
+
+    A binary preset distils from the ``fp`` run of ``teacher_seed`` (default:
+    its own seed).
+    """
     wd = out / (name or run_name(preset, seed))
     flags = [f"--config={ROOT / 'configs' / 'fashion_mnist.py'}:{preset}", f"--workdir={wd}", f"--config.seed={seed}"]
     if split == "val":
         flags += ["--config.data.train_split=train[:90%]", "--config.data.eval_split=train[90%:]"]
     if preset != "fp":
-        flags.append(f"--config.distill.teacher_workdir={out / run_name('fp', seed)}")
+        teacher = seed if teacher_seed is None else teacher_seed
+        flags.append(f"--config.distill.teacher_workdir={out / run_name('fp', teacher)}")
     return flags + list(extra)
 
 
@@ -86,6 +99,19 @@ def train(flags: list[str]) -> float:
     print("+ train.py", " ".join(flags[1:]), flush=True)
     subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return time.time() - t0
+
+
+def add_wall_time(path: Path, name: str, seconds: float) -> None:
+    """Add ``seconds`` to run ``name`` in the JSON file ``path`` (read just before the write).
+
+    Times accumulate over invocations, so an interrupted sweep keeps what it
+    measured, and invocations sharing one output folder merge their entries.
+    """
+    walls = json.loads(path.read_text()) if path.exists() else {}
+    walls[name] = walls.get(name, 0.0) + seconds
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(walls, indent=1))
+    tmp.replace(path)
 
 
 def run_plan(flags: list[str]) -> dict:
@@ -161,6 +187,12 @@ def _define_flags(fv, argv: list[str]) -> None:
         "Comma-separated GRS lambdas: also train baseline+grs with each (tuning, with --split=val).",
         flag_values=fv,
     )
+    flags.DEFINE_integer(
+        "teacher_seed",
+        None,
+        "Every student distils from the fp run of this seed (trained first); default: the fp run of its own seed.",
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "report_only", False, "Only write the report from existing workdirs (no training).", flag_values=fv
     )
@@ -192,6 +224,7 @@ def _run(fv, extra: list[str]) -> int:
         docs=Path(fv["docs"].value),
         extra=list(extra),
         regime=fv["regime"].value,
+        teacher_seed=fv["teacher_seed"].value,
     )
     return 0
 
@@ -207,24 +240,31 @@ def ablation(
     docs: Path,
     extra: list[str],
     regime: str = "",
+    teacher_seed: int | None = None,
 ) -> None:
-    """Train the runs (unless ``report_only``), then write the report into ``docs``."""
+    """Train the runs (unless ``report_only``), then write the report into ``docs``.
+
+    Run order: for each seed its ``fp`` run (when ``fp`` is in ``presets``),
+    then its students; a shared teacher (``teacher_seed``) is trained first.
+    Several invocations may share one ``out`` (e.g. one per CPU core, on
+    disjoint presets or seeds): the wall times are merged, not overwritten.
+    """
     if not report_only:
         runs = {}
+        if teacher_seed is not None and any(p != "fp" for p in presets):
+            runs[run_name("fp", teacher_seed)] = run_flags(out, "fp", teacher_seed, split, extra)
         for seed in seeds:
-            for preset in ["fp"] + [p for p in presets if p != "fp"]:
-                runs[run_name(preset, seed)] = run_flags(out, preset, seed, split, extra)
+            own_teacher = teacher_seed is None  # then every seed needs its fp run, listed or not
+            for preset in ["fp"] * ("fp" in presets or own_teacher) + [p for p in presets if p != "fp"]:
+                runs[run_name(preset, seed)] = run_flags(out, preset, seed, split, extra, teacher_seed=teacher_seed)
             for lam in strengths:
                 name = grs_run_name(lam, seed)
-                runs[name] = run_flags(out, "baseline+grs", seed, split, extra + [f"--config.grs.strength={lam}"], name)
+                lam_extra = extra + [f"--config.grs.strength={lam}"]
+                runs[name] = run_flags(out, "baseline+grs", seed, split, lam_extra, name, teacher_seed)
         print_cost({name: run_plan(flags) for name, flags in runs.items()}, step_seconds(out))
-        # Wall times accumulate over invocations: an interrupted sweep keeps what it measured.
-        times = out / "wall_times.json"
-        walls = json.loads(times.read_text()) if times.exists() else {}
         out.mkdir(parents=True, exist_ok=True)
         for name, flags in runs.items():
-            walls[name] = walls.get(name, 0.0) + train(flags)
-            times.write_text(json.dumps(walls, indent=1))
+            add_wall_time(out / "wall_times.json", name, train(flags))
     from benchmarks.ablation_report import write_report, write_tuning_table
 
     if strengths:

@@ -28,7 +28,7 @@ CONFIG_FILE = str(ROOT / "configs" / "fashion_mnist.py")
 # One non-default value per override field, valid for configs/fashion_mnist.py:binaryvit,tiny
 # (28 px, embed 32, depth 1, 2 heads). A new field must be added here (asserted below).
 VALUES = {
-    "patch_size": 7,
+    "patch_size": 4,
     "embed_dim": 48,
     "depth": 2,
     "num_heads": 4,
@@ -88,12 +88,12 @@ def test_every_override_field_is_settable_from_the_command_line(name):
 def test_embed_dim_from_the_command_line_builds_that_model():
     config = _parse("--config.model.overrides.embed_dim=32", "--config.model.overrides.num_heads=4", arg="binaryvit")
     model = _abstract(config)
-    assert (model.cfg.embed_dim, model.cfg.num_heads, model.cfg.depth) == (32, 4, 4)  # depth: vit_micro_28's
-    assert model.pos_embed.shape == (1, 50, 32)
-    config = _parse("--config.model.overrides.depth=3", "--config.model.overrides.patch_size=7", arg="fp")
+    assert (model.cfg.embed_dim, model.cfg.num_heads, model.cfg.depth) == (32, 4, 4)  # depth: vit_micro_28_p7's
+    assert model.pos_embed.shape == (1, 17, 32)  # (28 / 7)^2 patches + CLS
+    config = _parse("--config.model.overrides.depth=3", "--config.model.overrides.patch_size=4", arg="fp")
     model = _abstract(config)
-    assert (model.cfg.depth, model.cfg.patch_size, model.cfg.embed_dim) == (3, 7, 96)
-    assert model.pos_embed.shape == (1, 17, 96)
+    assert (model.cfg.depth, model.cfg.patch_size, model.cfg.embed_dim) == (3, 4, 96)
+    assert model.pos_embed.shape == (1, 50, 96)
     assert len(model.blocks) == 3
 
 
@@ -101,7 +101,7 @@ def test_tiny_config_sets_its_overrides():
     config = fashion_mnist.get_config("binaryvit,tiny")
     model = _abstract(config)
     assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (32, 1, 2)
-    assert model.cfg.patch_size == 4 and model.opts.asm  # not overridden: variant / preset values
+    assert model.cfg.patch_size == 7 and model.opts.asm  # not overridden: variant / preset values
 
 
 def test_overrides_from_python():
@@ -155,14 +155,14 @@ def test_saved_config_json_builds_the_same_model():
     """``config.json`` (``to_json_best_effort``) keeps the None placeholders as null; read back it
     builds the same model, through ``build_model`` (the teacher path) and ``abstract_params``
     (checkpoint restore and export)."""
-    config = _parse("--config.model.overrides.patch_size=7", "--config.model.overrides.act_binarizer=ste")
+    config = _parse("--config.model.overrides.patch_size=4", "--config.model.overrides.act_binarizer=ste")
     saved = json.loads(config.to_json_best_effort(indent=2))
-    assert saved["model"]["overrides"]["patch_size"] == 7
+    assert saved["model"]["overrides"]["patch_size"] == 4
     assert saved["model"]["overrides"]["asm"] is None and saved["model"]["overrides"]["embed_dim"] == 32
     again = build_model(ml_collections.ConfigDict(saved["model"]), ml_collections.ConfigDict(saved["data"]))
     first = build_model(config.model, config.data)
     assert again.cfg == first.cfg and again.opts == first.opts
-    assert first.cfg.patch_size == 7 and first.opts.act_binarizer == "ste"
+    assert first.cfg.patch_size == 4 and first.opts.act_binarizer == "ste"
     a, b = nnx.to_pure_dict(nnx.state(first, nnx.Param)), nnx.to_pure_dict(nnx.state(again, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     # checkpoint.abstract_params reads the dict as saved (None values included)
