@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -21,15 +22,15 @@ TINY = [
 ]
 
 
-def _sweep(tmp_path, presets: str) -> str:
+def _sweep(tmp_path, presets: str, *flags: str) -> str:
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "ablation.py"),
         f"--out={tmp_path / 'runs'}",
         f"--docs={tmp_path / 'docs'}",
-        "--seeds=0",
         f"--presets={presets}",
         "--regime=tiny",
+        *(flags or ["--seeds=0"]),
         "--",
         *TINY,
     ]
@@ -43,7 +44,7 @@ def _plan(stdout: str) -> dict[str, str]:
     rows = {}
     for line in stdout.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and "/" in parts[1] and parts[0].endswith("_s0"):
+        if len(parts) >= 3 and "/" in parts[1] and re.search(r"_s\d+$", parts[0]):
             rows[parts[0]] = parts[1]
     return rows
 
@@ -64,3 +65,14 @@ def test_sweep_prints_its_plan_resumes_across_invocations_and_writes_results_jso
         metrics = [json.loads(line) for line in (tmp_path / "runs" / f"{preset}_s0" / "metrics.jsonl").open()]
         final = [r["top1"] for r in metrics if r["split"] == "eval"][-1]
         assert doc["presets"][preset] == {"seeds": [0], "top1": [round(final * 100, 4)]}
+
+
+def test_a_shared_teacher_is_trained_once_and_every_seed_distils_from_it(tmp_path):
+    out = _sweep(tmp_path, "baseline", "--seeds=1,2", "--teacher_seed=0")
+    assert _plan(out) == {"fp_s0": "4/4", "baseline_s1": "4/4", "baseline_s2": "4/4"}  # no fp_s1, fp_s2
+    trained = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert trained == ["baseline_s1", "baseline_s2", "fp_s0"]
+    for seed in (1, 2):
+        config = json.loads((tmp_path / "runs" / f"baseline_s{seed}" / "config.json").read_text())
+        assert config["seed"] == seed
+        assert config["distill"]["teacher_workdir"] == str(tmp_path / "runs" / "fp_s0")
