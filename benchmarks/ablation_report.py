@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bvit_jax.checkpoint import load_config, restore_params  # noqa: E402
 from bvit_jax.metric_writers import read_metrics  # noqa: E402
+from bvit_jax.workdir import load_config, restore_params  # noqa: E402
 
 
 def _name(preset: str, seed: int) -> str:

@@ -79,8 +79,8 @@ def _time(fn, n: int, min_seconds: float) -> tuple[float, float]:
 
 
 def bench_ops(images, cfg, train: bool, seconds: float):
-    settings = pipeline._ImageSettings.from_config(cfg)
-    norm = pipeline._Normalize(cfg.mean, cfg.std, cfg.channels)
+    settings = pipeline.ImageSettings.from_config(cfg)
+    norm = pipeline.Normalize(cfg.mean, cfg.std, cfg.channels)
     rng = np.random.default_rng(0)
 
     def one(i):

@@ -5,7 +5,7 @@ the same loss, optimizer chain (GRS -> clip -> AdamW with the config's masks),
 non-finite guard, flip-rate / oscillation statistics and, for ``binaryvit``,
 the KD teacher forward (an ``fp`` model of the same size, randomly
 initialised). Configs are the real recipes: ``configs/fashion_mnist.py`` for
-``vit_micro_28`` and ``configs/deit_*.py`` (224 px, 1000 classes) for DeiT;
+``vit_micro_28`` and ``configs/imagenet_deit.py`` (224 px, 1000 classes) for DeiT;
 only the batch size and the compute dtype are changed. Inputs are synthetic
 (one fixed device-resident batch: no input pipeline in the timing).
 
@@ -56,12 +56,13 @@ from flax import nnx  # noqa: E402
 
 from bvit_jax import cli  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
-from bvit_jax.models import get_preset, get_variant  # noqa: E402
+from bvit_jax.models import get_variant  # noqa: E402
 from bvit_jax.optim import build_optimizer  # noqa: E402
 from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
 from bvit_jax.recipes import base_config, imagenet_deit_config  # noqa: E402
 from bvit_jax.summary import summary  # noqa: E402
-from bvit_jax.train import build_model, init_train_state, make_train_step  # noqa: E402
+from bvit_jax.train import init_train_state, make_train_step  # noqa: E402
+from bvit_jax.workdir import build_model  # noqa: E402
 
 # Dense peak TFLOP/s per chip: (bfloat16, float32). float32 on A100/H100 is TF32
 # (XLA's default matmul precision on those GPUs); TPUs run float32 matmuls as
@@ -129,6 +130,7 @@ def get_config(variant: str, preset: str, batch: int, dtype: str):
         from configs import fashion_mnist
 
         c = fashion_mnist.get_config(preset)
+        c.model.variant = variant  # the config's default is vit_micro_28_p7
     elif variant.startswith("deit_"):
         c = imagenet_deit_config(variant, preset)
     else:
@@ -153,8 +155,7 @@ class Case:
         config = get_config(variant, preset_name, batch, dtype)
         if suffix == "nokd":  # the same student step without the teacher forward (KD off)
             config.distill.enabled = False
-        preset = get_preset(preset_name)
-        model = build_model(config.model, config.data, seed=seed)
+        model = build_model(config, seed=seed)
         self.macs = summary(model).macs
         graphdef, params = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(params)
@@ -163,16 +164,15 @@ class Case:
             config,
             params,
             latent,
-            use_grs=preset.grs,
             total_steps=config.total_steps,
             warmup_steps=100,
             grs_warmup_steps=0,
         )
         self.teacher_macs = 0
         teacher_graphdef = self.teacher_params = None
-        if preset.distill and config.distill.enabled:
+        if config.distill.enabled:
             tcfg = get_config(variant, "fp", batch, dtype)
-            teacher = build_model(tcfg.model, tcfg.data, seed=seed + 1)
+            teacher = build_model(tcfg, seed=seed + 1)
             self.teacher_macs = summary(teacher).macs
             teacher_graphdef, tparams = nnx.split(teacher, nnx.Param)
             self.teacher_params = nnx.to_pure_dict(tparams)

@@ -1,15 +1,19 @@
-"""Checkpoints with orbax: resumable training state, the best model, and restore helpers.
+"""Checkpoints with orbax: resumable training state, the best model, and restoring them.
 
-A workdir holds
+Plain orbax, on the two checkpoint folders of a run folder
+(:mod:`bvit_jax.workdir` owns the folder and its ``config.json``, and knows
+which model a config builds; this module knows neither)::
 
-    config.json           the run's config (also saved inside every checkpoint)
     checkpoints/<step>/   the last ``keep`` train states: {state, data, config}
     best/<step>/          the parameters with the best eval top-1 (one kept)
 
 ``state`` is the train state pytree (params, optimizer state, step, ...),
 ``data`` the input iterator's position (grain's own checkpoint handler, one
-file per process), so a resumed run continues the same sample sequence.
-Saves are asynchronous; :meth:`CheckpointStore.close` waits for them.
+file per process), so a resumed run continues the same sample sequence;
+``config`` the run's config as a dict. Saves are asynchronous;
+:meth:`CheckpointStore.close` waits for them. :func:`read_params` restores
+the parameters alone (the best ones, or those of the latest train state)
+into a target tree the caller builds.
 
 Safety rules: a checkpoint is written only from finite state (the trainer
 checks first), and at resume a latest checkpoint that fails to restore is
@@ -19,7 +23,6 @@ to start rather than silently starting from scratch over existing work.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +31,6 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from bvit_jax.errors import UserError
 
@@ -37,9 +39,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "config_differences",
-    "restore_params",
-    "load_config",
-    "abstract_params",
+    "read_params",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class CheckpointStore:
 
     # -- restoring ------------------------------------------------------------
     def latest_step(self) -> int | None:
+        """The step of the newest train state in ``checkpoints/`` (None: there is none)."""
         return self.latest.latest_step()
 
     def restore(self, state_like: Any, data_iterator: Any, config: dict | None = None) -> tuple[int, Any] | None:
@@ -261,40 +262,28 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_config(workdir: str | Path) -> dict:
-    """The ``config.json`` a run wrote into its workdir, as a dict."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{path} not found: {workdir} is not a workdir of this trainer (no config.json).")
-    return json.loads(path.read_text())
-
-
-def abstract_params(config: dict) -> Any:
-    """Shape/dtype tree of the parameters of the model ``config['model']`` describes."""
-    from bvit_jax.models import from_config  # checkpoint stands on models, not the other way
-
-    model = nnx.eval_shape(lambda: from_config(config))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
 # Restore-only managers: no save ever happens through them, and nothing is created.
 # (``read_only=True`` would do the same but logs three warnings per manager.)
 _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
 
 
-def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]:
-    """``(config, params)`` from a workdir: its best model or its latest train state.
+def read_params(workdir: str | Path, target: Any, which: str = "best") -> Any:
+    """The parameters saved in ``workdir``, restored into ``target``'s structure: best or latest.
 
-    ``which="best"`` falls back to the latest checkpoint when no eval has run.
-    Parameters come back as host-local arrays in the model's pure-dict layout.
+    ``target`` is a tree of arrays or ``ShapeDtypeStruct`` s, the parameters'
+    pure-dict layout (shapes and dtypes only are used). ``which="best"``
+    reads ``best/`` and falls back to the latest train state when no eval has
+    run; ``which="latest"`` reads the ``params`` of the latest train state in
+    ``checkpoints/``. The arrays come back host-local (on this process's
+    first device), whatever topology saved them. Raises
+    :class:`CheckpointError` when the folder holds no checkpoint.
     """
-    workdir = Path(workdir)
-    config = load_config(workdir)
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # restore on this host, any topology
-    as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
-    target = jax.tree.map(as_target, abstract_params(config))
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    workdir = Path(workdir)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # restore on this host, any topology
+    as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
+    target = jax.tree.map(as_target, target)
     if which == "best" and (workdir / "best").exists():
         with ocp.CheckpointManager(
             (workdir / "best").absolute(),
@@ -305,7 +294,7 @@ def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]
             step = mngr.best_step() if mngr.best_step() is not None else mngr.latest_step()
             if step is not None:
                 out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-                return config, out["params"]
+                return out["params"]
     with _state_manager(workdir, _READ_OPTIONS) as mngr:
         step = mngr.latest_step()
         if step is None:
@@ -313,7 +302,7 @@ def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]
         meta = mngr.item_metadata(step)["state"].tree  # dict keys come back as strings
         state_target = jax.tree.map(as_target, meta)
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target)))
-        return config, _conform(target, out["state"]["params"])
+        return _conform(target, out["state"]["params"])
 
 
 def _conform(like: Any, tree: Any) -> Any:

@@ -19,12 +19,12 @@ Command line (writes a workdir that the trainer accepts as
     python -m bvit_jax.convert --timm_model=deit_small_patch16_224 \\
         --checkpoint=deit_small_patch16_224.pth --workdir=workdirs/deit_small_timm
 
-The workdir holds ``config.json`` (``configs/deit_<size>.py:<preset>``, with
-``model.num_classes``, ``model.overrides.depth``, ``data.image_size`` and
-``data.channels`` set from the checkpoint; another config with
-``--config=FILE:ARG``), a ``best/`` checkpoint as the trainer's
-:meth:`bvit_jax.checkpoint.CheckpointStore.save_best` writes it (step 0,
-``eval_top1=0``: not evaluated here) and ``import_report.json``.
+The workdir (:mod:`bvit_jax.workdir`) holds ``config.json``
+(``configs/imagenet_deit.py:<variant>,<preset>``, with ``model.num_classes``,
+``model.overrides.depth``, ``data.image_size`` and ``data.channels`` set from
+the checkpoint; another config with ``--config=FILE:ARG``), a ``best/``
+checkpoint as the trainer writes it (step 0, ``eval_top1=0``: not evaluated
+here; :func:`bvit_jax.workdir.save_model`) and ``import_report.json``.
 
 Layout mapping (timm key -> our path; ``W.T``: a torch ``Linear`` weight is
 ``(out, in)``, ours ``(in, out)``)::
@@ -493,17 +493,14 @@ def write_workdir(model: VisionTransformer, config, workdir: str | Path, *, repo
     """Write ``model`` as a trainer workdir: ``config.json`` + ``best/`` (+ ``import_report.json``).
 
     ``config`` is an ml_collections config (``configs/...`` ``get_config``);
-    its model and data fields are set to describe ``model`` so that
-    :func:`bvit_jax.checkpoint.restore_params` rebuilds it and the trainer
+    its model and data fields are set to describe ``model``, and
+    :func:`bvit_jax.workdir.save_model` writes both, so that
+    :func:`bvit_jax.workdir.restore` rebuilds the model and the trainer
     accepts the workdir as ``distill.teacher_workdir``. Refuses a workdir
     that already holds checkpoints.
     """
-    from bvit_jax.checkpoint import CheckpointStore
+    from bvit_jax.workdir import save_model  # orbax: needed by this command only
 
-    workdir = Path(workdir)
-    for sub in ("best", "checkpoints"):
-        if (workdir / sub).exists() and any((workdir / sub).iterdir()):
-            raise FileExistsError(f"{workdir / sub} already holds checkpoints: use a new --workdir")
     cfg = model.cfg
     variant = get_variant(config.model.variant)
     overrides = {
@@ -518,14 +515,7 @@ def write_workdir(model: VisionTransformer, config, workdir: str | Path, *, repo
         config.data.channels = cfg.in_channels
         for k, v in overrides.items():
             config.model.overrides[k] = v
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    store = CheckpointStore(workdir, async_save=False)
-    try:
-        store.save_best(0, params, 0.0)
-    finally:
-        store.close()
+    workdir = save_model(workdir, config, model)
     if report is not None:
         (workdir / "import_report.json").write_text(json.dumps(report.to_json(), indent=2))
     return workdir
@@ -551,7 +541,7 @@ def _define_flags(fv, argv: list[str]) -> None:
         "config",
         None,
         "Config to record (default: bvit_jax.recipes.imagenet_deit_config(<variant>, <preset>), "
-        "as configs/deit_<size>.py:<preset>); its model/data fields are set from the checkpoint.",
+        "as configs/imagenet_deit.py:<variant>,<preset>); its model/data fields are set from the checkpoint.",
         flag_values=fv,
         sys_argv=argv,
     )

@@ -53,7 +53,6 @@ Command line (a trainer workdir's best checkpoint -> file)::
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import struct
@@ -72,7 +71,7 @@ from bvit_jax import data as data_lib
 from bvit_jax.binarize import weight_alpha
 from bvit_jax.errors import UserError
 from bvit_jax.layers import BinaryOptions
-from bvit_jax.models import VisionTransformer, ViTConfig, from_config
+from bvit_jax.models import VisionTransformer, ViTConfig
 from bvit_jax.packed import PackedModel, check_packable, num_words, pack_signs, packed_forward, to_planes
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 
@@ -162,7 +161,7 @@ def resolve_data(data, cfg: ViTConfig | None = None) -> tuple[dict[str, Any] | N
 
     * a data config: a trainer's ``config.data`` (ConfigDict) or the ``data``
       entry of a workdir's ``config.json`` (dict), e.g.
-      ``restore_params(workdir)[0]["data"]``;
+      ``bvit_jax.workdir.load_config(workdir)["data"]``;
     * a data set name: that data set's own defaults,
       ``bvit_jax.data.default_data_config(name)`` (``"fashion_mnist"``: 28 px,
       1 channel, mean 0.286, std 0.353). Right only if training used them;
@@ -196,9 +195,10 @@ def resolve_data(data, cfg: ViTConfig | None = None) -> tuple[dict[str, Any] | N
 def _missing_data(fn: str) -> TypeError:
     return TypeError(
         f"{fn}() needs data=: the data config the model was trained with (a trainer's config.data, or "
-        "restore_params(workdir)[0]['data']), or a data set name for that data set's defaults (data='fashion_mnist' "
-        "means bvit_jax.data.default_data_config('fashion_mnist')), so that the file records the trainer's eval "
-        "preprocessing; or data=None to record none (python -m bvit_jax.predict then refuses the file)"
+        "bvit_jax.workdir.load_config(workdir)['data']), or a data set name for that data set's defaults "
+        "(data='fashion_mnist' means bvit_jax.data.default_data_config('fashion_mnist')), so that the file "
+        "records the trainer's eval preprocessing; or data=None to record none (python -m bvit_jax.predict "
+        "then refuses the file)"
     )
 
 
@@ -566,18 +566,6 @@ def load_packed(source) -> PackedModel:
 # --------------------------------------------------------------------------
 
 
-def _cfg_get(config, dotted: str, default=None):
-    node = config
-    for key in dotted.split("."):
-        if node is None:
-            return default
-        if isinstance(node, Mapping):
-            node = node.get(key, None)
-        else:
-            node = getattr(node, key, None)
-    return default if node is None else node
-
-
 def export_workdir(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
@@ -587,44 +575,30 @@ def export_workdir(
 ) -> dict[str, Any]:
     """Export a trainer workdir's checkpoint (``which``: ``best`` or ``latest``) to ``out``.
 
-    Reads ``(config, params)`` through ``bvit_jax.checkpoint.restore_params``,
-    rebuilds the architecture from ``config.model.{variant, preset,
-    num_classes, overrides}`` and ``config.data.{image_size, channels}`` (as
-    :func:`bvit_jax.checkpoint.abstract_params` does),
+    Reads ``(config, model, params)`` through :func:`bvit_jax.workdir.restore`
+    (the model of ``config.json``: ``config.model.{variant, preset,
+    num_classes, overrides}`` and ``config.data.{image_size, channels}``),
     and stores the eval preprocessing and class names of ``config.data``
     (:func:`resolve_data`; ``class_names`` given here replace the data set's).
     Returns a summary (path, bytes, accounting).
     """
-    try:
-        checkpoint = importlib.import_module("bvit_jax.checkpoint")
-        restore_params = checkpoint.restore_params
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(
-            "exporting a workdir needs bvit_jax.checkpoint.restore_params (the trainer's checkpoint module): " + str(e)
-        ) from e
-    config, params = restore_params(os.fspath(workdir), which=which)
-    variant = _cfg_get(config, "model.variant")
-    preset = _cfg_get(config, "model.preset")
-    if variant is None or preset is None:
-        raise ValueError(f"{workdir}: config has no model.variant / model.preset")
-    abstract = nnx.eval_shape(lambda: from_config(config))  # the trainer's model of this config
-    cfg, opts = abstract.cfg, abstract.opts
-    data_cfg = _cfg_get(config, "data")
-    if data_cfg is None:
-        raise ValueError(f"{workdir}: config has no data section (the eval preprocessing to store)")
+    from bvit_jax.workdir import restore  # the run folder's owner (orbax), needed by workdir export only
+
+    config, model, params = restore(os.fspath(workdir), which=which, dtype=jnp.float32)
+    cfg, opts = model.cfg, model.opts
     meta = {"workdir": os.path.abspath(os.fspath(workdir)), "checkpoint": str(which)}
     blob = export_params(
         jax.device_get(params),
         cfg,
         opts,
         out,
-        data=data_cfg,
-        variant=variant,
-        preset=preset,
+        data=config["data"],
+        variant=config["model"]["variant"],
+        preset=config["model"]["preset"],
         class_names=class_names,
         meta=meta,
     )
-    acc = size_accounting(abstract)
+    acc = size_accounting(model)
     return {"out": os.fspath(out), "bytes": len(blob), **acc}
 
 

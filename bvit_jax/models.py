@@ -2,18 +2,23 @@
 
 ``create("deit_small", preset="binaryvit", num_classes=1000)`` builds a model.
 Variants fix the architecture (DeiT-Tiny/Small/Base at 224 px with 16 px
-patches, and small CPU-sized variants); presets fix the binarization recipe
-(``docs/method.md``, "Presets"):
+patches, and small CPU-sized variants); presets fix the model's binarization
+switches (``docs/method.md``, "Presets"):
 
 =============== =========================================================
 ``fp``          DeiT (teacher): no binarization, GELU, no extra shortcuts
 ``baseline``    binary weights and activations (ApproxSign, scaled weights,
                 RSign shift ``beta``), RPReLU, real-valued shortcut + LN around
-                every linear, binary attention, KD; no GRS, no ASM
-``baseline+grs`` baseline + GRS (an optimizer transformation, :mod:`bvit_jax.grs`)
+                every linear, binary attention; no ASM
+``baseline+grs`` the ``baseline`` model (GRS is a training-side addition)
 ``baseline+asm`` baseline + ASM (the adaptive ``gamma`` shift)
-``binaryvit``   baseline + GRS + ASM
+``binaryvit``   baseline + ASM (and GRS in training)
 =============== =========================================================
+
+A preset describes the model only. What a run does on top of it (GRS, an
+optimizer transformation, :mod:`bvit_jax.grs`; distillation from an fp
+teacher) is in the run's config, whose defaults per preset come from one
+table, :data:`bvit_jax.recipes.PRESET_TRAINING`.
 """
 
 from __future__ import annotations
@@ -96,15 +101,14 @@ VARIANTS: dict[str, ViTConfig] = {
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A binarization recipe: the model switches plus the training-side switches."""
+    """A named set of binarization switches of the model (training-side switches live in the config)."""
 
     name: str
     options: BinaryOptions
-    grs: bool = False  # gradient regularization scheme on latent binary weights
-    distill: bool = False  # knowledge distillation from the fp teacher
 
     @property
     def is_binary(self) -> bool:
+        """Whether the preset binarizes anything (every preset but ``fp``)."""
         return self.options.is_binary
 
 
@@ -124,10 +128,10 @@ FP_OPTIONS = BinaryOptions()  # every switch off: DeiT (frozen, so a safe shared
 
 PRESETS: dict[str, Preset] = {
     "fp": Preset("fp", FP_OPTIONS),
-    "baseline": Preset("baseline", _BASELINE, distill=True),
-    "baseline+grs": Preset("baseline+grs", _BASELINE, grs=True, distill=True),
-    "baseline+asm": Preset("baseline+asm", dataclasses.replace(_BASELINE, asm=True), distill=True),
-    "binaryvit": Preset("binaryvit", dataclasses.replace(_BASELINE, asm=True), grs=True, distill=True),
+    "baseline": Preset("baseline", _BASELINE),
+    "baseline+grs": Preset("baseline+grs", _BASELINE),  # the baseline model; GRS is in its recipe
+    "baseline+asm": Preset("baseline+asm", dataclasses.replace(_BASELINE, asm=True)),
+    "binaryvit": Preset("binaryvit", dataclasses.replace(_BASELINE, asm=True)),  # + GRS in its recipe
 }
 
 
@@ -142,7 +146,7 @@ def get_variant(name: str) -> ViTConfig:
 
 
 def get_preset(name: str) -> Preset:
-    """The recipe of a named preset (see ``PRESETS``)."""
+    """The model switches of a named preset (see ``PRESETS``)."""
     try:
         return PRESETS[name]
     except KeyError:
@@ -314,7 +318,7 @@ def create(
 
     Args:
       variant: a key of ``VARIANTS`` (architecture).
-      preset: a key of ``PRESETS`` (binarization recipe).
+      preset: a key of ``PRESETS`` (binarization switches).
       dtype: compute dtype, e.g. ``jnp.bfloat16`` (parameters stay float32).
       seed: parameter initialisation seed.
       **overrides: any :class:`ViTConfig` field (``num_classes``, ``image_size``,

@@ -114,7 +114,6 @@ def build_optimizer(
     params: Any,
     latent_mask: Any,
     *,
-    use_grs: bool,
     total_steps: int,
     warmup_steps: int,
     grs_warmup_steps: int,
@@ -123,7 +122,8 @@ def build_optimizer(
 ) -> optax.GradientTransformation:
     """The full chain from ``config.optimizer`` / ``config.grs``.
 
-    GRS (when ``use_grs`` and ``grs.strength > 0``) follows
+    GRS (when ``grs.strength > 0``: the config alone decides; the recipe
+    sets it for the GRS presets, :data:`bvit_jax.recipes.PRESET_TRAINING`) follows
     :func:`grs_schedule` with ``grs.schedule``; iterative freezing
     (:func:`bvit_jax.grs.freeze_oscillating`, ``grs.freeze_threshold > 0``,
     only if ``latent_mask`` marks any weight) is independent of GRS and goes
@@ -134,7 +134,7 @@ def build_optimizer(
     o, g = config.optimizer, config.grs
     lr = learning_rate_schedule(o, total_steps, warmup_steps, config.global_batch_size)
     parts = []
-    if use_grs and g.strength > 0:
+    if g.strength > 0:
         lam = grs_schedule(
             g.strength,
             grs_warmup_steps,

@@ -113,6 +113,7 @@ __all__ = [
     "masked_sign_sum",
     "PackedModel",
     "check_packable",
+    "packed_linear_block",
     "packed_forward",
 ]
 
@@ -450,8 +451,20 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     return _match_width(x, y.shape[-1])[None] + layer_norm(y, scale[:, None, None, :], nbias[:, None, None, :])
 
 
-def _linear_block(x, t, prefix, opts, live=None, sink=None):
-    """One packed :class:`bvit_jax.layers.LinearBlock`."""
+def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
+    """One packed :class:`bvit_jax.layers.LinearBlock` on ``x`` ``(B, N, K)``: the layer of a ``.bvit`` file.
+
+    ``t`` maps tensor names to arrays as a :class:`PackedModel` holds them
+    (``prefix + "/linear/kernel_bits"`` in plane order, ``.../alpha``,
+    ``.../bias``, the activation shift under ``.../act/``, and with
+    ``opts.linear_shortcut`` the LayerNorm ``prefix + "/norm/..."``).
+    Returns ``match(x) + LN((K - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
+    (without the shortcut and LN when ``opts.linear_shortcut`` is off).
+    ``live``: None, or a runtime ``True`` that runs the popcount matmul as its
+    own XLA computation (as in :func:`packed_matmul`); ``sink``: None, or a
+    dict that receives the sign bits under ``prefix + "/linear/act"`` (what
+    :func:`packed_forward` returns with ``capture=True``).
+    """
     return _linear_blocks(x, t, [prefix], opts, live, sink)[0]
 
 
@@ -464,7 +477,7 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return _linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
+        return packed_linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
 
     s = _shifted(qkv, t, [n + "_sign" for n in names], shared=False, mode=opts.asm_mode, heads=h)  # (3, B, N, D)
     _record(sink, [n + "_sign" for n in names], s)
@@ -488,17 +501,17 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
     else:
         vf = jnp.where(rearrange(s[2], "b n (h d) -> b h n d", h=h) >= 0, 1.0, -1.0)
         out = jnp.einsum("bhqk,bhkd->bhqd", level, vf) * c
-    return _linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
+    return packed_linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
 
 
 def _mlp(x, t, prefix, opts, live=None, sink=None):
-    hdn = _linear_block(x, t, prefix + "/fc1", opts, live, sink)
+    hdn = packed_linear_block(x, t, prefix + "/fc1", opts, live, sink)
     if opts.rprelu:
         z = hdn - t[prefix + "/act/gamma"]
         hdn = jnp.where(z >= 0, z, t[prefix + "/act/slope"] * z) + t[prefix + "/act/zeta"]
     else:
         hdn = jax.nn.gelu(hdn, approximate=False)
-    return _linear_block(hdn, t, prefix + "/fc2", opts, live, sink)
+    return packed_linear_block(hdn, t, prefix + "/fc2", opts, live, sink)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opts", "attention", "capture"))

@@ -8,7 +8,16 @@ Durations are given in epochs (``*_epochs``) or steps (``*_steps``, wins when
 > 0), so changing the batch size never silently changes the schedule. The
 learning rate scales linearly with the batch of one optimizer update:
 ``lr = base_lr * global_batch_size / lr_reference_batch``.
+
+A preset (:data:`bvit_jax.models.PRESETS`) describes the model only; what a
+run does on top of it (GRS, distillation from an fp teacher) is a config
+field, whose default per preset comes from one table here,
+:data:`PRESET_TRAINING`. The trainer reads the config alone:
+``grs.strength > 0`` puts GRS in the optimizer chain, ``distill.enabled``
+loads the teacher.
 """
+
+import dataclasses
 
 import ml_collections
 from ml_collections import config_dict
@@ -16,7 +25,34 @@ from ml_collections import config_dict
 from bvit_jax.data import default_data_config
 from bvit_jax.models import PRESETS, override_fields
 
-__all__ = ["base_config", "imagenet_deit_config", "model_overrides"]
+__all__ = [
+    "GRS_STRENGTH",
+    "PRESET_TRAINING",
+    "PresetTraining",
+    "base_config",
+    "imagenet_deit_config",
+    "model_overrides",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetTraining:
+    """The training-side defaults of a preset: what a run adds to the preset's model."""
+
+    grs_strength: float  # config.grs.strength; 0: no GRS
+    distill: bool  # config.distill.enabled: knowledge distillation from an fp teacher
+
+
+GRS_STRENGTH = 1e-4  # lambda of the GRS presets
+_GRS_PRESETS = frozenset({"baseline+grs", "binaryvit"})  # the presets whose recipe adds GRS
+if not _GRS_PRESETS <= PRESETS.keys():
+    raise RuntimeError(f"GRS presets {sorted(_GRS_PRESETS - PRESETS.keys())} are not in bvit_jax.models.PRESETS")
+
+# Every preset of the library's registry: the GRS presets get GRS_STRENGTH, every binary preset distils.
+PRESET_TRAINING: dict[str, PresetTraining] = {
+    name: PresetTraining(grs_strength=GRS_STRENGTH if name in _GRS_PRESETS else 0.0, distill=preset.is_binary)
+    for name, preset in PRESETS.items()
+}
 
 
 def model_overrides(**values) -> ml_collections.ConfigDict:
@@ -39,9 +75,15 @@ def model_overrides(**values) -> ml_collections.ConfigDict:
 
 
 def base_config(preset: str, variant: str, dataset: str) -> ml_collections.ConfigDict:
-    """Every field of a training run, with DeiT's ImageNet recipe as the defaults."""
-    if preset not in PRESETS:
+    """Every field of a training run, with DeiT's ImageNet recipe as the defaults.
+
+    ``preset`` (a key of :data:`bvit_jax.models.PRESETS`) sets
+    ``model.preset`` and, from :data:`PRESET_TRAINING`, the defaults of
+    ``grs.strength`` and ``distill.enabled``.
+    """
+    if preset not in PRESET_TRAINING:
         raise ValueError(f"unknown preset {preset!r} after ':' in --config; choose one of {sorted(PRESETS)}")
+    training = PRESET_TRAINING[preset]
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -74,7 +116,7 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
 
     # GRS: g <- g + lambda_t * (|W| - alpha) sign(W) on latent binary weights (docs/method.md, "GRS").
     c.grs = ml_collections.ConfigDict()
-    c.grs.strength = 1e-4 if preset in ("baseline+grs", "binaryvit") else 0.0
+    c.grs.strength = training.grs_strength  # > 0: GRS in the optimizer chain
     # lambda_t: 'constant' (strength, after the optional linear warm-up grs.warmup_*), or a ramp
     # from 0 at ramp_start over ramp: 'linear' (strength * s) or 'cosine' (strength * (1 - cos(pi s)) / 2),
     # s = clip((t - ramp_start) / ramp, 0, 1); t counts optimizer updates.
@@ -90,9 +132,9 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.grs.freeze_threshold = 0.0
     c.grs.freeze_momentum = 0.99  # m, the weight of the past (Nagel's momentum 0.01 = 1 - m)
 
-    # Knowledge distillation from an fp teacher (binary presets).
+    # Knowledge distillation from an fp teacher (on by default for the binary presets).
     c.distill = ml_collections.ConfigDict()
-    c.distill.enabled = preset != "fp"
+    c.distill.enabled = training.distill
     c.distill.teacher_workdir = ""
     c.distill.temperature = 1.0
     c.distill.kd_weight = 1.0

@@ -9,7 +9,6 @@ pod (each process feeds its own share of every global batch).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,16 +23,17 @@ from flax import nnx
 
 from bvit_jax import cli, diagnostics, sharding
 from bvit_jax import data as input_pipeline
-from bvit_jax.checkpoint import CheckpointStore, restore_params
+from bvit_jax.checkpoint import CheckpointStore
 from bvit_jax.errors import ConfigError, UserError
 from bvit_jax.grad_accum import accumulated_value_and_grad
 from bvit_jax.grs import frozen_share
 from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.metric_writers import MetricWriter
-from bvit_jax.models import PRESETS, VARIANTS, from_config, get_preset
+from bvit_jax.models import PRESETS, VARIANTS
 from bvit_jax.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 from bvit_jax.preemption import PreemptionWatch
+from bvit_jax.workdir import build_model, config_dict, has_config, restore, write_config
 
 __all__ = [
     "main",
@@ -43,7 +43,7 @@ __all__ = [
     "validate_config",
     "ConfigError",
     "steps_from",
-    "build_model",
+    "load_teacher",
     "evaluate",
 ]
 
@@ -107,13 +107,13 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
     if (config.get("total_steps", 0) or 0) <= 0 and (config.get("total_epochs", 0) or 0) <= 0:
         raise ConfigError("set config.total_steps or config.total_epochs to a positive value")
     d = config.distill
-    if get_preset(m.preset).distill and d.enabled:
+    if d.enabled:  # the config alone says whether the run distils (recipes: on for the binary presets)
         if not d.teacher_workdir:
             raise ConfigError(
                 f"preset {m.preset!r} distils from an fp teacher but config.distill.teacher_workdir is empty: "
                 "train the teacher first (preset 'fp') and pass its workdir, or set config.distill.enabled=False"
             )
-        if not (Path(d.teacher_workdir) / "config.json").exists():
+        if not has_config(d.teacher_workdir):
             raise ConfigError(
                 f"config.distill.teacher_workdir={d.teacher_workdir!r} holds no run of this trainer "
                 "(no config.json); check the path or train the teacher first"
@@ -150,29 +150,17 @@ def _validate_grs(g) -> None:
             raise ConfigError(f"config.grs.{name}={value} must be in [0, 1){note}")
 
 
-def _config_dict(config) -> dict:
-    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
+# ----------------------------------------------------------------------------- teacher
+def load_teacher(config) -> tuple[nnx.GraphDef, Any]:
+    """``(graphdef, params)`` of the frozen KD teacher: the best model of ``config.distill.teacher_workdir``.
 
-
-# ----------------------------------------------------------------------------- model
-def build_model(model_cfg, data_cfg, seed: int = 0) -> nnx.Module:
-    """The student (or teacher) model of a config.
-
-    ``model_cfg.overrides`` entries that are None (unset placeholders, or
-    ``null`` in a saved config.json) are not overridden; an unknown name is a
-    ``ConfigError`` that lists the valid fields.
+    Read through :func:`bvit_jax.workdir.restore` (any workdir of this
+    trainer, or one :mod:`bvit_jax.convert` wrote). The teacher must see the
+    student's inputs and predict its classes: a different
+    ``model.num_classes``, ``data.image_size`` or ``data.channels`` is a
+    :class:`ConfigError`.
     """
-    try:
-        return from_config({"model": model_cfg, "data": data_cfg}, seed=seed, dtype=model_cfg.dtype)
-    except ValueError as e:
-        if isinstance(e, UserError):
-            raise
-        raise ConfigError(str(e)) from None
-
-
-def _load_teacher(config) -> tuple[nnx.GraphDef, Any]:
-    """The frozen fp teacher from a workdir of this trainer; checks it fits the student."""
-    tcfg, tparams = restore_params(config.distill.teacher_workdir, which="best")
+    tcfg, tmodel, tparams = restore(config.distill.teacher_workdir, which="best")
     t, s = tcfg["model"], config.model
     if t["num_classes"] != s.num_classes:
         raise ConfigError(
@@ -184,7 +172,6 @@ def _load_teacher(config) -> tuple[nnx.GraphDef, Any]:
                 f"teacher was trained with data.{k}={tcfg['data'][k]}, student uses {config.data[k]}: "
                 "they must see the same inputs"
             )
-    tmodel = build_model(ml_collections.ConfigDict(t), ml_collections.ConfigDict(tcfg["data"]))
     graphdef, _ = nnx.split(tmodel, nnx.Param)
     return graphdef, tparams
 
@@ -294,14 +281,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     total_steps = steps_from(config, "total", steps_per_epoch)
 
     # -- model ----------------------------------------------------------------
-    preset = get_preset(config.model.preset)
-    model = build_model(config.model, config.data, seed=config.seed)
+    model = build_model(config, seed=config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     latent = latent_weight_mask(model, params)
     has_latent = any(jax.tree.leaves(latent))  # False for the fp preset
-    distill = preset.distill and config.distill.enabled
-    teacher_graphdef, teacher_params = _load_teacher(config) if distill else (None, None)
+    distill = bool(config.distill.enabled)
+    teacher_graphdef, teacher_params = load_teacher(config) if distill else (None, None)
 
     def apply(p, images, capture=False):
         return nnx.merge(graphdef, p)(images, capture=capture)
@@ -311,7 +297,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config,
         params,
         latent,
-        use_grs=preset.grs,
         total_steps=total_steps,
         warmup_steps=steps_from(config, "warmup", steps_per_epoch),
         grs_warmup_steps=steps_from(config.grs, "warmup", steps_per_epoch),
@@ -373,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return evaluate(p_eval_step, state["params"], config, mesh, pid, nproc)
 
     # -- restore --------------------------------------------------------------------
-    cfg_dict = _config_dict(config)
+    cfg_dict = config_dict(config)
     workdir.mkdir(parents=True, exist_ok=True)
     store = CheckpointStore(workdir, keep=config.keep_checkpoints)
     try:
@@ -385,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         start, state = restored
         log.info("Resumed from %s at step %d.", workdir / "checkpoints", start)
     if pid == 0:  # after the restore: a refused resume leaves the run's config.json as it was
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        write_config(workdir, config)
     start = int(jax.device_get(state["step"]))
     writer = MetricWriter(workdir, total_steps=total_steps, start_step=start, active=pid == 0)
 
@@ -493,7 +478,7 @@ def _define_flags(fv, argv: list[str]) -> None:
     config_flags.DEFINE_config_file(
         "config",
         None,
-        "Config file, e.g. configs/deit_small.py:binaryvit",
+        "Config file, e.g. configs/imagenet_deit.py:deit_small,binaryvit",
         flag_values=fv,
         lock_config=True,
         sys_argv=argv,
@@ -522,7 +507,7 @@ def _run(fv, args: list[str]) -> int:
 
     config = fv["config"].value
     if jax.process_index() == 0:
-        print_summary(build_model(config.model, config.data))
+        print_summary(build_model(config))
     result = train_and_evaluate(config, fv["workdir"].value)
     if jax.process_index() == 0 and result:
         print(

@@ -1,26 +1,24 @@
 """Configs: every model field can be overridden from the command line and from Python.
 
 ``config.model.overrides`` holds one typed placeholder (None = not overridden)
-per :func:`bvit_jax.models.override_fields` entry; ``build_model`` passes the
-set ones to :func:`bvit_jax.models.create`.
+per :func:`bvit_jax.models.override_fields` entry; ``bvit_jax.workdir.build_model``
+passes the set ones to :func:`bvit_jax.models.create`. The recipe
+(:mod:`bvit_jax.recipes`) sets the training defaults of each preset, and
+``configs/imagenet_deit.py`` takes its variant and preset by position or name.
 """
 
-import json
 from pathlib import Path
 
-import jax
 import ml_collections
-import numpy as np
 import pytest
 from absl import flags
-from flax import nnx
 from ml_collections import config_flags
 
 from bvit_jax import recipes
-from bvit_jax.checkpoint import abstract_params
-from bvit_jax.models import create, override_fields
-from bvit_jax.train import ConfigError, build_model
-from configs import fashion_mnist
+from bvit_jax.errors import ConfigError
+from bvit_jax.models import PRESETS, VARIANTS, create, override_fields
+from bvit_jax.workdir import build_model
+from configs import fashion_mnist, imagenet_deit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = str(ROOT / "configs" / "fashion_mnist.py")
@@ -58,11 +56,7 @@ def _parse(*args: str, arg: str = "binaryvit,tiny"):
 
 
 def _abstract(config):
-    return nnx.eval_shape(lambda: build_model(config.model, config.data))
-
-
-def _shapes(model):
-    return jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return build_model(config, abstract=True)
 
 
 def test_values_cover_every_override_field():
@@ -137,7 +131,7 @@ def test_typo_from_python_names_the_valid_fields():
     with config.unlocked():
         config.model.overrides = ml_collections.ConfigDict({"embd_dim": 32})
     with pytest.raises(ConfigError, match="valid fields") as e:
-        build_model(config.model, config.data)
+        build_model(config)
     assert "embd_dim" in str(e.value) and "embed_dim" in str(e.value) and "num_heads" in str(e.value)
 
 
@@ -145,27 +139,68 @@ def test_fields_set_elsewhere_are_refused_with_their_config_field():
     config = fashion_mnist.get_config("fp,tiny")
     config.model.overrides = dict(num_classes=5)
     with pytest.raises(ConfigError, match=r"config\.model\.num_classes"):
-        build_model(config.model, config.data)
+        build_model(config)
     config.model.overrides = dict(image_size=32)
     with pytest.raises(ConfigError, match=r"config\.data\.image_size"):
-        build_model(config.model, config.data)
+        build_model(config, abstract=True)
 
 
-def test_saved_config_json_builds_the_same_model():
-    """``config.json`` (``to_json_best_effort``) keeps the None placeholders as null; read back it
-    builds the same model, through ``build_model`` (the teacher path) and ``abstract_params``
-    (checkpoint restore and export)."""
-    config = _parse("--config.model.overrides.patch_size=4", "--config.model.overrides.act_binarizer=ste")
-    saved = json.loads(config.to_json_best_effort(indent=2))
-    assert saved["model"]["overrides"]["patch_size"] == 4
-    assert saved["model"]["overrides"]["asm"] is None and saved["model"]["overrides"]["embed_dim"] == 32
-    again = build_model(ml_collections.ConfigDict(saved["model"]), ml_collections.ConfigDict(saved["data"]))
-    first = build_model(config.model, config.data)
-    assert again.cfg == first.cfg and again.opts == first.opts
-    assert first.cfg.patch_size == 4 and first.opts.act_binarizer == "ste"
-    a, b = nnx.to_pure_dict(nnx.state(first, nnx.Param)), nnx.to_pure_dict(nnx.state(again, nnx.Param))
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    # checkpoint.abstract_params reads the dict as saved (None values included)
-    assert jax.tree.map(lambda s: (s.shape, s.dtype), abstract_params(saved)) == _shapes(first)
-    # and the JSON survives a second round trip unchanged
-    assert json.loads(ml_collections.ConfigDict(saved).to_json_best_effort()) == saved
+# ----------------------------------------------------------------------------- recipes: preset -> training defaults
+GRS_PRESETS = {"baseline+grs", "binaryvit"}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_recipe_gives_grs_to_the_grs_presets_and_distillation_to_the_binary_ones(preset):
+    assert set(recipes.PRESET_TRAINING) == set(PRESETS)  # every preset of the registry, no other
+    for c in (fashion_mnist.get_config(preset), recipes.imagenet_deit_config("deit_small", preset)):
+        assert c.grs.strength == (1e-4 if preset in GRS_PRESETS else 0.0)
+        assert c.distill.enabled == (preset != "fp")
+    # presets describe the model only: the two GRS presets build the same models as their GRS-less twins
+    twin = {"baseline+grs": "baseline", "binaryvit": "baseline+asm"}.get(preset)
+    if twin:
+        assert PRESETS[preset].options == PRESETS[twin].options
+
+
+def test_unknown_preset_lists_the_registry():
+    with pytest.raises(ValueError, match="binaryvt") as e:
+        recipes.base_config("binaryvt", "vit_nano", "fashion_mnist")
+    assert all(name in str(e.value) for name in PRESETS)
+
+
+# ----------------------------------------------------------------------------- configs/imagenet_deit.py
+@pytest.mark.parametrize(
+    "arg", ["deit_tiny,baseline+grs", "variant=deit_tiny,preset=baseline+grs", "preset=baseline+grs,variant=deit_tiny"]
+)
+def test_imagenet_deit_takes_variant_and_preset_by_position_or_by_name(arg):
+    c = imagenet_deit.get_config(arg)
+    assert (c.model.variant, c.model.preset) == ("deit_tiny", "baseline+grs")
+    assert c.to_json() == recipes.imagenet_deit_config("deit_tiny", "baseline+grs").to_json()
+
+
+def test_imagenet_deit_from_the_command_line_by_name():
+    path = str(ROOT / "configs" / "imagenet_deit.py")
+    argv = ["train.py", f"--config={path}:variant=deit_base,preset=fp", "--config.global_batch_size=64"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    c = fv["config"].value
+    assert (c.model.variant, c.model.preset, c.global_batch_size, c.data.image_size) == ("deit_base", "fp", 64, 224)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "deit_small",
+        "deit_huge,fp",
+        "deit_small,bvit",
+        "variant=deit_small,fp",
+        "variant=deit_small,presett=fp",
+        "a,b,c",
+    ],
+)
+def test_imagenet_deit_bad_argument_lists_valid_variants_and_presets(arg):
+    with pytest.raises(ValueError, match="VARIANT,PRESET") as e:
+        imagenet_deit.get_config(arg)
+    msg = str(e.value)
+    assert repr(arg) in msg
+    assert all(v in msg for v in VARIANTS if v.startswith("deit_")) and all(p in msg for p in PRESETS)

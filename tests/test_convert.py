@@ -21,7 +21,6 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx
 
-from bvit_jax.checkpoint import restore_params
 from bvit_jax.convert import (
     SHARED_PATH,
     UnsupportedCheckpointError,
@@ -32,6 +31,7 @@ from bvit_jax.convert import (
 )
 from bvit_jax.models import create
 from bvit_jax.param_groups import flatten_with_paths
+from bvit_jax.workdir import restore_params
 from tests.train_helpers import ROOT
 
 torch.set_num_threads(1)
@@ -205,13 +205,13 @@ def test_command_line_writes_a_teacher_workdir_the_trainer_accepts(tmp_path):
     assert json.loads((wd / "import_report.json").read_text())["left_at_init"] == {}
 
     # Restored through the trainer's own path, the teacher gives timm's logits.
-    from bvit_jax.train import _load_teacher
-    from configs import deit_tiny
+    from bvit_jax.train import load_teacher
+    from configs import imagenet_deit
 
-    student = deit_tiny.get_config("binaryvit")
+    student = imagenet_deit.get_config("deit_tiny,binaryvit")
     student.model.overrides = ml_collections.ConfigDict({"depth": 1})
     student.distill.teacher_workdir = str(wd)
-    graphdef, params = _load_teacher(student)
+    graphdef, params = load_teacher(student)
     x_torch, x_jax = _images(2, 224)
     with torch.no_grad():
         want = tm(x_torch).numpy()

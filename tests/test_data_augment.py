@@ -108,20 +108,20 @@ def test_randaugment_spec_parsing():
 def test_every_randaugment_op_runs_and_keeps_size(mode):
     img = _photo(64, 48).convert(mode)
     rng = np.random.default_rng(0)
-    ctx = augment._Ctx(fill=(124, 116, 104) if mode == "RGB" else 115, interpolation=Image.BICUBIC)
-    for name, op in augment._OPS.items():
+    ctx = augment.OpContext(fill=(124, 116, 104) if mode == "RGB" else 115, interpolation=Image.BICUBIC)
+    for name, op in augment.RANDAUGMENT_OPS.items():
         for level in (0.0, 0.5, 0.9, 1.0):  # 1.0 = magnitude_max
             out = op(img, level, rng, ctx)
             assert out.size == img.size and out.mode == mode, (name, level)
     # Known values: Invert; SolarizeIncreasing at level 0.9 inverts pixels >=
     # 256 - 230 = 26; PosterizeIncreasing keeps 4 - 3 = 1 bit.
     a = np.asarray(img)
-    np.testing.assert_array_equal(np.asarray(augment._OPS["Invert"](img, 0, rng, ctx)), 255 - a)
-    sol = np.asarray(augment._OPS["SolarizeIncreasing"](img, 0.9, rng, ctx))
+    np.testing.assert_array_equal(np.asarray(augment.RANDAUGMENT_OPS["Invert"](img, 0, rng, ctx)), 255 - a)
+    sol = np.asarray(augment.RANDAUGMENT_OPS["SolarizeIncreasing"](img, 0.9, rng, ctx))
     np.testing.assert_array_equal(sol, np.where(a >= 26, 255 - a, a))
-    post = np.asarray(augment._OPS["PosterizeIncreasing"](img, 0.9, rng, ctx))
+    post = np.asarray(augment.RANDAUGMENT_OPS["PosterizeIncreasing"](img, 0.9, rng, ctx))
     np.testing.assert_array_equal(post, a & 0x80)
-    post = np.asarray(augment._OPS["PosterizeIncreasing"](img, 1.0, rng, ctx))
+    post = np.asarray(augment.RANDAUGMENT_OPS["PosterizeIncreasing"](img, 1.0, rng, ctx))
     assert not post.any()  # 0 bits kept
 
 

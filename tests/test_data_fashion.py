@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 def test_idx_files_real_sizes_and_labels():
     assert sources.idx_split_sizes(IDX_DIR) == {"train": 60000, "test": 10000}
     for split, n in (("train", 60000), ("test", 10000)):
-        images_path, labels_path = sources._idx_paths(IDX_DIR, split)
+        images_path, labels_path = sources.idx_paths(IDX_DIR, split)
         images = sources.read_idx(images_path + ".gz")
         labels = sources.read_idx(labels_path + ".gz")
         assert images.shape == (n, 28, 28) and images.dtype == np.uint8
@@ -48,7 +48,7 @@ def test_validation_split_carved_from_train_is_disjoint():
         assert tail[i]["label"] == full[54000 + i]["label"]
     with pytest.raises(IndexError):
         head[54000]
-    images = sources.read_idx(sources._idx_paths(IDX_DIR, "train")[0] + ".gz")
+    images = sources.read_idx(sources.idx_paths(IDX_DIR, "train")[0] + ".gz")
     head_set = {images[i].tobytes() for i in range(54000)}
     overlap = sum(images[54000 + i].tobytes() in head_set for i in range(6000))
     assert overlap <= 5  # a few exact duplicate images exist in the raw data

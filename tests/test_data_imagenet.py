@@ -99,7 +99,7 @@ def test_bad_files_decode_or_raise(fake_imagenet):
     # Corrupt and truncated files raise DecodeError (never crash with OSError).
     for name in fake.corrupt_files:
         with pytest.raises(decode_lib.DecodeError):
-            pipeline.eval_image(by_name[name], pipeline._ImageSettings.from_config(_config(fake_imagenet)))
+            pipeline.eval_image(by_name[name], pipeline.eval_settings(_config(fake_imagenet)))
 
 
 def test_train_batches_shapes_dtypes_ranges_and_labels(fake_imagenet):

@@ -469,18 +469,14 @@ def test_other_format_versions_are_refused(nano_blob, version, message):
 
 
 def test_export_and_predict_command_lines(tmp_path, capsys):
-    from bvit_jax.checkpoint import restore_params
-    from bvit_jax.train import build_model, train_and_evaluate
+    from bvit_jax.train import train_and_evaluate
+    from bvit_jax.workdir import restore
     from tests.train_helpers import tiny_config
 
     cfg = tiny_config("binaryvit", total_steps=2, checkpoint_every_steps=2, distill__enabled=False)
     run = tmp_path / "run"
     train_and_evaluate(cfg, run)
-    _, params = restore_params(run)
-    model = build_model(cfg.model, cfg.data)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
+    _, model, _ = restore(run)
     names = [f"class{i}" for i in range(10)]
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(n + "\n" for n in names))

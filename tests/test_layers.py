@@ -230,7 +230,7 @@ def test_binary_linear_equals_packed_layer_bit_for_bit(din):
     the packed layer's arithmetic, so the two agree exactly (summing ``+-alpha`` terms in float,
     ``x_b @ (alpha * sign(W))``, does not)."""
     from bvit_jax.binarize import weight_alpha
-    from bvit_jax.packed import _linear_block, pack_signs, to_planes
+    from bvit_jax.packed import pack_signs, packed_linear_block, to_planes
 
     dout = 40
     layer = BinaryLinear(din, dout, BIN, rngs=nnx.Rngs(din))
@@ -248,7 +248,7 @@ def test_binary_linear_equals_packed_layer_bit_for_bit(din):
         "l/linear/bias": layer.bias[...],
         "l/linear/act/shift/beta": layer.act.shift.beta[...],
     }
-    packed = np.asarray(jax.jit(lambda t, x: _linear_block(x, t, "l", BIN))(tensors, x))
+    packed = np.asarray(jax.jit(lambda t, x: packed_linear_block(x, t, "l", BIN))(tensors, x))
     np.testing.assert_array_equal(y, packed)
 
     xb = np.where(np.asarray(x - layer.act.shift.beta[...]) >= 0, 1, -1)

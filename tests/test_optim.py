@@ -13,7 +13,7 @@ from flax import nnx
 
 from bvit_jax.grad_accum import accumulated_value_and_grad, split_micro_batches
 from bvit_jax.grs import frozen_share, grs
-from bvit_jax.models import create, get_preset
+from bvit_jax.models import create
 from bvit_jax.optim import (
     applied_learning_rate,
     build_optimizer,
@@ -39,9 +39,7 @@ def _one_update(preset: str, grads_fn, **fields):
     """Params after one update of the trainer's chain from ``grads_fn(params)``."""
     params, latent = _tiny(preset)
     cfg = tiny_config(preset, **fields)
-    tx = build_optimizer(
-        cfg, params, latent, use_grs=get_preset(preset).grs, total_steps=10, warmup_steps=0, grs_warmup_steps=0
-    )
+    tx = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
     state = tx.init(params)
     updates, state = tx.update(grads_fn(params), state, params)
     return params, optax.apply_updates(params, updates), latent, state
@@ -76,13 +74,24 @@ def test_weight_decay_touches_exactly_the_fp_matrices_and_never_latent_binary_we
 
 # ----------------------------------------------------------------------------- GRS placement
 @pytest.mark.parametrize(
-    "preset, expect_grs", [("baseline", False), ("baseline+asm", False), ("baseline+grs", True), ("binaryvit", True)]
+    "preset, strength, expect_grs",
+    [
+        # the recipe's defaults: GRS in the GRS presets only
+        ("baseline", None, False),
+        ("baseline+asm", None, False),
+        ("baseline+grs", None, True),
+        ("binaryvit", None, True),
+        # the config alone decides, whatever the preset
+        ("baseline", 1e-3, True),
+        ("binaryvit", 0.0, False),
+    ],
 )
-def test_grs_moves_only_latent_weights_and_only_in_presets_that_ask_for_it(preset, expect_grs):
+def test_grs_moves_only_latent_weights_and_only_when_the_config_asks_for_it(preset, strength, expect_grs):
     zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
-    before, after, latent, _ = _one_update(
-        preset, zeros, optimizer__weight_decay=0.0, optimizer__clip_norm=0.0, grs__strength=1e-3
-    )
+    fields = dict(optimizer__weight_decay=0.0, optimizer__clip_norm=0.0)
+    if strength is not None:
+        fields["grs__strength"] = strength
+    before, after, latent, _ = _one_update(preset, zeros, **fields)
     moved = {
         path
         for (path, a), (_, b) in zip(flatten_with_paths(before), flatten_with_paths(after))
@@ -102,12 +111,6 @@ def test_grs_moves_only_latent_weights_and_only_in_presets_that_ask_for_it(prese
         outward = np.abs(w0) < alpha
         assert np.all(np.abs(w1)[outward] >= np.abs(w0)[outward]), path
         assert np.all(np.abs(w1)[~outward] <= np.abs(w0)[~outward]), path
-
-
-def test_config_presets_set_grs_strength_only_for_grs_presets():
-    for preset in ("fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit"):
-        cfg = tiny_config(preset)
-        assert (cfg.grs.strength > 0) == get_preset(preset).grs, preset
 
 
 # ----------------------------------------------------------------------------- learning rate
@@ -246,7 +249,7 @@ def test_default_grs_fields_build_bitwise_the_chain_of_before(grs_warm):
     params, latent = _tiny("binaryvit")
     cfg = tiny_config("binaryvit", grs__strength=1e-2)
     assert cfg.grs.schedule == "constant" and cfg.grs.freeze_threshold == 0.0  # the defaults
-    new = build_optimizer(cfg, params, latent, use_grs=True, total_steps=10, warmup_steps=2, grs_warmup_steps=grs_warm)
+    new = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=2, grs_warmup_steps=grs_warm)
     old = _old_chain(cfg, params, latent, 10, 2, grs_warm)
     s_new, s_old = new.init(params), old.init(params)
     assert jax.tree.structure(s_new) == jax.tree.structure(s_old)
@@ -275,7 +278,6 @@ def test_grs_schedule_fields_reach_the_chain(kind, start, length, first_move):
         cfg,
         params,
         latent,
-        use_grs=True,
         total_steps=20,
         warmup_steps=0,
         grs_warmup_steps=0,
@@ -297,12 +299,14 @@ def _flip_grads(p):
     return jax.tree.map(lambda w: jnp.where(w >= 0, 1.0, -1.0).astype(w.dtype), p)
 
 
-@pytest.mark.parametrize("preset", ["baseline", "binaryvit"])  # without and with GRS
-def test_freezing_fields_put_it_last_in_the_chain_on_latent_weights_only(preset):
+@pytest.mark.parametrize("preset, strength", [("baseline", 0.0), ("binaryvit", 1e-3)])  # without and with GRS
+def test_freezing_fields_put_it_last_in_the_chain_on_latent_weights_only(preset, strength):
     params, latent = _tiny(preset)
     # peak lr = base_lr * 32 / 128 = 0.0125, about the median |W| of the latent kernels: many flip, not all
-    fields = dict(optimizer__weight_decay=0.0, optimizer__clip_norm=0.0, optimizer__base_lr=0.05, grs__strength=1e-3)
-    kw = dict(use_grs=get_preset(preset).grs, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+    fields = dict(
+        optimizer__weight_decay=0.0, optimizer__clip_norm=0.0, optimizer__base_lr=0.05, grs__strength=strength
+    )
+    kw = dict(total_steps=10, warmup_steps=0, grs_warmup_steps=0)
     off = build_optimizer(tiny_config(preset, **fields), params, latent, **kw)
     # momentum 0: f_t = flipped_t, so threshold 0.5 freezes a weight at its first flip
     cfg_on = tiny_config(preset, **fields, grs__freeze_threshold=0.5, grs__freeze_momentum=0.0)
@@ -340,7 +344,7 @@ def test_freezing_fields_put_it_last_in_the_chain_on_latent_weights_only(preset)
 def test_freezing_is_not_added_without_latent_weights():
     params, latent = _tiny("fp")
     cfg = tiny_config("fp", grs__freeze_threshold=0.5)
-    tx = build_optimizer(cfg, params, latent, use_grs=False, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+    tx = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
     assert frozen_share(tx.init(params)) is None
 
 

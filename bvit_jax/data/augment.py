@@ -187,7 +187,9 @@ def _negate(v: float, rng: np.random.Generator) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Ctx:
+class OpContext:
+    """What every RandAugment op takes besides the image: the fill colour and the resampling filter."""
+
     fill: tuple | int
     interpolation: Image.Resampling
 
@@ -210,10 +212,11 @@ def _posterize(img, bits):
     return img.point([i & mask for i in range(256)] * len(img.getbands()))
 
 
-# name -> (op(img, level_fraction, rng, ctx)). `level` is magnitude / 10.
+# The RandAugment ops: name -> op(img, level, rng, ctx) -> img, with `level` = magnitude / 10 (0..1),
+# `rng` the example's generator and `ctx` an OpContext.
 # Level-to-argument maps are timm's `auto_augment.py` (RandAugment: Cubuk et
 # al. 2020; "Increasing" variants make larger magnitude mean stronger).
-_OPS: dict[str, Callable] = {
+RANDAUGMENT_OPS: dict[str, Callable] = {
     "AutoContrast": lambda img, l, r, c: ImageOps.autocontrast(img),
     "Equalize": lambda img, l, r, c: ImageOps.equalize(img),
     "Invert": lambda img, l, r, c: ImageOps.invert(img),
@@ -348,13 +351,13 @@ class RandAugment:
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         fill = self.fill if img.mode == "RGB" else int(round(np.mean(self.fill)))
-        ctx = _Ctx(fill=fill, interpolation=resample(self.interpolation))
+        ctx = OpContext(fill=fill, interpolation=resample(self.interpolation))
         ops = self.ops
         for k in rng.integers(0, len(ops), size=self.num_ops):
             if self.prob < 1.0 and rng.random() > self.prob:
                 continue
             level = self.sample_magnitude(rng) / _LEVEL_DENOM
-            img = _OPS[ops[k]](img, level, rng, ctx)
+            img = RANDAUGMENT_OPS[ops[k]](img, level, rng, ctx)
         return img
 
 

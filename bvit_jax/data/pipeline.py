@@ -257,7 +257,15 @@ def _as_channel_vector(v, channels: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ImageSettings:
+class ImageSettings:
+    """The per-image transforms of a data config, train and eval, in one value (:meth:`from_config`).
+
+    What :func:`train_image` (decode, crop, flip, RandAugment) and
+    :func:`eval_image` read; built once per pipeline. The eval fields are
+    :class:`EvalSettings`' (``size``, ``channels``, ``interpolation``,
+    ``eval_crop``, ``crop_ratio``, ``eval_jpeg_draft``).
+    """
+
     size: int
     channels: int
     interpolation: str
@@ -273,7 +281,8 @@ class _ImageSettings:
     crop_ratio: float
 
     @classmethod
-    def from_config(cls, c) -> _ImageSettings:
+    def from_config(cls, c) -> ImageSettings:
+        """The settings of data config ``c``; ``ValueError`` for an unknown ``train_crop`` / ``eval_crop``."""
         if c.train_crop not in ("random_resized_crop", "pad_random_crop", "resize"):
             raise ValueError(f"unknown train_crop {c.train_crop!r}")
         if c.eval_crop not in ("center_crop", "resize"):
@@ -297,7 +306,7 @@ class _ImageSettings:
         )
 
 
-def train_image(data, rng: np.random.Generator, s: _ImageSettings) -> np.ndarray:
+def train_image(data, rng: np.random.Generator, s: ImageSettings) -> np.ndarray:
     """Decode + train augmentation of one image -> ``uint8 [H, W, C]``.
 
     Raises `decode.DecodeError` if the image cannot be decoded.
@@ -353,7 +362,7 @@ class _TrainExample(grain.transforms.RandomMap):
     records are replaced by random other examples, up to `max_retries` in a
     row, then `sources.DataIntegrityError`."""
 
-    def __init__(self, source, settings: _ImageSettings, max_retries: int, return_index: bool):
+    def __init__(self, source, settings: ImageSettings, max_retries: int, return_index: bool):
         self._source = source
         self._s = settings
         self._max_retries = max_retries
@@ -421,8 +430,8 @@ def _too_many_bad(errors: list, max_retries: int) -> sources.DataIntegrityError:
     )
 
 
-class _Normalize:
-    """``(x / 255 - mean) / std`` as one multiply-add in float32.
+class Normalize:
+    """``(x / 255 - mean) / std`` as one multiply-add in float32: ``Normalize(mean, std, channels)(images)``.
 
     Works on ``[..., W, C]`` viewed as rows of ``W * C`` values with the
     per-channel constants tiled along the row: numpy then runs long
@@ -486,10 +495,10 @@ class EvalSettings:
         """``uint8 [..., H, W, C]`` -> float32 ``(x / 255 - mean) / std``.
 
         Computed as ``x * (1 / (255 std)) + (-mean / std)`` with float32
-        constants (`_Normalize`); elementwise, so one image and a batch holding
+        constants (`Normalize`); elementwise, so one image and a batch holding
         it give the same bits.
         """
-        return _Normalize(self.mean, self.std, self.channels)(images)
+        return Normalize(self.mean, self.std, self.channels)(images)
 
 
 def _per_channel(value, channels: int, what: str) -> tuple:
@@ -578,7 +587,7 @@ class _TrainBatch(grain.transforms.RandomMap):
     """Normalise, random erasing, Mixup / CutMix and label smoothing."""
 
     def __init__(self, config, num_classes: int):
-        self._norm = _Normalize(config.mean, config.std, config.channels)
+        self._norm = Normalize(config.mean, config.std, config.channels)
         self._erase = float(config.random_erase_prob)
         self._mix = dict(
             num_classes=num_classes,
@@ -730,7 +739,7 @@ def create_train_dataset(
     repeats = int(config.repeated_aug)
     if repeats < 1:
         raise ValueError("repeated_aug must be >= 1")
-    settings = _ImageSettings.from_config(config)
+    settings = ImageSettings.from_config(config)
     ds = grain.MapDataset.range(n // num_p).repeat()
     ds = ds.map_with_index(
         _TrainIndex(num_examples=n, seed=_seed32(seed, 0), process_index=p, process_count=num_p, repeats=repeats)

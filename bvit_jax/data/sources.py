@@ -147,7 +147,8 @@ def _cached_idx(path: str) -> np.ndarray:
         return _IDX_CACHE[path]
 
 
-def _idx_paths(idx_dir: str, split: str) -> tuple[str, str]:
+def idx_paths(idx_dir: str, split: str) -> tuple[str, str]:
+    """``(images, labels)``: the paths of the IDX files of ``split`` ('train' or 'test') in ``idx_dir``."""
     if split not in IDX_FILES:
         raise ValueError(f"IDX split must be one of {list(IDX_FILES)}, got {split!r}")
     images, labels = IDX_FILES[split]
@@ -158,7 +159,7 @@ def idx_split_sizes(idx_dir: str) -> dict[str, int]:
     """Number of examples of each IDX split, read from the headers only."""
     sizes = {}
     for split in IDX_FILES:
-        images, labels = _idx_paths(idx_dir, split)
+        images, labels = idx_paths(idx_dir, split)
         n_img = read_idx_header(images)[1][0]
         n_lab = read_idx_header(labels)[1][0]
         if n_img != n_lab:
@@ -178,7 +179,7 @@ class IdxSplit:
     """One whole IDX split; images as ``uint8 [H, W, 1]``. Loads lazily."""
 
     def __init__(self, idx_dir: str, split: str):
-        self.images_path, self.labels_path = _idx_paths(idx_dir, split)
+        self.images_path, self.labels_path = idx_paths(idx_dir, split)
         self._len = read_idx_header(self.labels_path)[1][0]
 
     def __len__(self) -> int:
@@ -367,7 +368,7 @@ class SourceInfo:
 def get_source(config, split: str):
     """The data source of `config` (a data ConfigDict) for split spec `split`."""
     if config.source == "idx":
-        return idx_source(_idx_dir(config), split)
+        return idx_source(config_idx_dir(config), split)
     if config.source == "tfds":
         return TfdsSource(
             config.name,
@@ -380,7 +381,8 @@ def get_source(config, split: str):
     raise ValueError(f"Unknown data source {config.source!r} (tfds | idx)")
 
 
-def _idx_dir(config) -> str:
+def config_idx_dir(config) -> str:
+    """The IDX folder a data config reads: ``config.idx_dir``, or the data set's default folder."""
     from bvit_jax.data.config import DEFAULT_IDX_DIRS
 
     idx_dir = config.idx_dir or DEFAULT_IDX_DIRS.get(config.name)
@@ -392,7 +394,7 @@ def _idx_dir(config) -> str:
 def source_info(config, splits: Sequence[str]) -> SourceInfo:
     """Number of classes and the sizes of `splits`, without reading images."""
     if config.source == "idx":
-        idx_dir = _idx_dir(config)
+        idx_dir = config_idx_dir(config)
         sizes = idx_split_sizes(idx_dir)
         num = {s: sum(b - a for _, a, b in resolve_split(s, sizes)) for s in splits}
         num_classes = config.num_classes

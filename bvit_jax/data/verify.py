@@ -384,7 +384,7 @@ def verify_idx(name: str, idx_dir: str, splits: Sequence[str] | None = None) -> 
                 names.append(split)
     problems, checked = [], []
     for split in names:
-        paths = sources._idx_paths(idx_dir, split)
+        paths = sources.idx_paths(idx_dir, split)
         found = [p for p in (_idx_problem(split, f) for f in paths) if p]
         if not found:
             n_img = sources.read_idx_header(_existing(paths[0]))[1][0]
@@ -439,7 +439,7 @@ def verify_data(config, splits: Sequence[str] | None = None, full: bool = False)
     if splits is None:
         splits = [config.train_split, config.eval_split]
     if config.source == "idx":
-        return verify_idx(config.name, sources._idx_dir(config), splits)
+        return verify_idx(config.name, sources.config_idx_dir(config), splits)
     if config.source != "tfds":
         raise ValueError(f"Unknown data source {config.source!r} (tfds | idx)")
     return verify_tfds(config.name, config.data_dir, splits, manual_dir=config.get("manual_dir", None), full=full)
