@@ -2,7 +2,8 @@
 
 Run (not a test; takes a few minutes on 2 cores)::
 
-    nice -n 10 .venv/bin/python benchmarks/packed_inference.py [--variants=deit_tiny,deit_small] [--batches=1,8]
+    nice -n 10 .venv/bin/python benchmarks/packed_inference.py [--variants=deit_tiny,deit_small] [--batches=1,8] \
+        [--branch_norms=layernorm,affine]
 
 Prints markdown tables (the ones in ``docs/export.md``):
 
@@ -11,7 +12,11 @@ Prints markdown tables (the ones in ``docs/export.md``):
    float weights, binarized on the fly, float matmuls) vs
    :func:`bvit_jax.export.packed_forward` (XNOR-popcount linears and binary
    attention; also with the attention matmuls left in float), with the max
-   |logit| difference packed vs float32.
+   |logit| difference packed vs float32. ``--branch_norms`` (default
+   ``layernorm``) lists the shortcut-branch normalisations to measure
+   (``model.branch_norm``: ``layernorm``, ``affine``), side by side in one
+   run; with more than one, a last table gives each one's packed time as a
+   ratio to the first's.
 2. The linear layers alone at DeiT-S shapes: fp32 and bf16 ``x @ W`` vs the
    popcount matmul on packed words (``packed_matmul``), and vs the whole packed
    linear (sign + pack of the activation, popcount matmul, ``alpha``, bias).
@@ -38,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bvit_jax import cli  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
 from bvit_jax.export import export_model, pack_model, size_accounting  # noqa: E402
+from bvit_jax.layers import BRANCH_NORMS  # noqa: E402
 from bvit_jax.models import create  # noqa: E402
 from bvit_jax.packed import pack_planes, packed_forward, packed_matmul  # noqa: E402
 
@@ -90,13 +96,13 @@ def jit_model(model):
     return lambda x: fwd(state, x)
 
 
-def end_to_end(variants, batches, min_time):
+def end_to_end(variants, batches, min_time, branch_norms=("layernorm",)):
     rows = []
-    for variant in variants:
+    for variant, bn in ((v, bn) for v in variants for bn in branch_norms):
         # Perturbed like a trained model (a fresh one has every shift exactly 0, an
         # untypical case; docs/export.md, "Exactness").
-        model = perturb(create(variant, "binaryvit"))
-        model_bf16 = create(variant, "binaryvit", dtype=jnp.bfloat16)
+        model = perturb(create(variant, "binaryvit", branch_norm=bn))
+        model_bf16 = create(variant, "binaryvit", dtype=jnp.bfloat16, branch_norm=bn)
         nnx.update(model_bf16, nnx.state(model, nnx.Param))
         packed = pack_model(model)
         f32, bf16 = jit_model(model), jit_model(model_bf16)
@@ -115,9 +121,9 @@ def end_to_end(variants, batches, min_time):
                 min_time=min_time,
             )
             t32, t16, tp, tpf = t["fp32"], t["bf16"], t["packed"], t["packed_float_attn"]
-            rows.append((variant, b, t32, t16, tp, tpf, diff, agree))
+            rows.append((variant, bn, b, t32, t16, tp, tpf, diff, agree))
             print(
-                f"  {variant} b={b}: fp32 {t32:.2f} ms, bf16 {t16:.2f} ms, packed {tp:.2f} ms "
+                f"  {variant} ({bn}) b={b}: fp32 {t32:.2f} ms, bf16 {t16:.2f} ms, packed {tp:.2f} ms "
                 f"(float attention {tpf:.2f} ms), max|dlogit| {diff:.2e}, top-1 agreement {agree:.2f}",
                 flush=True,
             )
@@ -196,6 +202,12 @@ def _define_flags(fv, argv: list[str]) -> None:
     )
     flags.DEFINE_float("min_time", 2.0, "Seconds of timed calls per measurement.", flag_values=fv)
     flags.DEFINE_bool("sizes_only", False, "Only the size table (no timing).", flag_values=fv)
+    flags.DEFINE_list(
+        "branch_norms",
+        "layernorm",
+        "Comma-separated shortcut-branch normalisations to measure (model.branch_norm: layernorm, affine).",
+        flag_values=fv,
+    )
 
 
 def _run(fv, args: list[str]) -> int:
@@ -208,11 +220,15 @@ def _run(fv, args: list[str]) -> int:
         raise UserError(f"--batches: {fv['batches'].value} are not all integers") from None
     if not variants or not batches:
         raise UserError("--variants and --batches must name at least one each")
-    benchmark(variants, batches, fv["min_time"].value, sizes_only=fv["sizes_only"].value)
+    norms = fv["branch_norms"].value
+    unknown = [n for n in norms if n not in BRANCH_NORMS]
+    if not norms or unknown:
+        raise UserError(f"--branch_norms: {unknown or norms} not among {list(BRANCH_NORMS)}")
+    benchmark(variants, batches, fv["min_time"].value, sizes_only=fv["sizes_only"].value, branch_norms=norms)
     return 0
 
 
-def benchmark(variants, batches, min_time=2.0, sizes_only=False):
+def benchmark(variants, batches, min_time=2.0, sizes_only=False, branch_norms=("layernorm",)):
     """Print the tables (see the module doc); ``sizes_only``: only the size table."""
     if sizes_only:
         print_size_table(sizes(variants))
@@ -222,21 +238,31 @@ def benchmark(variants, batches, min_time=2.0, sizes_only=False):
         f"{platform.processor() or platform.machine()}"
     )
     print("end to end:", flush=True)
-    e2e = end_to_end(variants, batches, min_time)
+    e2e = end_to_end(variants, batches, min_time, branch_norms)
     print("linear layers (DeiT-S shapes):", flush=True)
     lin = linear_layers(batches, min_time)
     size_rows = sizes(variants)
 
     print(
-        "\n| model (binaryvit) | batch | fp32 forward ms | bf16 forward ms | packed ms | packed, float attention ms "
-        "| packed vs fp32 | packed vs bf16 | max abs logit diff | top-1 agreement |"
+        "\n| model (binaryvit) | branch norm | batch | fp32 forward ms | bf16 forward ms | packed ms "
+        "| packed, float attention ms | packed vs fp32 | packed vs bf16 | max abs logit diff | top-1 agreement |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for v, b, t32, t16, tp, tpf, d, agree in e2e:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for v, bn, b, t32, t16, tp, tpf, d, agree in e2e:
         print(
-            f"| {v} | {b} | {t32:.2f} | {t16:.2f} | {tp:.2f} | {tpf:.2f} | {t32 / tp:.1f}x | {t16 / tp:.1f}x "
+            f"| {v} | {bn} | {b} | {t32:.2f} | {t16:.2f} | {tp:.2f} | {tpf:.2f} | {t32 / tp:.1f}x | {t16 / tp:.1f}x "
             f"| {d:.1e} | {agree:.2f} |"
         )
+    if len(branch_norms) > 1:
+        packed_ms = {(v, bn, b): tp for v, bn, b, _, _, tp, *_ in e2e}
+        first = branch_norms[0]
+        heads = " | ".join(f"packed {bn} / {first}" for bn in branch_norms[1:])
+        print(f"\n| model (binaryvit) | batch | {heads} |")
+        print("|---|---|" + "---|" * (len(branch_norms) - 1))
+        for v in variants:
+            for b in batches:
+                ratios = [packed_ms[(v, bn, b)] / packed_ms[(v, first, b)] for bn in branch_norms[1:]]
+                print(f"| {v} | {b} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     print(
         "\n| M x K x N | fp32 matmul ms | bf16 matmul ms | popcount matmul ms | packed linear ms "
         "| popcount vs fp32 | packed linear vs fp32 |"

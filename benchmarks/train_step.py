@@ -19,7 +19,10 @@ round, median over rounds (the issue's target: binaryvit <= 1.25x fp);
 On CPU the table adds the process CPU time per step (all threads), which
 other load on a shared machine disturbs less than wall time. ``PRESET:nokd``
 (e.g. ``binaryvit:nokd``) is the preset with distillation off: the same
-student step without the teacher forward.
+student step without the teacher forward; ``PRESET:affine`` (any
+``model.branch_norm``: ``layernorm``, ``affine``) sets the normalisation on
+the shortcut branch of every block linear (``model.overrides.branch_norm``);
+suffixes combine, e.g. ``binaryvit:nokd:affine``.
 
 MFU = model FLOPs per second / peak. Model FLOPs per step
 ``= 3 x 2 x forward MACs x batch`` with MACs from :func:`bvit_jax.summary.summary`
@@ -33,6 +36,7 @@ this process may run on); GPU / TPU a table of dense per-chip peaks by
   python benchmarks/train_step.py                                  # CPU default (~6 minutes on 2 cores)
   python benchmarks/train_step.py --variants vit_micro_28 --batch 128 --steps 10 --reps 7
   python benchmarks/train_step.py --presets fp,binaryvit,binaryvit:nokd --json out.json
+  python benchmarks/train_step.py --presets fp,binaryvit,binaryvit:affine       # branch LayerNorm vs affine
   python benchmarks/train_step.py --variants deit_tiny,deit_small --batch 256 --dtype bfloat16   # GPU/TPU
 """
 
@@ -56,6 +60,7 @@ from flax import nnx  # noqa: E402
 
 from bvit_jax import cli  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
+from bvit_jax.layers import BRANCH_NORMS  # noqa: E402
 from bvit_jax.models import get_variant  # noqa: E402
 from bvit_jax.optim import build_optimizer  # noqa: E402
 from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
@@ -149,12 +154,19 @@ class Case:
 
     def __init__(self, variant: str, preset_name: str, batch: int, dtype: str, seed: int = 0):
         self.variant, self.preset, self.batch = variant, preset_name, batch
-        preset_name, _, suffix = preset_name.partition(":")
-        if suffix not in ("", "nokd"):
-            raise UserError(f"unknown preset suffix {suffix!r} in {self.preset!r} (known: ':nokd')")
+        preset_name, *suffixes = preset_name.split(":")
+        known = ("nokd", *BRANCH_NORMS)
+        for suffix in suffixes:
+            if suffix not in known:
+                raise UserError(
+                    f"unknown preset suffix {suffix!r} in {self.preset!r} (known: {', '.join(':' + k for k in known)})"
+                )
         config = get_config(variant, preset_name, batch, dtype)
-        if suffix == "nokd":  # the same student step without the teacher forward (KD off)
+        if "nokd" in suffixes:  # the same student step without the teacher forward (KD off)
             config.distill.enabled = False
+        for suffix in suffixes:
+            if suffix in BRANCH_NORMS:  # the shortcut-branch normalisation (model.branch_norm)
+                config.model.overrides.branch_norm = suffix
         model = build_model(config, seed=seed)
         self.macs = summary(model).macs
         graphdef, params = nnx.split(model, nnx.Param)
@@ -257,7 +269,8 @@ def _define_flags(fv, argv: list[str]) -> None:
         "presets",
         "fp,binaryvit",
         "Comma-separated presets; the first is the ratio's base; "
-        "PRESET:nokd is PRESET with distillation off (no teacher forward).",
+        "PRESET:nokd is PRESET with distillation off (no teacher forward); PRESET:affine (or :layernorm) sets "
+        "model.overrides.branch_norm; suffixes combine (binaryvit:nokd:affine).",
         flag_values=fv,
     )
     flags.DEFINE_list("batch", None, "Batch size: N for all, or variant=N,... (defaults per backend).", flag_values=fv)

@@ -8,6 +8,10 @@ what inference needs:
   ``P/kernel_bits`` (the signs, 1 bit each, ``uint32`` words packed along the
   input axis: ``(ceil(in/32), out)``), ``P/alpha`` (``mean|W|`` over the input
   axis, float32, precomputed; ones without ``weight_scale``) and ``P/bias``;
+  with ``options.branch_norm = 'affine'`` (a statistics-free normalisation on
+  the shortcut branch) its ``y * scale + bias`` is folded into them:
+  ``P/alpha = alpha * scale``, ``P/bias = b * scale + bias``
+  (:func:`bvit_jax.layers.fold_branch_affine`), and the ``norm`` is not stored;
 * every other parameter (patch embedding, class token, position embedding,
   LayerNorms, shifts ``beta``/``gamma``, RPReLU, attention levels (their raw parameter
   ``attn_level_raw``, ``c = c_min + softplus(raw)``),
@@ -18,7 +22,7 @@ Bits (see :mod:`bvit_jax.packed`): bit ``1`` is ``+1`` (``W >= 0``, so
 ``k % 32`` (LSB-first) of word ``k // 32``, i.e. ``numpy.packbits(...,
 bitorder="little")`` read as little-endian ``uint32``; padding bits are 0.
 
-File format (``.bvit``), version 1, all integers little-endian::
+File format (``.bvit``), version 3 (this reader also loads version 2), all integers little-endian::
 
     offset 0   8 bytes   magic b"BVITPK\\r\\n"
     offset 8   uint32    header length H
@@ -30,7 +34,8 @@ File format (``.bvit``), version 1, all integers little-endian::
 The header records ``format``, ``version``, ``variant``, ``preset``, the
 architecture (``config``), the binarization switches (``options``; a file
 without ``options.asm_mode``, written before that field existed, loads as
-``"token_mean"``, the form it was trained with), the bit convention, the eval preprocessing (``preprocess``:
+``"token_mean"``, the form it was trained with; one without
+``options.branch_norm``, version 2, as ``"layernorm"``), the bit convention, the eval preprocessing (``preprocess``:
 ``bvit_jax.data.eval_settings(data_config).to_dict()``, the fields of the
 training data config that :func:`bvit_jax.data.eval_preprocess` reads, or
 null), ``class_names`` (from :func:`bvit_jax.data.class_names`, or given;
@@ -70,7 +75,7 @@ from bvit_jax import cli
 from bvit_jax import data as data_lib
 from bvit_jax.binarize import weight_alpha
 from bvit_jax.errors import UserError
-from bvit_jax.layers import BinaryOptions
+from bvit_jax.layers import BinaryOptions, fold_branch_affine
 from bvit_jax.models import VisionTransformer, ViTConfig
 from bvit_jax.packed import PackedModel, check_packable, num_words, pack_signs, packed_forward, to_planes
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
@@ -92,7 +97,11 @@ __all__ = [
 ]
 
 MAGIC = b"BVITPK\r\n"
-FORMAT_VERSION = 2  # 2: attention levels stored as attn_level_raw (c = c_min + softplus(raw))
+# 2: attention levels stored as attn_level_raw (c = c_min + softplus(raw));
+# 3: options.branch_norm; with a folded branch normalisation, alpha and bias of its linear hold the folded values.
+# Version 2 files (no branch_norm: 'layernorm', the same tensors) still load.
+FORMAT_VERSION = 3
+_OLDEST_READABLE = 2
 FORMAT_NAME = "bvit_jax.packed"
 _PREFIX = struct.Struct("<8sI")
 _PAYLOAD_ALIGN = 64
@@ -107,6 +116,7 @@ BIT_CONVENTION = {
     "zero": "-1",
     "padding": "bits k >= in are 0",
     "layer": "y = alpha * (in - 2 * popcount(xor(x_bits, w_bits))) + bias",
+    "branch_norm": "options.branch_norm 'affine': alpha, bias hold alpha * norm/scale, bias * norm/scale + norm/bias",
 }
 
 _REQUIRED = object()  # "data" not passed (distinct from an explicit data=None)
@@ -233,11 +243,30 @@ def _expected_params(cfg: ViTConfig, opts: BinaryOptions) -> tuple[dict[str, tup
     return {p: tuple(v.shape) for p, v in flatten_with_paths(params)}, latent_weight_paths(model)
 
 
+def _folded_norm(opts: BinaryOptions, kernel_path: str) -> str | None:
+    """The branch normalisation folded into the binary linear of ``kernel_path`` (its module path), or None.
+
+    With ``linear_shortcut`` and a statistics-free ``branch_norm`` (not
+    ``'layernorm'``), the ``LinearBlock`` ``P`` of the kernel
+    ``P/linear/kernel`` has its normalisation ``P/norm``, stored folded into
+    ``P/linear/alpha`` and ``P/linear/bias``.
+    """
+    if not opts.linear_shortcut or opts.branch_norm == "layernorm":
+        return None
+    base = kernel_path[: -len("/kernel")]
+    if not base.endswith("/linear"):
+        raise ValueError(f"binary kernel {kernel_path!r} is not the linear of a LinearBlock")
+    return base[: -len("/linear")] + "/norm"
+
+
 def _expected_tensors(cfg: ViTConfig, opts: BinaryOptions) -> dict[str, tuple[str, tuple[int, ...], int | None]]:
     """``{name: (dtype, shape, bits)}`` a packed file of this architecture holds."""
     shapes, binary = _expected_params(cfg, opts)
+    folded = {n for p in binary if (n := _folded_norm(opts, p)) is not None}
     out = {}
     for path, shape in shapes.items():
+        if path.rsplit("/", 1)[0] in folded:
+            continue
         if path in binary:
             base = path[: -len("/kernel")]
             n_in, n_out = shape
@@ -266,8 +295,18 @@ def _pack_flat(
         )
     tensors: dict[str, np.ndarray] = {}
     bits: dict[str, int] = {}
+    folded = {}  # norm path -> the binary linear it folds into
+    for path in binary:
+        if (norm := _folded_norm(opts, path)) is not None:
+            folded[norm] = path[: -len("/kernel")]
+
+    def f32(path):
+        return np.asarray(jax.device_get(flat[path]), dtype=np.float32)
+
     for path in sorted(shapes):
-        value = np.asarray(jax.device_get(flat[path]), dtype=np.float32)
+        if path.rsplit("/", 1)[0] in folded:
+            continue  # stored folded into its linear's alpha and bias
+        value = f32(path)
         if path in binary:
             base = path[: -len("/kernel")]
             tensors[base + "/kernel_bits"] = pack_signs(value, axis=0)
@@ -279,6 +318,17 @@ def _pack_flat(
             bits[base + "/kernel_bits"] = value.shape[0]
         else:
             tensors[path] = value
+    for norm, base in folded.items():
+        # alpha' = alpha * scale, b' = b * scale + bias, by the function the model's forward uses
+        # (bvit_jax.layers.fold_branch_affine, which rounds the product before the add): the same values.
+        alpha, bias = fold_branch_affine(
+            jnp.asarray(tensors[base + "/alpha"]),
+            jnp.asarray(tensors[base + "/bias"]),
+            jnp.asarray(f32(norm + "/scale")),
+            jnp.asarray(f32(norm + "/bias")),
+        )
+        tensors[base + "/alpha"] = np.asarray(alpha, dtype=np.float32)
+        tensors[base + "/bias"] = np.asarray(bias, dtype=np.float32)
     return tensors, bits
 
 
@@ -493,11 +543,11 @@ def _parse_header(blob: bytes, where: str) -> tuple[dict[str, Any], int]:
             f"{where}: .bvit format version {version!r} is not supported by this bvit_jax "
             f"(reads up to {FORMAT_VERSION})"
         )
-    if version < FORMAT_VERSION:
+    if version < _OLDEST_READABLE:
         raise PackedFormatError(
-            f"{where}: .bvit format version {version} was written by an older bvit_jax (this one reads version "
-            f"{FORMAT_VERSION}: attention levels are stored as their raw parameter); export the model again "
-            "from its workdir with this version"
+            f"{where}: .bvit format version {version} was written by an older bvit_jax (this one reads versions "
+            f"{_OLDEST_READABLE} to {FORMAT_VERSION}: attention levels are stored as their raw parameter); "
+            "export the model again from its workdir with this version"
         )
     return header, end + (-end % _PAYLOAD_ALIGN)
 

@@ -32,16 +32,21 @@ from bvit_jax.binarize import (
     positive_level,
     positive_level_inverse,
     scale_grad,
+    weight_alpha,
 )
 
 __all__ = [
     "ASM_MODES",
+    "BRANCH_NORMS",
     "BinaryOptions",
     "asm_statistic",
     "ActivationShift",
     "SignActivation",
     "BinaryLinear",
     "LinearBlock",
+    "BranchAffine",
+    "fold_branch_affine",
+    "rounded",
     "RPReLU",
     "Attention",
     "Mlp",
@@ -184,6 +189,8 @@ rprelu.defvjp(_rprelu_fwd, _rprelu_bwd)
 
 
 ASM_MODES = ("token_mean", "per_token", "per_head")
+# The normalisation on the output branch of every block linear (with ``linear_shortcut``).
+BRANCH_NORMS = ("layernorm", "affine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +212,15 @@ class BinaryOptions:
         ``'per_head'`` as ``'per_token'`` at the block linears' inputs, and
         each token's mean over the channels of its own attention head at the
         ``Q``, ``K``, ``V`` signs.
-      linear_shortcut: ``x + LN(binary_linear(x))`` around every block linear.
+      linear_shortcut: ``x + N(binary_linear(x))`` around every block linear,
+        ``N`` set by ``branch_norm``.
+      branch_norm: the normalisation ``N`` on that branch (ignored without
+        ``linear_shortcut``): ``'layernorm'`` (default) a LayerNorm over the
+        channels of each token (statistics of the input, so the packed forward
+        computes it at run time); ``'affine'`` a learned per-channel
+        ``y * scale + bias`` (:class:`BranchAffine`; no statistics, so export
+        folds it into the binary linear's per-channel scale and bias,
+        :func:`fold_branch_affine`).
       rprelu: RPReLU in the MLP instead of GELU.
       binary_attention: Q, K, V in +-1 and attention probabilities in {0, c}.
       attn_level_init: initial ``c`` of the {0, c} binarizer; ``None`` -> ``1/N``.
@@ -229,6 +244,7 @@ class BinaryOptions:
     asm: bool = False
     asm_mode: str = "token_mean"
     linear_shortcut: bool = False
+    branch_norm: str = "layernorm"
     rprelu: bool = False
     binary_attention: bool = False
     attn_level_init: float | None = None
@@ -239,6 +255,11 @@ class BinaryOptions:
         get_activation_binarizer(self.act_binarizer)  # validates the name
         if self.asm_mode not in ASM_MODES:
             raise ValueError(f"model.asm_mode={self.asm_mode!r} is not one of {list(ASM_MODES)}")
+        if self.branch_norm not in BRANCH_NORMS:
+            raise ValueError(
+                f"model.branch_norm={self.branch_norm!r} is not one of {list(BRANCH_NORMS)} "
+                "(the normalisation on the output branch of every block linear with model.linear_shortcut)"
+            )
         if self.attn_level_init is not None and not (LEVEL_MIN < self.attn_level_init < float("inf")):
             raise ValueError(
                 f"model.attn_level_init={self.attn_level_init} must be a finite number > {LEVEL_MIN} "
@@ -385,6 +406,70 @@ class BinaryLinear(nnx.Module):
             y = jnp.dot(x2, self.kernel[...].astype(self.dtype))
         return y.reshape(*lead, self.out_features) + self.bias[...].astype(self.dtype)
 
+    def unscaled(
+        self, x: jax.Array, *, capture: bool = False, flat: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``(B_a(x) @ sign(W), alpha)`` with binary weights, else ``(B_a(x) @ W, None)``; no bias.
+
+        ``__call__`` is ``unscaled * alpha + b``. With binary weights the
+        product is the exact integer matmul of :func:`bvit_jax.binarize.binary_matmul`
+        (``scale=False``: clipped straight-through to ``W``) and ``alpha =
+        mean_in|W|`` (``(out,)``, ones without ``weight_scale``) is detached,
+        as ReActNet detaches it, so ``unscaled * alpha`` has the gradients of
+        ``__call__``. :class:`LinearBlock` with a statistics-free branch
+        normalisation multiplies ``alpha`` into that normalisation's scale.
+        ``flat``: the product as the 2-D ``(rows, out)`` matmul output.
+        """
+        if self.act is not None:
+            x = self.act(x, capture=capture)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        if self.binarize_weights:
+            y = binary_matmul(x2, self.kernel[...], False)
+            if self.weight_scale:
+                alpha = jax.lax.stop_gradient(weight_alpha(self.kernel[...]))[0]
+            else:
+                alpha = jnp.ones((self.out_features,), jnp.float32)
+        else:
+            y, alpha = jnp.dot(x2, self.kernel[...].astype(self.dtype)), None
+        return (y if flat else y.reshape(*lead, self.out_features)), alpha
+
+
+def rounded(x: jax.Array) -> jax.Array:
+    """``x``, unchanged (``where(isnan(x), nan, x)``), but rounded to its dtype where it is computed.
+
+    XLA on CPU contracts a multiply feeding an add into one fused multiply-add
+    (one rounding) in some fused kernels and not in others (e.g. where the
+    matmul is emitted inside the same loop). ``rounded(a * b) + c`` always
+    rounds the product first: the select between the two stops the
+    contraction, and no simplifier removes it (it differs from ``x`` for NaN
+    payloads). The folded branch normalisation (:func:`fold_branch_affine`,
+    :class:`LinearBlock`, and the packed layer) computes every
+    ``product + bias`` this way, so both forwards round identically
+    wherever XLA places the operations.
+    """
+    return jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), x)
+
+
+def fold_branch_affine(
+    alpha: jax.Array | None, bias: jax.Array, scale: jax.Array, shift: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Fold a per-channel affine ``z * scale + shift`` into the linear ``z = d * alpha + bias`` before it.
+
+    ``(d * alpha + bias) * scale + shift = d * s' + b'`` with::
+
+        s' = alpha * scale,    b' = bias * scale + shift
+
+    (``alpha = None``: a float linear, ``s' = scale``). Both the model
+    (:class:`LinearBlock` with ``branch_norm='affine'``) and export
+    (:mod:`bvit_jax.export`) compute ``s'`` and ``b'`` with this function and
+    then ``rounded(d * s') + b'``, the packed layer's epilogue, so the two
+    forwards perform identical float32 operations (every product rounded
+    before its add, :func:`rounded`) and agree bit for bit.
+    """
+    s = scale if alpha is None else alpha * scale
+    return s, rounded(bias * scale) + shift
+
 
 def match_width(x: jax.Array, width: int) -> jax.Array:
     """Match the channel width of a shortcut: repeat or average channel groups.
@@ -403,20 +488,55 @@ def match_width(x: jax.Array, width: int) -> jax.Array:
     raise ValueError(f"cannot match a shortcut of width {c} to {width}: one must divide the other")
 
 
+class BranchAffine(nnx.Module):
+    """Statistics-free branch normalisation: learned per-channel ``y * scale + bias`` (scale 1, bias 0 at init).
+
+    :class:`LinearBlock` with ``branch_norm='affine'`` does not call this
+    module on ``y``: it folds ``scale`` and ``bias`` into its linear
+    (:func:`fold_branch_affine`), as the packed forward does.
+    """
+
+    def __init__(self, dim: int):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        return y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
+
+
 class LinearBlock(nnx.Module):
-    """A block linear with the optional real-valued shortcut: ``match(x) + LN(linear(x))``.
+    """A block linear with the optional real-valued shortcut: ``match(x) + N(linear(x))``.
 
     Binary-CNN practice applied to every linear of a binary ViT (Bi-Real Net's
-    per-layer shortcut, with a LayerNorm on the binary branch), so real-valued
-    information bypasses each binarization. ``match`` is :func:`match_width`.
-    Without ``linear_shortcut`` this is just the linear layer.
+    per-layer shortcut, with a normalisation ``N`` on the binary branch), so
+    real-valued information bypasses each binarization. ``match`` is
+    :func:`match_width`; ``N`` is ``opts.branch_norm``: a LayerNorm
+    (``'layernorm'``, parameters ``norm/scale``, ``norm/bias``) or a
+    per-channel affine (``'affine'``, :class:`BranchAffine`, same parameter
+    names), computed folded into the linear as
+    ``d * (alpha * scale) + (b * scale + bias)`` for ``linear(x) = d * alpha + b``
+    (:func:`fold_branch_affine`): the packed layer's own arithmetic, so the
+    exported model reproduces it bit for bit. Without ``linear_shortcut`` this
+    is just the linear layer.
     """
 
     def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
         self.linear = BinaryLinear(in_features, out_features, opts, rngs=rngs)
-        self.norm = LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs) if opts.linear_shortcut else None
+        self.branch_norm = opts.branch_norm if opts.linear_shortcut else None
+        if self.branch_norm == "layernorm":
+            self.norm = LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        elif self.branch_norm == "affine":
+            self.norm = BranchAffine(out_features)
+        else:
+            self.norm = None
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        if self.branch_norm == "affine":
+            d, alpha = self.linear.unscaled(x, capture=capture, flat=True)
+            s, b = fold_branch_affine(alpha, self.linear.bias[...], self.norm.scale[...], self.norm.bias[...])
+            # the packed epilogue rounded(acc * alpha') + bias': the same float32 operations (docs/method.md)
+            y = rounded(d * s.astype(d.dtype)).reshape(*x.shape[:-1], -1) + b.astype(d.dtype)
+            return match_width(x, y.shape[-1]).astype(y.dtype) + y
         y = self.linear(x, capture=capture)
         if self.norm is None:
             return y

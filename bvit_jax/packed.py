@@ -58,7 +58,8 @@ for a model whose block linears binarize weights *and* activations
 (every binary preset), from a :class:`PackedModel`:
 
 * block linears: ``LN((n - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
-  plus the real-valued shortcut, ``x_bits = [x - shift(x) >= 0]`` (every
+  plus the real-valued shortcut (``branch_norm='affine'``: no LN, the affine
+  folded into ``alpha`` and ``b`` at export), ``x_bits = [x - shift(x) >= 0]`` (every
   ``asm_mode``: the shift's statistic is :func:`bvit_jax.layers.asm_statistic`,
   the model's own function);
 * binary attention (``binary_attention``): scores
@@ -96,7 +97,7 @@ from einops import rearrange
 from jax import lax
 
 from bvit_jax.binarize import positive_level
-from bvit_jax.layers import BinaryOptions, asm_statistic, layer_norm
+from bvit_jax.layers import BinaryOptions, asm_statistic, layer_norm, rounded
 from bvit_jax.models import ViTConfig
 
 __all__ = [
@@ -336,7 +337,9 @@ class PackedModel:
       tensors: flat ``{path: array}``. Binary linears ``P`` (e.g.
         ``blocks/0/attn/q/linear``) hold ``P/kernel_bits`` (uint32
         ``(ceil(in/32), out)``, **plane** order), ``P/alpha`` (``(out,)``) and
-        ``P/bias``; every other parameter keeps its model path and float32 value.
+        ``P/bias`` (with a folded branch normalisation, ``branch_norm`` not
+        ``'layernorm'``: the folded ``alpha'`` and ``b'``, and no ``.../norm/``
+        tensors); every other parameter keeps its model path and float32 value.
       header: the file header (variant, preset, preprocessing, ...).
     """
 
@@ -426,7 +429,9 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     """G packed :class:`bvit_jax.layers.LinearBlock` s on one input ``x`` ``(B, N, K)`` -> ``(G, B, N, out)``.
 
     Each: ``match(x) + LN((K - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
-    with ``x_bits = [x - shift(x) >= 0]``. q, k and v run as one grouped kernel.
+    with ``x_bits = [x - shift(x) >= 0]``; with a folded branch normalisation
+    (``branch_norm`` not ``'layernorm'``) ``match(x) + (K - 2*popcount(...)) * alpha' + b'``,
+    ``alpha'``, ``b'`` the stored folded scale and bias. q, k and v run as one grouped kernel.
     """
     lins = [p + "/linear" for p in prefixes]
     g, (b, n_tok, k) = len(prefixes), x.shape
@@ -437,16 +442,20 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
         bits = jnp.broadcast_to(bits[None], (g,) + bits.shape)
     kernels = jnp.stack([t[p + "/kernel_bits"] for p in lins])
     alpha, bias = _stacked(t, lins, "/alpha"), _stacked(t, lins, "/bias")
+    folded = opts.linear_shortcut and opts.branch_norm != "layernorm"
+
+    def epilogue(acc, al, bi):
+        prod = acc.astype(jnp.float32) * al[:, None, :]
+        # folded branch normalisation: the product rounded before the add, as the model computes it
+        return (rounded(prod) if folded else prod) + bi[:, None, :]
+
     y = packed_matmul(
-        bits.reshape(g, b * n_tok, -1),
-        kernels,
-        k,
-        live=live,
-        epilogue=lambda acc, al, bi: acc.astype(jnp.float32) * al[:, None, :] + bi[:, None, :],
-        epilogue_args=(alpha, bias),
+        bits.reshape(g, b * n_tok, -1), kernels, k, live=live, epilogue=epilogue, epilogue_args=(alpha, bias)
     ).reshape(g, b, n_tok, -1)
     if not opts.linear_shortcut:
         return y
+    if opts.branch_norm != "layernorm":  # folded into alpha and bias at export: no normalisation here
+        return _match_width(x, y.shape[-1])[None] + y
     scale, nbias = _stacked(t, prefixes, "/norm/scale"), _stacked(t, prefixes, "/norm/bias")
     return _match_width(x, y.shape[-1])[None] + layer_norm(y, scale[:, None, None, :], nbias[:, None, None, :])
 
@@ -459,7 +468,11 @@ def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
     ``.../bias``, the activation shift under ``.../act/``, and with
     ``opts.linear_shortcut`` the LayerNorm ``prefix + "/norm/..."``).
     Returns ``match(x) + LN((K - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
-    (without the shortcut and LN when ``opts.linear_shortcut`` is off).
+    (without the shortcut and LN when ``opts.linear_shortcut`` is off). With
+    ``opts.branch_norm='affine'`` the file stores ``alpha' = alpha * scale``
+    and ``b' = b * scale + bias`` in ``.../alpha`` and ``.../bias``
+    (:func:`bvit_jax.layers.fold_branch_affine`) and no ``norm``; the layer is
+    ``match(x) + (K - 2*popcount(...)) * alpha' + b'``, no normalisation at run time.
     ``live``: None, or a runtime ``True`` that runs the popcount matmul as its
     own XLA computation (as in :func:`packed_matmul`); ``sink``: None, or a
     dict that receives the sign bits under ``prefix + "/linear/act"`` (what

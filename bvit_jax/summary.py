@@ -22,7 +22,7 @@ Three conventions, each labelled wherever a figure is printed:
     every parameter the full-precision architecture has (patch embedding, class
     token, position embedding, all LayerNorms of DeiT, block kernels and biases,
     head), with the binarized kernels at 1 bit; the parameters that binarization
-    adds (activation shifts beta/gamma, RPReLU, the shortcut LayerNorms, the
+    adds (activation shifts beta/gamma, RPReLU, the shortcut LayerNorms or affines, the
     attention level ``c``, the derived weight scales) are left out.
 ``paper``
     for a binary model, only the 1-bit block kernels plus the patch embedding
@@ -63,7 +63,7 @@ from typing import Any
 
 from flax import nnx
 
-from bvit_jax.layers import ActivationShift, Attention, BinaryLinear, LinearBlock, RPReLU
+from bvit_jax.layers import ActivationShift, Attention, BinaryLinear, BranchAffine, LinearBlock, RPReLU
 
 __all__ = [
     "CONVENTIONS",
@@ -330,8 +330,8 @@ def _param_category(model, owner_path: tuple, owner, parent, name: str) -> str:
         if name == "kernel":
             return "binary_kernel" if owner.binarize_weights else "linear_kernel"
         return "bias"
-    if isinstance(owner, (ActivationShift, RPReLU)):
-        return "added"
+    if isinstance(owner, (ActivationShift, RPReLU, BranchAffine)):
+        return "added"  # BranchAffine: the branch normalisation of a LinearBlock, as its LayerNorm below
     if isinstance(owner, Attention):
         return "added"  # the {0, c} level
     if isinstance(owner, nnx.LayerNorm):

@@ -39,6 +39,7 @@ VALUES = {
     "asm": False,
     "asm_mode": "per_head",
     "linear_shortcut": False,
+    "branch_norm": "affine",
     "rprelu": False,
     "binary_attention": False,
     "attn_level_init": 0.125,
@@ -152,8 +153,10 @@ GRS_PRESETS = {"baseline+grs", "binaryvit"}
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_the_recipe_gives_grs_to_the_grs_presets_and_distillation_to_the_binary_ones(preset):
     assert set(recipes.PRESET_TRAINING) == set(PRESETS)  # every preset of the registry, no other
-    for c in (fashion_mnist.get_config(preset), recipes.imagenet_deit_config("deit_small", preset)):
-        assert c.grs.strength == (1e-4 if preset in GRS_PRESETS else 0.0)
+    fmnist, imagenet = fashion_mnist.get_config(preset), recipes.imagenet_deit_config("deit_small", preset)
+    assert imagenet.grs.strength == (recipes.GRS_STRENGTH if preset in GRS_PRESETS else 0.0)
+    assert fmnist.grs.strength == (1e-5 if preset in GRS_PRESETS else 0.0)  # the study's validated lambda
+    for c in (fmnist, imagenet):
         assert c.distill.enabled == (preset != "fp")
     # presets describe the model only: the two GRS presets build the same models as their GRS-less twins
     twin = {"baseline+grs": "baseline", "binaryvit": "baseline+asm"}.get(preset)

@@ -15,7 +15,7 @@ from PIL import Image
 from bvit_jax import data, export, predict
 from bvit_jax.binarize import weight_alpha
 from bvit_jax.export import PackedFormatError, export_model, load_packed, pack_model, read_header, size_accounting
-from bvit_jax.layers import ASM_MODES
+from bvit_jax.layers import ASM_MODES, BRANCH_NORMS, fold_branch_affine
 from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
 from bvit_jax.packed import (
     from_planes,
@@ -31,7 +31,7 @@ from bvit_jax.packed import (
     unpack_signs,
 )
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
-from tests.tolerances import assert_within, gamma_n
+from tests.tolerances import U32, assert_within, gamma_n
 
 BINARY_PRESETS = ["baseline", "baseline+grs", "baseline+asm", "binaryvit"]
 ASM_PRESETS = [p for p in BINARY_PRESETS if get_preset(p).options.asm]
@@ -143,10 +143,12 @@ def _images(cfg, b=2, seed=3):
     return jax.random.normal(jax.random.key(seed), (b, cfg.image_size, cfg.image_size, cfg.in_channels))
 
 
+@pytest.mark.parametrize("branch_norm", BRANCH_NORMS)
 @pytest.mark.parametrize("preset, asm_mode", PRESET_MODES)
-def test_packed_forward_matches_model(preset, asm_mode):
-    model = perturb(create("vit_nano", preset, asm_mode=asm_mode))
+def test_packed_forward_matches_model(preset, asm_mode, branch_norm):
+    model = perturb(create("vit_nano", preset, asm_mode=asm_mode, branch_norm=branch_norm))
     assert model.opts.asm_mode == asm_mode and pack_model(model).opts.asm_mode == asm_mode
+    assert pack_model(model).opts.branch_norm == branch_norm
     x = _images(model.cfg)
     ref = model_forward(model, x)
     got = np.asarray(packed_forward(pack_model(model), x))
@@ -163,8 +165,9 @@ def test_packed_forward_matches_fresh_model():
     )
 
 
+@pytest.mark.parametrize("branch_norm", BRANCH_NORMS)
 @pytest.mark.parametrize("preset, asm_mode", [("baseline", "token_mean")] + [("binaryvit", m) for m in ASM_MODES])
-def test_packed_forward_reproduces_every_sign(preset, asm_mode):
+def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm):
     """Depth 4, odd widths: both forwards binarize every activation identically and give the same logits.
 
     Every ``asm_mode``: the packed forward computes the shift's statistic with the
@@ -174,9 +177,12 @@ def test_packed_forward_reproduces_every_sign(preset, asm_mode):
     and its LayerNorms with the packed forward's function, so every sign input
     is the same float32 value (a sign can only differ when one value is
     rounded differently near 0). Under jit on CPU the logits are bit-identical.
+    With ``branch_norm='affine'`` the file holds the affine folded into each
+    linear's scale and bias and the model computes that folded form itself
+    (:func:`bvit_jax.layers.fold_branch_affine`), so the same holds.
     """
     cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3, depth=4)
-    opts = dataclasses.replace(get_preset(preset).options, asm_mode=asm_mode)
+    opts = dataclasses.replace(get_preset(preset).options, asm_mode=asm_mode, branch_norm=branch_norm)
     model = perturb(VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
     x = _images(cfg, b=4)
     graphdef, state = nnx.split(model)
@@ -259,6 +265,63 @@ def test_file_without_asm_mode_loads_as_token_mean():
         load_packed(bad)
 
 
+def test_affine_branch_is_folded_into_the_file():
+    """``branch_norm='affine'``: no ``norm`` tensors; each linear's alpha and bias hold the folded values
+    (``alpha * scale``, ``b * scale + bias``, exactly as :func:`fold_branch_affine` computes them); the header
+    records the option; the packed forward equals the model bit for bit on CPU (odd widths, through the file)."""
+    cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3)
+    opts = dataclasses.replace(get_preset("binaryvit").options, branch_norm="affine")
+    model = perturb(VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
+    params = dict(flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    blob = export_model(model, data=None, preset="binaryvit")
+    header = read_header(blob)
+    assert header["version"] == export.FORMAT_VERSION == 3 and header["options"]["branch_norm"] == "affine"
+    stored = _file_tensors(blob)
+    binary = sorted(p[: -len("/kernel")] for p in latent_weight_paths(model))
+    assert len(binary) == cfg.depth * 6
+    assert not [n for n in stored if "/norm/" in n]  # block norms are norm1 / norm2, the final one norm/
+    for base in binary:
+        block = base[: -len("/linear")]
+        assert block + "/norm/scale" in params and block + "/norm/scale" not in stored
+        alpha = weight_alpha(jnp.asarray(params[base + "/kernel"]))[0]
+        want = fold_branch_affine(
+            alpha, params[base + "/bias"], params[block + "/norm/scale"], params[block + "/norm/bias"]
+        )
+        np.testing.assert_array_equal(stored[base + "/alpha"][0], np.asarray(want[0]), err_msg=base)
+        np.testing.assert_array_equal(stored[base + "/bias"][0], np.asarray(want[1]), err_msg=base)
+        # the folded values are the affine of the linear (float32: alpha*scale one rounding; b*scale + bias two)
+        scale = np.asarray(params[block + "/norm/scale"], np.float64)
+        assert_within(stored[base + "/alpha"][0], np.asarray(alpha, np.float64) * scale, U32 * np.abs(alpha * scale))
+        bs = np.asarray(params[base + "/bias"], np.float64) * scale
+        b2 = bs + np.asarray(params[block + "/norm/bias"], np.float64)
+        assert_within(stored[base + "/bias"][0], b2, gamma_n(2) * (np.abs(b2) + np.abs(bs)), base)
+    loaded = load_packed(blob)
+    assert loaded.opts.branch_norm == "affine"
+    x = _images(cfg)
+    got, ref = np.asarray(packed_forward(loaded, x)), model_forward(model, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref)
+    # the same tensors read as a LayerNorm model are not a valid file of that architecture
+    as_ln = _with_header(blob, lambda h: h["options"].update(branch_norm="layernorm"))
+    with pytest.raises(PackedFormatError, match="missing tensors"):
+        load_packed(as_ln)
+
+
+def test_version_2_file_loads_as_layernorm():
+    """Version 2 (before ``branch_norm``): the same tensors as a ``'layernorm'`` file of version 3."""
+    model = perturb(create("vit_nano", "binaryvit"))
+    blob = export_model(model, data=None, preset="binaryvit")
+    old = _with_header(blob, lambda h: (h["options"].pop("branch_norm"), h.update(version=2)))
+    assert read_header(old)["version"] == 2
+    loaded = load_packed(old)
+    assert loaded.opts.branch_norm == "layernorm"
+    x = _images(model.cfg)
+    np.testing.assert_array_equal(
+        np.asarray(packed_forward(loaded, x)), np.asarray(packed_forward(load_packed(blob), x))
+    )
+
+
 def test_integer_dot_of_a_model_layer_is_exact():
     """The popcount dot of a real layer equals sign(x - shift) @ sign(W) exactly."""
     model = perturb(create("vit_nano", "binaryvit"))
@@ -296,7 +359,7 @@ def test_deit_small_file_size_vs_accounting():
     assert 88.1e6 < acc["fp_model_bytes"] < 88.3e6  # fp DeiT-S: 22.05M params
     assert acc["fp_model_bytes"] / len(blob) > 12
     header = read_header(blob)
-    assert header["variant"] == "deit_small" and header["preset"] == "binaryvit" and header["version"] == 2
+    assert header["variant"] == "deit_small" and header["preset"] == "binaryvit" and header["version"] == 3
     kb = [t for t in header["tensors"] if t["name"] == "blocks/0/mlp/fc2/linear/kernel_bits"][0]
     assert kb["dtype"] == "uint32" and kb["shape"] == [48, 384] and kb["bits"] == 1536
 

@@ -18,9 +18,12 @@ from bvit_jax import diagnostics
 from bvit_jax.binarize import LEVEL_MIN, lsq_grad_scale
 from bvit_jax.layers import (
     ASM_MODES,
+    BRANCH_NORMS,
     Attention,
     BinaryLinear,
     BinaryOptions,
+    BranchAffine,
+    LayerNorm,
     LinearBlock,
     RPReLU,
     SignActivation,
@@ -29,6 +32,7 @@ from bvit_jax.layers import (
     match_width,
     rprelu,
 )
+from bvit_jax.param_groups import flatten_with_paths
 from tests.tolerances import U32, assert_within, gamma_n
 
 BIN = BinaryOptions(binarize_weights=True, binarize_acts=True, learnable_shift=True)
@@ -289,6 +293,87 @@ def test_linear_block_shortcut():
     x = jax.random.normal(jax.random.key(7), (2, 3, 8))
     y = blk.linear(x)
     np.testing.assert_allclose(blk(x), jnp.tile(x, (1, 1, 2)) + blk.norm(y), rtol=1e-5, atol=1e-6)
+
+
+def test_branch_norm_is_validated_and_layernorm_stays_the_default():
+    with pytest.raises(ValueError, match=r"branch_norm='groupnorm' is not one of \['layernorm', 'affine'"):
+        dataclasses.replace(BIN, branch_norm="groupnorm")
+    assert BinaryOptions().branch_norm == "layernorm" == BRANCH_NORMS[0]
+    blk = LinearBlock(8, 16, dataclasses.replace(BIN, linear_shortcut=True), rngs=nnx.Rngs(0))
+    assert isinstance(blk.norm, LayerNorm)  # today's module, parameters norm/scale and norm/bias
+
+
+def _affine_block(din, dout, seed=0):
+    """A perturbed ``branch_norm='affine'`` LinearBlock (every parameter off its init)."""
+    blk = LinearBlock(din, dout, dataclasses.replace(BIN, linear_shortcut=True, branch_norm="affine"), rngs=nnx.Rngs(0))
+    ks = jax.random.split(jax.random.key(seed), 5)
+    blk.linear.act.shift.beta[...] = 0.3 * jax.random.normal(ks[0], (din,))
+    blk.linear.kernel[...] = blk.linear.kernel[...] + 0.05 * jax.random.normal(ks[1], (din, dout))
+    blk.linear.bias[...] = 0.1 * jax.random.normal(ks[2], (dout,))
+    blk.norm.scale[...] = 1 + 0.5 * jax.random.normal(ks[3], (dout,))
+    blk.norm.bias[...] = 0.1 * jax.random.normal(ks[4], (dout,))
+    return blk
+
+
+@pytest.mark.parametrize("din, dout", [(12, 24), (24, 12), (36, 36)])
+def test_affine_branch_is_the_folded_per_channel_affine(din, dout):
+    """``match(x) + (linear(x) * scale + bias)``, computed as ``d * (alpha*scale) + (b*scale + bias)``."""
+    fresh = LinearBlock(
+        din, dout, dataclasses.replace(BIN, linear_shortcut=True, branch_norm="affine"), rngs=nnx.Rngs(0)
+    )
+    assert isinstance(fresh.norm, BranchAffine)
+    np.testing.assert_array_equal(fresh.norm.scale[...], 1.0)
+    np.testing.assert_array_equal(fresh.norm.bias[...], 0.0)
+    blk = _affine_block(din, dout)
+    x = jax.random.normal(jax.random.key(9), (2, 7, din))
+    y = np.asarray(nnx.jit(lambda m, x: m(x))(blk, x))
+    xb = _pm1(np.asarray(x - blk.linear.act.shift.beta[...]))
+    w = np.asarray(blk.linear.kernel[...], np.float64)
+    ints = xb @ _pm1(w)  # exact
+    alpha, scale = np.abs(w).mean(0), np.asarray(blk.norm.scale[...], np.float64)
+    b, nb = np.asarray(blk.linear.bias[...], np.float64), np.asarray(blk.norm.bias[...], np.float64)
+    branch = (ints * alpha + b) * scale + nb
+    expected = np.asarray(match_width(x, dout), np.float64) + branch
+    # float32 roundings: alpha (a mean of din terms, gamma_{din+1}), alpha*scale, the product with the integer,
+    # b*scale, + bias, + product, + shortcut (the shortcut itself: a mean of at most 2 groups, gamma_3):
+    # |error| <= gamma_{din+4} |ints alpha scale| + gamma_3 (|b scale| + |nb|) + gamma_3 |match| + u |y|.
+    bound = (
+        gamma_n(din + 4) * np.abs(ints * alpha * scale)
+        + gamma_n(3) * (np.abs(b * scale) + np.abs(nb) + np.abs(np.asarray(match_width(x, dout))))
+        + U32 * np.abs(expected)
+    )
+    assert_within(y, expected, bound, "affine LinearBlock")
+
+
+def test_affine_branch_gradients_are_those_of_the_unfolded_formula():
+    """The folded forward has the gradients of ``match(x) + linear(x) * scale + bias`` (``alpha`` detached)."""
+    blk = _affine_block(24, 12, seed=4)
+    x = jax.random.normal(jax.random.key(2), (3, 5, 24))
+    g = jax.random.normal(jax.random.key(8), (3, 5, 12))
+
+    def unfolded(m, x):
+        return match_width(x, 12) + m.norm(m.linear(x))  # BranchAffine.__call__ on BinaryLinear.__call__
+
+    def loss(m, f):
+        return jnp.sum(g * f(m, x))
+
+    got = nnx.grad(lambda m: loss(m, lambda m, x: m(x)))(blk)
+    want = nnx.grad(lambda m: loss(m, unfolded))(blk)
+    got, want = dict(flatten_with_paths(nnx.to_pure_dict(got))), dict(flatten_with_paths(nnx.to_pure_dict(want)))
+    assert (
+        got.keys()
+        == want.keys()
+        == {"linear/kernel", "linear/bias", "linear/act/shift/beta", "norm/scale", "norm/bias"}
+    )
+    # Each gradient entry is a sum over at most R = 15 rows (x 24 inputs for beta) of terms that the two
+    # forms compute with at most 4 roundings each in a different order: |diff| <= 2 gamma_{R*24+4} sum|terms|,
+    # and sum|terms| <= the gradient of the same loss with |g| and every factor in absolute value, bounded
+    # here by sum|g| * max|factor| per entry (a factor: |alpha scale| <= 1, |y| <= max|branch input|).
+    scale = float(np.max(np.abs(np.asarray(blk.norm.scale[...]))))
+    y = np.abs(np.asarray(blk.linear(x)))
+    mass = float(np.sum(np.abs(np.asarray(g)))) * max(1.0, scale) * max(1.0, float(y.max()))
+    for path in got:
+        assert_within(got[path], want[path], 2 * gamma_n(15 * 24 + 4) * mass, path)
 
 
 def test_rprelu_formula():

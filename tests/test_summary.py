@@ -174,3 +174,15 @@ def test_print_summary(capsys):
     out = capsys.readouterr().out
     assert "Total" in out and isinstance(s, S.Summary)
     assert s.ops == 32_002  # test_macs_and_ops_against_hand_counts
+
+
+def test_affine_branch_norm_counts_as_the_shortcut_layernorm_it_replaces():
+    """``branch_norm='affine'`` has the same per-channel scale and bias as the shortcut LayerNorm, counted alike
+    (binarization additions: in ``full`` only), and the same MACs."""
+    ln = S.summary(abstract("vit_micro_32", "binaryvit"))
+    model = nnx.eval_shape(lambda: create("vit_micro_32", "binaryvit", branch_norm="affine"))
+    af = S.summary(model)
+    assert af.params == ln.params and af.params_1bit == ln.params_1bit and af.macs == ln.macs
+    for conv in ("full", "fp-arch", "paper"):
+        assert af.size_bytes(conv) == ln.size_bytes(conv), conv
+    assert "BranchAffine" in af.table()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -407,6 +408,45 @@ def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             assert losses[a] != losses[b], (a, b)
+
+
+def test_affine_branch_norm_trains_and_exports_bit_exact(tmp_path):
+    """``model.overrides.branch_norm=affine``: the per-channel scale and bias of every block linear's branch
+    learn (each moves off its init 1 / 0), the checkpoint holds them under ``norm/`` and no LayerNorm
+    there, and the trained run's ``.bvit`` file gives the model's logits bit for bit on CPU."""
+    from bvit_jax.export import export_workdir, load_packed, packed_forward
+    from bvit_jax.workdir import restore
+
+    cfg = tiny_config(
+        "binaryvit",
+        total_steps=8,
+        warmup_steps=1,
+        distill__enabled=False,
+        diagnostics_every_steps=0,
+        checkpoint_every_steps=8,
+        model__overrides__branch_norm="affine",
+    )
+    train_and_evaluate(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run", "train")
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    params = flat(restore_params(tmp_path / "run", "latest")[1])
+    branch = {k: v for k, v in params.items() if re.fullmatch(r"blocks/\d+/(attn|mlp)/\w+/norm/scale", k)}
+    assert len(branch) == 6, sorted(params)  # depth 1: q, k, v, proj, fc1, fc2
+    for k, v in branch.items():
+        assert not np.array_equal(v, np.ones_like(v)), k
+        assert not np.array_equal(params[k[: -len("scale")] + "bias"], np.zeros_like(v)), k
+    _, model, _ = restore(str(tmp_path / "run"), which="latest", dtype=jnp.float32)
+    assert model.opts.branch_norm == "affine"
+    export_workdir(tmp_path / "run", tmp_path / "m.bvit", which="latest")
+    packed = load_packed(tmp_path / "m.bvit")
+    assert packed.opts.branch_norm == "affine"
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    graphdef, state = nnx.split(model)
+    ref = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+    got = np.asarray(packed_forward(packed, x))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref)
 
 
 # ----------------------------------------------------------------------------- accuracy
