@@ -142,10 +142,11 @@ def run_plan(flags: list[str]) -> dict:
 def step_seconds(out: Path) -> dict[str, float]:
     """Median seconds per train step by preset, from the ``img_per_s`` logged by this sweep's runs."""
     from bvit_jax.metric_writers import read_metrics
+    from bvit_jax.workdir import load_config
 
     rates: dict[str, list[float]] = {}
     for wd in out.glob("*/metrics.jsonl"):
-        config = json.loads((wd.parent / "config.json").read_text())
+        config = load_config(wd.parent)
         rows = [r["img_per_s"] for r in read_metrics(wd.parent, "train")[1:] if r.get("img_per_s")]
         rates.setdefault(config["model"]["preset"], []).extend(config["global_batch_size"] / r for r in rows)
     return {p: sorted(v)[len(v) // 2] for p, v in rates.items() if v}

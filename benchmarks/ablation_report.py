@@ -79,16 +79,22 @@ def _claims(stats: dict) -> list[str]:
     if "fp" in acc:
         ok = "met" if acc["fp"] >= 90.0 else "not met"
         out.append(f"- fp mean top-1: **{acc['fp']:.2f} %** (target >= 90.0: {ok})")
-    for a, b in (("baseline", "baseline+grs"), ("baseline+asm", "binaryvit"), ("baseline", "binaryvit")):
-        if {a, b} <= stats.keys() and not (b == "binaryvit" and a == "baseline" and "baseline+asm" in stats):
+    # GRS's and ASM's effects: isolated by the one-module presets when the sweep has them, else
+    # baseline -> binaryvit (both modules at once).
+    grs_pairs = [("baseline", "baseline+grs"), ("baseline+asm", "binaryvit")]
+    asm_pairs = [("baseline", "baseline+asm"), ("baseline+grs", "binaryvit")]
+    if not ({"baseline+grs", "baseline+asm"} & stats.keys()):
+        grs_pairs = asm_pairs = [("baseline", "binaryvit")]
+    for a, b in grs_pairs:
+        if {a, b} <= stats.keys():
             r = stats[a]["flip"] / stats[b]["flip"]
             out.append(
                 f"- flip rate over the last 20% of training, {a} / {b}: **{r:.2f}x** lower with GRS "
                 f"(target >= 2x: {'met' if r >= 2 else 'not met'}); bimodality coefficient "
                 f"{stats[a]['bim']:.3f} -> {stats[b]['bim']:.3f} (> 0.555 suggests bimodal)"
             )
-    for a, b in (("baseline", "baseline+asm"), ("baseline+grs", "binaryvit"), ("baseline", "binaryvit")):
-        if {a, b} <= stats.keys() and not (b == "binaryvit" and a == "baseline" and "baseline+grs" in stats):
+    for a, b in asm_pairs:
+        if {a, b} <= stats.keys():
             d = stats[b]["ent"] - stats[a]["ent"]
             out.append(
                 f"- mean per-channel entropy of binarized activations, {a} -> {b}: "
