@@ -2,12 +2,19 @@
 
 Every binarizer here is a ``jax.custom_vjp`` whose docstring states the forward
 value, the backward (surrogate) gradient, and where it comes from. All of them
-use ``sign(0) = +1`` (``jnp.sign(0)`` is 0 and would leave a third level).
+use ``sign(0) = +1`` (:func:`sign`; ``jnp.sign(0)`` is 0 and would leave a
+third level), and every per-channel scale is :func:`channel_alpha`: the
+project's one ``sign`` and one ``alpha`` (GRS, the diagnostics and export use
+them too).
 
 Naming follows larq's quantizers: ``ste_sign`` (clipped straight-through),
 ``approx_sign`` (Bi-Real Net), ``weight_binarize`` (XNOR-Net / ReActNet scaled
 weights) and ``elastic_binarize`` (BiT's {0, c} binarizer for attention
-probabilities).
+probabilities). The layers hold them as small named objects,
+:class:`SteSign`, :class:`ApproxSign`, :class:`WeightBinarizer` and
+:class:`ElasticBinarizer` (as larq's quantizer classes): each carries its
+``name``, its output ``precision`` in bits (what :mod:`bvit_jax.summary` and
+the latent-weight mask read) and its custom gradient (its ``__call__``).
 
 The layers use the fused forms :func:`binary_matmul` (``x @ weight_binarize(W)``)
 and :func:`elastic_matmul` (``elastic_binarize(P, c) @ V``): the same values and
@@ -22,15 +29,22 @@ rounding distance of a sign threshold then flips (``docs/export.md``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
     "sign",
+    "channel_alpha",
+    "Binarizer",
+    "SteSign",
+    "ApproxSign",
+    "WeightBinarizer",
+    "ElasticBinarizer",
     "ste_sign",
     "approx_sign",
     "weight_binarize",
@@ -100,26 +114,15 @@ def _approx_sign_bwd(x, g):
 approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 
-ACTIVATION_BINARIZERS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "ste": ste_sign,
-    "approx": approx_sign,
-}
+def channel_alpha(x: jax.Array) -> jax.Array:
+    """Per-channel scale ``alpha = mean(|x|)`` over every axis but the last, keepdims.
 
-
-def get_activation_binarizer(name: str) -> Callable[[jax.Array], jax.Array]:
-    """Look up an activation binarizer by config name (``'ste'`` or ``'approx'``)."""
-    try:
-        return ACTIVATION_BINARIZERS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown activation binarizer {name!r}; choose one of "
-            f"{sorted(ACTIVATION_BINARIZERS)} (config field model.act_binarizer)."
-        ) from None
-
-
-def weight_alpha(w: jax.Array, in_axes: int | tuple[int, ...] = 0) -> jax.Array:
-    """Per-output-channel scale ``alpha = mean(|W|)`` over the input axes (keepdims)."""
-    return jnp.mean(jnp.abs(w), axis=in_axes, keepdims=True)
+    For a ``(in, out)`` kernel: XNOR-Net's weight scale, one per output
+    channel, the L1-optimal ``alpha`` of ``W ~ alpha * sign(W)`` (Rastegari et
+    al., ECCV 2016, Eq. 6). For activations ``(..., channels)``: the same
+    optimum per channel.
+    """
+    return jnp.mean(jnp.abs(x), axis=tuple(range(x.ndim - 1)), keepdims=True)
 
 
 def weight_binarize(w: jax.Array, *, scale: bool = True) -> jax.Array:
@@ -136,7 +139,7 @@ def weight_binarize(w: jax.Array, *, scale: bool = True) -> jax.Array:
     b = ste_sign(w)
     if not scale:
         return b
-    return jax.lax.stop_gradient(weight_alpha(w)) * b
+    return jax.lax.stop_gradient(channel_alpha(w)) * b
 
 
 @jax.custom_vjp
@@ -265,7 +268,7 @@ def binary_matmul(x: jax.Array, w: jax.Array, scale: bool = True) -> jax.Array:
 
 
 def _binary_matmul_fwd(x, w, scale):
-    alpha = weight_alpha(w) if scale else None  # (1, out), float32
+    alpha = channel_alpha(w) if scale else None  # (1, out), float32
     y = jnp.dot(x, sign(w).astype(x.dtype), preferred_element_type=jnp.float32)
     if scale:
         y = y * alpha
@@ -326,3 +329,98 @@ def _elastic_matmul_bwd(res, g):
 
 
 elastic_matmul.defvjp(_elastic_matmul_fwd, _elastic_matmul_bwd)
+
+
+# ----------------------------------------------------------------------------- binarizer objects
+
+
+class Binarizer:
+    """A named binarizer: ``__call__`` is its forward with its custom gradient.
+
+    ``name`` is its config name; ``precision`` the bits of each output value
+    (1 for every binarizer here: +-1, +-alpha or {0, c}). Subclasses are frozen
+    dataclasses, so they compare by value and can sit in a module's static
+    attributes (and in the jit cache key) like a string.
+    """
+
+    name: ClassVar[str]
+    precision: ClassVar[int] = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SteSign(Binarizer):
+    """Activation sign with the clipped straight-through gradient (:func:`ste_sign`; Hubara et al. 2016)."""
+
+    name: ClassVar[str] = "ste"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ste_sign(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApproxSign(Binarizer):
+    """Activation sign with Bi-Real Net's ApproxSign gradient ``max(0, 2 - 2|x|)`` (:func:`approx_sign`)."""
+
+    name: ClassVar[str] = "approx"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return approx_sign(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightBinarizer(Binarizer):
+    """Kernel binarizer ``W_b = alpha * sign(W)`` (``alpha = 1`` when ``scale=False``), :func:`weight_binarize`.
+
+    ``alpha`` is :func:`channel_alpha` per output channel, detached in the
+    backward (ReActNet); the kernel's gradient is the clipped straight-through
+    ``alpha * dL/dW_b * 1{|W| <= 1}``. :meth:`matmul` is the fused product the
+    layers use (:func:`binary_matmul`).
+    """
+
+    scale: bool = True
+    name: ClassVar[str] = "weight"
+
+    def __call__(self, w: jax.Array) -> jax.Array:
+        return weight_binarize(w, scale=self.scale)
+
+    def alpha(self, w: jax.Array) -> jax.Array:
+        """The per-output-channel scale, shape ``(out,)``, detached: ``mean_in|W|``, or ones without ``scale``."""
+        if not self.scale:
+            return jnp.ones(w.shape[-1:], jnp.float32)
+        return jax.lax.stop_gradient(channel_alpha(w)).reshape(w.shape[-1:])
+
+    def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        """``x @ W_b`` as ``(x @ sign(W)) * alpha`` (:func:`binary_matmul`)."""
+        return binary_matmul(x, w, self.scale)
+
+    def unscaled_matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        """``x @ sign(W)``, the exact integer matmul without ``alpha``; gradient clipped straight-through to ``W``."""
+        return binary_matmul(x, w, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticBinarizer(Binarizer):
+    """{0, c} binarizer of attention probabilities with a learnable level ``c`` (:func:`elastic_binarize`; BiT)."""
+
+    name: ClassVar[str] = "elastic"
+
+    def __call__(self, p: jax.Array, c: jax.Array) -> jax.Array:
+        return elastic_binarize(p, c)
+
+    def matmul(self, p: jax.Array, c: jax.Array, v: jax.Array) -> jax.Array:
+        """``elastic_binarize(P, c) @ V`` as ``(level @ V) * c`` (:func:`elastic_matmul`)."""
+        return elastic_matmul(p, c, v)
+
+
+ACTIVATION_BINARIZERS: dict[str, Binarizer] = {b.name: b for b in (SteSign(), ApproxSign())}
+
+
+def get_activation_binarizer(name: str) -> Binarizer:
+    """The activation binarizer of a config name (``'ste'`` or ``'approx'``, ``model.act_binarizer``)."""
+    try:
+        return ACTIVATION_BINARIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown activation binarizer {name!r}; choose one of "
+            f"{sorted(ACTIVATION_BINARIZERS)} (config field model.act_binarizer)."
+        ) from None

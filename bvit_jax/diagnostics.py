@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bvit_jax.binarize import channel_alpha, sign
 from bvit_jax.param_groups import flatten_with_paths
 
 __all__ = [
@@ -89,12 +90,9 @@ __all__ = [
 _EPS = 1e-12
 
 
-def _sign(x: jax.Array) -> jax.Array:
-    return jnp.where(x >= 0, 1, -1).astype(jnp.int8)
-
-
-def _alpha(w: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True)
+def _sign_int8(x: jax.Array) -> jax.Array:
+    """:func:`bvit_jax.binarize.sign` stored as ``int8`` (the oscillation state keeps one per weight)."""
+    return sign(x).astype(jnp.int8)
 
 
 def latent_weights(params: Any, mask: Any) -> dict[str, jax.Array]:
@@ -136,7 +134,7 @@ def flip_rate(prev_params: Any, params: Any, mask: Any) -> dict[str, jax.Array]:
     Keys ``flip_rate/<path>``, ``flip_rate/mean`` and ``flip_rate/all``.
     """
     w0, w1 = latent_weights(prev_params, mask), latent_weights(params, mask)
-    per = {k: jnp.mean((_sign(w0[k]) != _sign(w1[k])).astype(jnp.float32)) for k in w1}
+    per = {k: jnp.mean((sign(w0[k]) != sign(w1[k])).astype(jnp.float32)) for k in w1}
     return _summarize("flip_rate", per, {k: w1[k].size for k in w1})
 
 
@@ -153,7 +151,7 @@ def oscillation_init(params: Any, mask: Any) -> OscillationState:
     """The state before any check: signs of ``params``, no flips, frequency 0."""
     w = latent_weights(params, mask)
     return OscillationState(
-        last_sign={k: _sign(v) for k, v in w.items()},
+        last_sign={k: _sign_int8(v) for k, v in w.items()},
         last_flip={k: jnp.zeros(v.shape, jnp.int8) for k, v in w.items()},
         freq={k: jnp.zeros(v.shape, jnp.float32) for k, v in w.items()},
     )
@@ -171,7 +169,7 @@ def oscillation_update(
     w = latent_weights(params, mask)
     new_sign, new_flip, new_freq, freq_mean, share = {}, {}, {}, {}, {}
     for k, v in w.items():
-        s = _sign(v)
+        s = _sign_int8(v)
         flipped = s != state.last_sign[k]
         direction = jnp.where(flipped, s, 0).astype(jnp.int8)  # new sign = direction of the flip
         osc = flipped & (state.last_flip[k] != 0) & (direction == -state.last_flip[k])
@@ -189,7 +187,7 @@ def oscillation_update(
 def near_zero_share(params: Any, mask: Any, frac: float = 0.25) -> dict[str, jax.Array]:
     """Share of latent weights with ``|W| < frac * alpha`` (alpha per output channel), per layer."""
     w = latent_weights(params, mask)
-    per = {k: jnp.mean((jnp.abs(v) < frac * _alpha(v)).astype(jnp.float32)) for k, v in w.items()}
+    per = {k: jnp.mean((jnp.abs(v) < frac * channel_alpha(v)).astype(jnp.float32)) for k, v in w.items()}
     return _summarize("near_zero", per, {k: v.size for k, v in w.items()})
 
 
@@ -207,7 +205,7 @@ def bimodality_coefficient(u: jax.Array) -> jax.Array:
 def bimodality(params: Any, mask: Any) -> dict[str, jax.Array]:
     """Bimodality coefficient of ``W / alpha`` (alpha per output channel), per layer."""
     w = latent_weights(params, mask)
-    per = {k: bimodality_coefficient(v / jnp.maximum(_alpha(v), _EPS)) for k, v in w.items()}
+    per = {k: bimodality_coefficient(v / jnp.maximum(channel_alpha(v), _EPS)) for k, v in w.items()}
     return _summarize("bimodality", per)
 
 
@@ -250,8 +248,7 @@ def activation_metrics(captured: Mapping[str, Mapping[str, jax.Array]]) -> dict[
         ent[path] = jnp.mean(binary_entropy(p_c))
         tok_ent[path] = jnp.mean(binary_entropy(jnp.mean(plus, axis=-1)))
         pos[path] = jnp.mean(plus)
-        alpha = jnp.mean(jnp.abs(s), axis=axes, keepdims=True)
-        approx = alpha * jnp.where(s >= 0, 1.0, -1.0)
+        approx = channel_alpha(s) * sign(s)
         rel[path] = jnp.linalg.norm(x - approx) / jnp.maximum(jnp.linalg.norm(x), _EPS)
         binerr[path] = jnp.linalg.norm(s - approx) / jnp.maximum(jnp.linalg.norm(s), _EPS)
     return {

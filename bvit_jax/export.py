@@ -1,4 +1,4 @@
-"""Export a trained binary ViT as a truly 1-bit file, and load it for packed inference.
+"""Export a trained binary ViT as a truly 1-bit ``.bvit`` file, and load it for packed inference.
 
 A trained checkpoint holds float *latent* weights; the model only ever uses
 their signs (and ``alpha = mean|W|`` per output channel). Export keeps exactly
@@ -17,38 +17,17 @@ what inference needs:
   ``attn_level_raw``, ``c = c_min + softplus(raw)``),
   head) unchanged in float32.
 
-Bits (see :mod:`bvit_jax.packed`): bit ``1`` is ``+1`` (``W >= 0``, so
-``sign(0) = +1``), bit ``0`` is ``-1``; element ``k`` of the input axis is bit
-``k % 32`` (LSB-first) of word ``k // 32``, i.e. ``numpy.packbits(...,
-bitorder="little")`` read as little-endian ``uint32``; padding bits are 0.
-
-File format (``.bvit``), version 3 (this reader also loads version 2), all integers little-endian::
-
-    offset 0   8 bytes   magic b"BVITPK\\r\\n"
-    offset 8   uint32    header length H
-    offset 12  H bytes   header: zlib-compressed UTF-8 JSON
-    ...        zeros to the next multiple of 64: payload start
-    payload    tensors, each at header["tensors"][i]["offset"] (from the
-               payload start, 16-byte aligned), raw C-order bytes
-
-The header records ``format``, ``version``, ``variant``, ``preset``, the
-architecture (``config``), the binarization switches (``options``; a file
-without ``options.asm_mode``, written before that field existed, loads as
-``"token_mean"``, the form it was trained with; one without
-``options.branch_norm``, version 2, as ``"layernorm"``), the bit convention, the eval preprocessing (``preprocess``:
-``bvit_jax.data.eval_settings(data_config).to_dict()``, the fields of the
-training data config that :func:`bvit_jax.data.eval_preprocess` reads, or
-null), ``class_names`` (from :func:`bvit_jax.data.class_names`, or given;
-null when unknown) and ``meta``, the tensor table (name, dtype, shape, offset,
-nbytes, and ``bits`` = true input length for packed kernels), and the
-payload size and CRC-32, so that truncated or corrupted files fail loudly
-(:class:`PackedFormatError`).
+Bits: the file's bit convention (:data:`bvit_jax.bvit_format.BIT_CONVENTION`,
+the standard order of :mod:`bvit_jax.bitops`); the container, its header and
+its checks (magic, version, sizes, CRC-32): :mod:`bvit_jax.bvit_format`. This
+module knows which tensors a model of a given architecture and options
+stores (and checks a file against them on loading).
 
 Python API::
 
     blob = export_model(model, "model.bvit", data=config.data, variant="deit_small", preset="binaryvit")
-    packed = load_packed("model.bvit")
-    logits = packed_forward(packed, images)
+    packed = load_packed("model.bvit")  # a bvit_jax.packed.PackedModel
+    logits = bvit_jax.packed.packed_forward(packed, images)
 
 Command line (a trainer workdir's best checkpoint -> file)::
 
@@ -58,11 +37,8 @@ Command line (a trainer workdir's best checkpoint -> file)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import struct
 import sys
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,91 +47,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bvit_jax import cli
+from bvit_jax import bvit_format, cli
 from bvit_jax import data as data_lib
-from bvit_jax.binarize import weight_alpha
+from bvit_jax.binarize import channel_alpha
+from bvit_jax.bitops import num_words, pack_signs, to_planes
+from bvit_jax.bvit_format import PackedFormatError
 from bvit_jax.errors import UserError
 from bvit_jax.layers import BinaryOptions, fold_branch_affine
 from bvit_jax.models import VisionTransformer, ViTConfig
-from bvit_jax.packed import PackedModel, check_packable, num_words, pack_signs, packed_forward, to_planes
+from bvit_jax.packed import PackedModel, check_packable
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
+from bvit_jax.summary import size_accounting
 
 __all__ = [
-    "MAGIC",
-    "FORMAT_VERSION",
-    "PackedFormatError",
     "export_model",
     "export_params",
     "pack_model",
     "load_packed",
-    "read_header",
-    "packed_forward",
-    "size_accounting",
     "resolve_data",
     "export_workdir",
     "main",
 ]
 
-MAGIC = b"BVITPK\r\n"
-# 2: attention levels stored as attn_level_raw (c = c_min + softplus(raw));
-# 3: options.branch_norm; with a folded branch normalisation, alpha and bias of its linear hold the folded values.
-# Version 2 files (no branch_norm: 'layernorm', the same tensors) still load.
-FORMAT_VERSION = 3
-_OLDEST_READABLE = 2
-FORMAT_NAME = "bvit_jax.packed"
-_PREFIX = struct.Struct("<8sI")
-_PAYLOAD_ALIGN = 64
-_TENSOR_ALIGN = 16
-_DTYPES = {"float32": np.dtype("<f4"), "uint32": np.dtype("<u4")}
-
-BIT_CONVENTION = {
-    "word": "uint32, little-endian",
-    "axis": "input axis of the (in, out) kernel: kernel_bits has shape (ceil(in/32), out)",
-    "order": "element k -> word k // 32, bit k % 32 (LSB-first); = numpy.packbits(bitorder='little')",
-    "one": "+1 (latent weight >= 0, sign(0) = +1)",
-    "zero": "-1",
-    "padding": "bits k >= in are 0",
-    "layer": "y = alpha * (in - 2 * popcount(xor(x_bits, w_bits))) + bias",
-    "branch_norm": "options.branch_norm 'affine': alpha, bias hold alpha * norm/scale, bias * norm/scale + norm/bias",
-}
-
 _REQUIRED = object()  # "data" not passed (distinct from an explicit data=None)
-
-
-class PackedFormatError(UserError, ValueError):
-    """A ``.bvit`` file that cannot be read: not one, truncated, corrupt, or inconsistent."""
-
-
-# --------------------------------------------------------------------------
-# Accounting (bvit_jax.summary: 1-bit weights 1/8 byte, everything else 4 bytes).
-# --------------------------------------------------------------------------
-
-
-def size_accounting(model: nnx.Module) -> dict[str, float]:
-    """What :mod:`bvit_jax.summary` says the 1-bit model should weigh, to set a file against.
-
-    Works on a real or an abstract (``nnx.eval_shape``) model. Returns
-    ``params``, ``binary_params`` (latent binary kernels), ``full_bytes``,
-    ``fp_arch_bytes`` and ``paper_bytes`` (the summary's three labelled
-    conventions; ``full`` includes the derived per-channel scales ``alpha`` a
-    1-bit export stores), ``fp32_bytes`` (this model's parameters all in
-    float32: what its checkpoint holds) and ``fp_model_bytes`` (the
-    full-precision model of the same architecture, preset ``fp``: the reference
-    of the paper's 16.2x).
-    """
-    from bvit_jax.summary import summary
-
-    s = summary(model)
-    fp = summary(_abstract_model(model.cfg, BinaryOptions()))
-    return {
-        "params": s.params,
-        "binary_params": s.params_1bit,
-        "fp32_bytes": 4.0 * s.params,
-        "full_bytes": s.size_bytes("full"),
-        "fp_arch_bytes": s.size_bytes("fp-arch"),
-        "paper_bytes": s.size_bytes("paper"),
-        "fp_model_bytes": fp.size_bytes("full"),
-    }
 
 
 def resolve_data(data, cfg: ViTConfig | None = None) -> tuple[dict[str, Any] | None, list[str] | None]:
@@ -177,7 +91,7 @@ def resolve_data(data, cfg: ViTConfig | None = None) -> tuple[dict[str, Any] | N
       1 channel, mean 0.286, std 0.353). Right only if training used them;
     * a :class:`bvit_jax.data.EvalSettings`, or a header's ``preprocess``
       dict (no class names then);
-    * ``None``: nothing is stored; :func:`packed_forward` runs the file on
+    * ``None``: nothing is stored; :func:`bvit_jax.packed.packed_forward` runs the file on
       tensors you preprocess yourself, and ``python -m bvit_jax.predict``
       refuses it.
 
@@ -311,9 +225,9 @@ def _pack_flat(
             base = path[: -len("/kernel")]
             tensors[base + "/kernel_bits"] = pack_signs(value, axis=0)
             # alpha exactly as the training forward computes it (XLA's float32 reduction,
-            # bvit_jax.binarize.weight_alpha), not numpy's pairwise sum: a few ulp matter
+            # bvit_jax.binarize.channel_alpha), not numpy's pairwise sum: a few ulp matter
             # at the sign thresholds of later layers.
-            alpha = np.asarray(weight_alpha(jnp.asarray(value)))[0] if opts.weight_scale else np.ones(value.shape[1])
+            alpha = np.asarray(channel_alpha(jnp.asarray(value)))[0] if opts.weight_scale else np.ones(value.shape[1])
             tensors[base + "/alpha"] = alpha.astype(np.float32)
             bits[base + "/kernel_bits"] = value.shape[0]
         else:
@@ -338,41 +252,6 @@ def _model_flat_params(model: VisionTransformer) -> dict[str, Any]:
 
 def _dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
-
-
-# --------------------------------------------------------------------------
-# Serialisation.
-# --------------------------------------------------------------------------
-
-
-def _serialize(header: dict[str, Any], tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> bytes:
-    table, chunks, offset = [], [], 0
-    for name, arr in tensors.items():
-        dt = "uint32" if arr.dtype == np.uint32 else "float32"
-        data = np.ascontiguousarray(arr, dtype=_DTYPES[dt]).tobytes()
-        pad = -offset % _TENSOR_ALIGN
-        if pad:
-            chunks.append(b"\0" * pad)
-            offset += pad
-        entry = {"name": name, "dtype": dt, "shape": list(arr.shape), "offset": offset, "nbytes": len(data)}
-        if name in bits:
-            entry["bits"] = int(bits[name])
-        table.append(entry)
-        chunks.append(data)
-        offset += len(data)
-    payload = b"".join(chunks)
-    header = dict(header, tensors=table, payload_nbytes=len(payload), payload_crc32=zlib.crc32(payload))
-    hjson = zlib.compress(json.dumps(header, separators=(",", ":")).encode("utf-8"), 9)
-    prefix = _PREFIX.pack(MAGIC, len(hjson)) + hjson
-    return prefix + b"\0" * (-len(prefix) % _PAYLOAD_ALIGN) + payload
-
-
-def _write(blob: bytes, path) -> None:
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
 
 
 def export_params(
@@ -408,21 +287,21 @@ def export_params(
     if class_names is not None and len(class_names) != cfg.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {cfg.num_classes} classes")
     header = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "format": bvit_format.FORMAT_NAME,
+        "version": bvit_format.FORMAT_VERSION,
         "variant": variant,
         "preset": preset,
         "config": dataclasses.asdict(cfg),
         "options": _options_to_json(opts),
         "trained_dtype": _dtype_name(opts.dtype),
-        "bits": BIT_CONVENTION,
+        "bits": bvit_format.BIT_CONVENTION,
         "preprocess": preprocess,
         "class_names": list(class_names) if class_names is not None else None,
         "meta": dict(meta or {}),
     }
-    blob = _serialize(header, tensors, bits)
+    blob = bvit_format.serialize(header, tensors, bits)
     if path is not None:
-        _write(blob, path)
+        bvit_format.write(blob, path)
     return blob
 
 
@@ -468,7 +347,7 @@ def export_model(
 
 
 def _runtime(tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> dict[str, jax.Array]:
-    """File tensors -> device arrays for :func:`packed_forward` (kernels re-ordered to plane order)."""
+    """File tensors -> device arrays for :func:`bvit_jax.packed.packed_forward` (kernels re-ordered to plane order)."""
     out = {}
     for name, arr in tensors.items():
         if name in bits:
@@ -480,7 +359,7 @@ def _runtime(tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> dict
 def pack_model(model: VisionTransformer, *, data: Any = None, class_names: list[str] | None = None) -> PackedModel:
     """The :class:`~bvit_jax.packed.PackedModel` of a model, in memory (no file).
 
-    For :func:`packed_forward` on tensors no ``data`` is needed. To classify
+    For :func:`bvit_jax.packed.packed_forward` on tensors no ``data`` is needed. To classify
     image files with it (:func:`bvit_jax.predict.classify`), pass the training
     data config or a data set name as ``data``; the header then gets the same
     ``preprocess`` and ``class_names`` as :func:`export_model` would store
@@ -507,89 +386,25 @@ def pack_model(model: VisionTransformer, *, data: Any = None, class_names: list[
 # --------------------------------------------------------------------------
 
 
-def _read_bytes(source) -> tuple[bytes, str]:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), "<bytes>"
-    if hasattr(source, "read"):
-        return source.read(), getattr(source, "name", "<file>")
-    with open(source, "rb") as f:
-        return f.read(), os.fspath(source)
-
-
-def _parse_header(blob: bytes, where: str) -> tuple[dict[str, Any], int]:
-    if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
-        if len(blob) < _PREFIX.size and MAGIC.startswith(blob[:8]):
-            raise PackedFormatError(
-                f"{where}: truncated .bvit file ({len(blob)} bytes, not even the {_PREFIX.size}-byte prefix)"
-            )
-        raise PackedFormatError(f"{where}: not a bvit_jax packed model (bad magic {blob[:8]!r}, expected {MAGIC!r})")
-    _, hlen = _PREFIX.unpack_from(blob)
-    end = _PREFIX.size + hlen
-    if end > len(blob):
-        raise PackedFormatError(
-            f"{where}: truncated .bvit file: the header needs {end} bytes but the file has {len(blob)}"
-        )
-    try:
-        header = json.loads(zlib.decompress(blob[_PREFIX.size : end]).decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PackedFormatError(f"{where}: corrupt .bvit header ({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise PackedFormatError(
-            f"{where}: corrupt .bvit header (format {header.get('format') if isinstance(header, dict) else None!r})"
-        )
-    version = header.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PackedFormatError(
-            f"{where}: .bvit format version {version!r} is not supported by this bvit_jax "
-            f"(reads up to {FORMAT_VERSION})"
-        )
-    if version < _OLDEST_READABLE:
-        raise PackedFormatError(
-            f"{where}: .bvit format version {version} was written by an older bvit_jax (this one reads versions "
-            f"{_OLDEST_READABLE} to {FORMAT_VERSION}: attention levels are stored as their raw parameter); "
-            "export the model again from its workdir with this version"
-        )
-    return header, end + (-end % _PAYLOAD_ALIGN)
-
-
-def read_header(source) -> dict[str, Any]:
-    """The JSON header of a ``.bvit`` file (path, bytes or binary file object)."""
-    blob, where = _read_bytes(source)
-    return _parse_header(blob, where)[0]
-
-
 def load_packed(source) -> PackedModel:
-    """Read a ``.bvit`` file (path, bytes or binary file object) into a :class:`PackedModel`.
+    """Read a ``.bvit`` file (path, bytes or binary file object) into a :class:`~bvit_jax.packed.PackedModel`.
 
-    Checks the magic, version, sizes, CRC-32 and that the tensors are exactly
-    those of the recorded architecture; raises :class:`PackedFormatError`
-    with the reason otherwise (e.g. ``truncated .bvit file: expected N bytes,
-    the file has M``).
+    Checks the magic, version, sizes and CRC-32
+    (:func:`bvit_jax.bvit_format.read_file`) and that the tensors are exactly
+    those of the recorded architecture; raises
+    :class:`~bvit_jax.bvit_format.PackedFormatError` with the reason otherwise
+    (e.g. ``truncated .bvit file: expected N bytes, the file has M``).
     """
-    blob, where = _read_bytes(source)
-    header, start = _parse_header(blob, where)
+    blob, where = bvit_format.read_bytes(source)
+    header, tensors, bits = bvit_format.read_file(blob, where=where)
     try:
-        nbytes = int(header["payload_nbytes"])
-        crc = int(header["payload_crc32"])
-        table = list(header["tensors"])
         cfg = ViTConfig(**header["config"])
         opts = _options_from_json(header["options"])
     except (KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(f"{where}: corrupt .bvit header ({type(e).__name__}: {e})") from None
-    if len(blob) < start + nbytes:
-        raise PackedFormatError(
-            f"{where}: truncated .bvit file: expected {start + nbytes} bytes, the file has {len(blob)} "
-            f"({start + nbytes - len(blob)} missing); re-export or copy it again"
-        )
-    if len(blob) > start + nbytes:
-        raise PackedFormatError(f"{where}: corrupt .bvit file: {len(blob) - start - nbytes} unexpected trailing bytes")
-    payload = memoryview(blob)[start:]
-    if zlib.crc32(payload) != crc:
-        raise PackedFormatError(f"{where}: corrupt .bvit file: payload CRC-32 mismatch (the file was damaged)")
 
     expected = _expected_tensors(cfg, opts)
-    tensors, bits = {}, {}
-    for entry in table:
+    for entry in header["tensors"]:
         name, dt, shape = entry["name"], entry["dtype"], tuple(entry["shape"])
         if name not in expected:
             raise PackedFormatError(f"{where}: unexpected tensor {name!r} for this architecture")
@@ -599,12 +414,6 @@ def load_packed(source) -> PackedModel:
                 f"{where}: tensor {name!r} is {dt}{list(shape)} (bits={entry.get('bits')}), "
                 f"the architecture needs {want_dt}{list(want_shape)} (bits={want_bits})"
             )
-        off, n = int(entry["offset"]), int(entry["nbytes"])
-        if n != int(np.prod(shape)) * 4 or off < 0 or off + n > nbytes:
-            raise PackedFormatError(f"{where}: corrupt tensor table entry for {name!r}")
-        tensors[name] = np.frombuffer(payload[off : off + n], dtype=_DTYPES[dt]).reshape(shape)
-        if want_bits is not None:
-            bits[name] = want_bits
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise PackedFormatError(f"{where}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bvit_jax.binarize import sign
+from bvit_jax.binarize import channel_alpha, sign
 
 __all__ = ["grs", "grs_penalty", "grs_direction", "GRSState", "freeze_oscillating", "FreezeState", "frozen_share"]
 
@@ -40,19 +40,14 @@ class GRSState(NamedTuple):
     count: jax.Array  # number of updates so far (drives a lambda schedule)
 
 
-def _alpha(w: jax.Array) -> jax.Array:
-    """``mean(|W|)`` over every axis but the last (the output channels), keepdims."""
-    return jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True)
-
-
 def grs_direction(w: jax.Array) -> jax.Array:
     """``(|W| - alpha) * sign(W)`` with ``sign(0) = +1``: the GRS gradient per unit lambda."""
-    return (jnp.abs(w) - _alpha(w)) * sign(w)
+    return (jnp.abs(w) - channel_alpha(w)) * sign(w)
 
 
 def grs_penalty(w: jax.Array) -> jax.Array:
     """``1/2 * sum (|W| - alpha)^2``: the penalty whose gradient GRS adds."""
-    return 0.5 * jnp.sum((jnp.abs(w) - _alpha(w)) ** 2)
+    return 0.5 * jnp.sum((jnp.abs(w) - channel_alpha(w)) ** 2)
 
 
 def grs(strength: float | optax.Schedule, mask: Any = None) -> optax.GradientTransformation:

@@ -14,7 +14,6 @@ full precision.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -25,15 +24,16 @@ from flax import nnx
 
 from bvit_jax.binarize import (
     LEVEL_MIN,
-    binary_matmul,
-    elastic_matmul,
+    ElasticBinarizer,
+    WeightBinarizer,
     get_activation_binarizer,
     lsq_grad_scale,
     positive_level,
     positive_level_inverse,
     scale_grad,
-    weight_alpha,
 )
+from bvit_jax.fused_ops import layer_norm, rounded, rprelu
+from bvit_jax.layer_report import LayerReport, ParamReport
 
 __all__ = [
     "ASM_MODES",
@@ -45,93 +45,17 @@ __all__ = [
     "BinaryLinear",
     "LinearBlock",
     "BranchAffine",
+    "BranchLayerNorm",
     "fold_branch_affine",
-    "rounded",
     "RPReLU",
     "Attention",
     "Mlp",
     "Block",
     "LayerNorm",
-    "layer_norm",
-    "rprelu",
     "match_width",
 ]
 
 trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
-
-
-# ----------------------------------------------------------------------------- fused ops
-# Hand-written backward passes for the elementwise layers that a binary ViT has
-# many of (a LayerNorm after every block linear, RPReLU in every MLP). The math
-# is that of the plain jnp code; autodiff of that code makes XLA (CPU
-# especially) materialise full-size broadcasts of per-row statistics and
-# per-channel parameters and read the activations more often than needed.
-
-
-def _row_mean(a: jax.Array, w: jax.Array | None = None) -> jax.Array:
-    """``mean(a * w, axis=-1, keepdims=True)`` (``w`` per channel, default 1).
-
-    On CPU this is a matrix-vector product: XLA's CPU reductions of
-    elementwise expressions with per-channel operands materialise those
-    operands broadcast to the full activation shape, a dot does not. Elsewhere
-    it is the plain reduction.
-    """
-
-    def by_dot(a, w):
-        v = jnp.full(a.shape[-1:], 1.0 / a.shape[-1], a.dtype) if w is None else w.astype(a.dtype) / a.shape[-1]
-        return jnp.einsum("...d,d->...", a, v, precision=jax.lax.Precision.HIGHEST)[..., None]
-
-    def by_reduce(a, w):
-        return jnp.mean(a if w is None else a * w, axis=-1, keepdims=True)
-
-    return jax.lax.platform_dependent(a, w, cpu=by_dot, default=by_reduce)
-
-
-def _ln_stats(x: jax.Array, epsilon: float):
-    """float32 (or wider) ``x``, its per-row mean and ``1/sqrt(var + eps)``, var = E[x^2] - E[x]^2 >= 0."""
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = _row_mean(xf)
-    var = jnp.maximum(0.0, _row_mean(xf * xf) - mean * mean)
-    return xf, mean, jax.lax.rsqrt(var + epsilon)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float = 1e-6, dtype: Any = None) -> jax.Array:
-    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``.
-
-    Statistics and arithmetic in float32 (at least), result in ``dtype``
-    (default ``x.dtype``); the variance is ``E[x^2] - E[x]^2`` clipped at 0,
-    as in ``flax.nnx.LayerNorm`` (``use_fast_variance=True``), whose values
-    this matches up to float rounding. The backward is the closed form
-    (``xhat`` the normalised input, ``g`` the output gradient, ``r = 1/sqrt(var + eps)``)::
-
-        d scale = sum_rows g * xhat,    d bias = sum_rows g
-        d x     = r * (g*scale - mean(g*scale) - xhat * mean(g*scale * xhat))   (means over the last axis)
-
-    saving only ``x`` and two numbers per row.
-    """
-    return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
-    xf, mean, rstd = _ln_stats(x, epsilon)
-    y = ((xf - mean) * rstd) * scale + bias
-    return y.astype(dtype or x.dtype), (x, mean, rstd, scale)
-
-
-def _layer_norm_bwd(epsilon, dtype, res, g):
-    x, mean, rstd, scale = res
-    xhat = (x.astype(mean.dtype) - mean) * rstd
-    g = g.astype(mean.dtype)
-    rows = tuple(range(x.ndim - 1))
-    d_scale = jnp.sum(g * xhat, axis=rows)
-    d_bias = jnp.sum(g, axis=rows)
-    dx = rstd * (g * scale - _row_mean(g, scale) - xhat * _row_mean(g * xhat, scale))
-    dx = dx.astype(x.dtype)
-    return dx, d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -158,34 +82,26 @@ class LayerNorm(nnx.LayerNorm):
         x, scale, bias = (a.astype(dtype) for a in (x, self.scale[...], self.bias[...]))
         return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
+    def report(self, num_tokens: int) -> LayerReport:
+        """Scale and bias, 32-bit, category ``'norm'`` (a LayerNorm the fp DeiT has too); no MACs."""
+        return _float_params_report(self, "norm")
 
-@jax.custom_vjp
-def rprelu(x: jax.Array, gamma: jax.Array, zeta: jax.Array, slope: jax.Array) -> jax.Array:
-    """``z = x - gamma``; ``where(z >= 0, z, slope * z) + zeta`` (per-channel ``gamma``, ``zeta``, ``slope``).
 
-    Backward (closed form, one pass over the activations)::
+class BranchLayerNorm(LayerNorm):
+    """The LayerNorm on the binary branch of a :class:`LinearBlock` (``branch_norm='layernorm'``).
 
-        d x = g * where(z >= 0, 1, slope),  d gamma = -sum_rows d x,
-        d zeta = sum_rows g,                d slope = sum_rows g * where(z >= 0, 0, z)
+    The same computation as :class:`LayerNorm`; it reports its parameters as
+    added by binarization (the fp DeiT has no such LayerNorm).
     """
-    z = x - gamma
-    return jnp.where(z >= 0, z, slope * z) + zeta
+
+    def report(self, num_tokens: int) -> LayerReport:
+        return _float_params_report(self, "added")
 
 
-def _rprelu_fwd(x, gamma, zeta, slope):
-    return rprelu(x, gamma, zeta, slope), (x, gamma, slope)
-
-
-def _rprelu_bwd(res, g):
-    x, gamma, slope = res
-    z = x - gamma
-    neg = z < 0
-    dx = jnp.where(neg, slope * g, g)
-    rows = tuple(range(x.ndim - 1))
-    return dx, -jnp.sum(dx, axis=rows), jnp.sum(g, axis=rows), jnp.sum(jnp.where(neg, g * z, 0), axis=rows)
-
-
-rprelu.defvjp(_rprelu_fwd, _rprelu_bwd)
+def _float_params_report(module: nnx.Module, category: str, kind: str | None = None) -> LayerReport:
+    """A report of ``module``'s own ``nnx.Param`` attributes (not its children's), 32-bit, one category."""
+    names = [name for name, value in vars(module).items() if isinstance(value, nnx.Param)]
+    return LayerReport(kind or type(module).__name__, {n: ParamReport(32, category) for n in names})
 
 
 ASM_MODES = ("token_mean", "per_token", "per_head")
@@ -339,6 +255,10 @@ class ActivationShift(nnx.Module):
             shift = shift + self.gamma[...].astype(x.dtype) * asm_statistic(x, self.mode, self.heads)
         return shift
 
+    def report(self, num_tokens: int) -> LayerReport:
+        """``beta`` / ``gamma``: 32-bit, added by binarization; no MACs."""
+        return _float_params_report(self, "added")
+
 
 class SignActivation(nnx.Module):
     """Binarize an activation: ``x_b = sign(x - shift(x))`` with a surrogate gradient.
@@ -352,7 +272,7 @@ class SignActivation(nnx.Module):
     """
 
     def __init__(self, dim: int, opts: BinaryOptions, *, heads: int = 1):
-        self.binarizer = opts.act_binarizer
+        self.binarizer = get_activation_binarizer(opts.act_binarizer)
         if opts.learnable_shift or opts.asm:
             self.shift = ActivationShift(
                 dim, static=opts.learnable_shift, adaptive=opts.asm, mode=opts.asm_mode, heads=heads
@@ -365,7 +285,7 @@ class SignActivation(nnx.Module):
         if capture:
             self.sow(nnx.Intermediate, "x", x)
             self.sow(nnx.Intermediate, "shifted", shifted)
-        return get_activation_binarizer(self.binarizer)(shifted)
+        return self.binarizer(shifted)
 
 
 class BinaryLinear(nnx.Module):
@@ -385,8 +305,7 @@ class BinaryLinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
         self.in_features, self.out_features = in_features, out_features
-        self.binarize_weights = opts.binarize_weights
-        self.weight_scale = opts.weight_scale
+        self.weight_binarizer = WeightBinarizer(scale=opts.weight_scale) if opts.binarize_weights else None
         self.dtype = opts.dtype
         self.kernel = nnx.Param(trunc_normal(rngs.params(), (in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
@@ -400,8 +319,8 @@ class BinaryLinear(nnx.Module):
         # XLA CPU transpose the output gradient (fused with its producer) before that product.
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        if self.binarize_weights:  # (x @ sign(W)) * alpha: integer matmul, then one multiply
-            y = binary_matmul(x2, self.kernel[...], self.weight_scale)
+        if self.weight_binarizer is not None:  # (x @ sign(W)) * alpha: integer matmul, then one multiply
+            y = self.weight_binarizer.matmul(x2, self.kernel[...])
         else:
             y = jnp.dot(x2, self.kernel[...].astype(self.dtype))
         return y.reshape(*lead, self.out_features) + self.bias[...].astype(self.dtype)
@@ -424,31 +343,45 @@ class BinaryLinear(nnx.Module):
             x = self.act(x, capture=capture)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        if self.binarize_weights:
-            y = binary_matmul(x2, self.kernel[...], False)
-            if self.weight_scale:
-                alpha = jax.lax.stop_gradient(weight_alpha(self.kernel[...]))[0]
-            else:
-                alpha = jnp.ones((self.out_features,), jnp.float32)
+        if self.weight_binarizer is not None:
+            y = self.weight_binarizer.unscaled_matmul(x2, self.kernel[...])
+            alpha = self.weight_binarizer.alpha(self.kernel[...])
         else:
             y, alpha = jnp.dot(x2, self.kernel[...].astype(self.dtype)), None
         return (y if flat else y.reshape(*lead, self.out_features)), alpha
 
+    def latent_weights(self) -> tuple[str, ...]:
+        """Names of the parameters the forward binarizes: ``('kernel',)`` with binary weights, else ``()``.
 
-def rounded(x: jax.Array) -> jax.Array:
-    """``x``, unchanged (``where(isnan(x), nan, x)``), but rounded to its dtype where it is computed.
+        Their float values are *latent*: the model uses only their signs (and
+        ``alpha``), so GRS acts on them and weight decay leaves them alone
+        (:func:`bvit_jax.param_groups.latent_weight_mask`).
+        """
+        return ("kernel",) if self.weight_binarizer is not None else ()
 
-    XLA on CPU contracts a multiply feeding an add into one fused multiply-add
-    (one rounding) in some fused kernels and not in others (e.g. where the
-    matmul is emitted inside the same loop). ``rounded(a * b) + c`` always
-    rounds the product first: the select between the two stops the
-    contraction, and no simplifier removes it (it differs from ``x`` for NaN
-    payloads). The folded branch normalisation (:func:`fold_branch_affine`,
-    :class:`LinearBlock`, and the packed layer) computes every
-    ``product + bias`` this way, so both forwards round identically
-    wherever XLA places the operations.
-    """
-    return jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), x)
+    def report(self, num_tokens: int) -> LayerReport:
+        """Kernel at its binarizer's precision (1 bit) or 32 bits, bias 32 bits; ``num_tokens * in * out`` MACs.
+
+        The MACs are binary when both operands are: the kernel's and the
+        input's binarizers both have precision 1. A binary kernel with
+        ``weight_scale`` adds ``out`` derived 32-bit scales to the export.
+        """
+        wb, act = self.weight_binarizer, (self.act.binarizer if self.act is not None else None)
+        w_bits = wb.precision if wb is not None else 32
+        x_bits = act.precision if act is not None else 32
+        macs = num_tokens * self.in_features * self.out_features
+        binary = w_bits == 1 and x_bits == 1
+        kind = "BinaryLinear" + (" (1-bit W, 1-bit x)" if binary else (" (1-bit W)" if w_bits == 1 else ""))
+        return LayerReport(
+            kind,
+            {
+                "kernel": ParamReport(w_bits, "binary_kernel" if w_bits == 1 else "linear_kernel"),
+                "bias": ParamReport(32, "bias"),
+            },
+            binary_macs=macs if binary else 0,
+            fp_macs=0 if binary else macs,
+            derived_32bit=self.out_features if (wb is not None and wb.scale) else 0,
+        )
 
 
 def fold_branch_affine(
@@ -465,7 +398,7 @@ def fold_branch_affine(
     (:mod:`bvit_jax.export`) compute ``s'`` and ``b'`` with this function and
     then ``rounded(d * s') + b'``, the packed layer's epilogue, so the two
     forwards perform identical float32 operations (every product rounded
-    before its add, :func:`rounded`) and agree bit for bit.
+    before its add, :func:`bvit_jax.fused_ops.rounded`) and agree bit for bit.
     """
     s = scale if alpha is None else alpha * scale
     return s, rounded(bias * scale) + shift
@@ -503,6 +436,10 @@ class BranchAffine(nnx.Module):
     def __call__(self, y: jax.Array) -> jax.Array:
         return y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
 
+    def report(self, num_tokens: int) -> LayerReport:
+        """``scale`` / ``bias``: 32-bit, added by binarization (folded away at export); no MACs."""
+        return _float_params_report(self, "added")
+
 
 class LinearBlock(nnx.Module):
     """A block linear with the optional real-valued shortcut: ``match(x) + N(linear(x))``.
@@ -524,7 +461,7 @@ class LinearBlock(nnx.Module):
         self.linear = BinaryLinear(in_features, out_features, opts, rngs=rngs)
         self.branch_norm = opts.branch_norm if opts.linear_shortcut else None
         if self.branch_norm == "layernorm":
-            self.norm = LayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+            self.norm = BranchLayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
         elif self.branch_norm == "affine":
             self.norm = BranchAffine(out_features)
         else:
@@ -559,6 +496,10 @@ class RPReLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return rprelu(x, *(p[...].astype(x.dtype) for p in (self.gamma, self.zeta, self.slope)))
 
+    def report(self, num_tokens: int) -> LayerReport:
+        """``gamma`` / ``zeta`` / ``slope``: 32-bit, added by binarization; no MACs."""
+        return _float_params_report(self, "added")
+
 
 class Attention(nnx.Module):
     """Multi-head self-attention, optionally binary.
@@ -580,7 +521,7 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, num_tokens: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        self.dim, self.num_heads = dim, num_heads
         self.q = LinearBlock(dim, dim, opts, rngs=rngs)
         self.k = LinearBlock(dim, dim, opts, rngs=rngs)
         self.v = LinearBlock(dim, dim, opts, rngs=rngs)
@@ -591,8 +532,9 @@ class Attention(nnx.Module):
             self.v_sign = SignActivation(dim, opts, heads=num_heads)
             level = opts.attn_level_init if opts.attn_level_init is not None else 1.0 / num_tokens
             self.attn_level_raw = nnx.Param(jnp.asarray(positive_level_inverse(level), jnp.float32))
+            self.prob_binarizer = ElasticBinarizer()
         else:
-            self.q_sign = self.k_sign = self.v_sign = self.attn_level_raw = None
+            self.q_sign = self.k_sign = self.v_sign = self.attn_level_raw = self.prob_binarizer = None
         self.level_grad_scale = bool(opts.attn_level_grad_scale)
 
     def level(self) -> jax.Array | None:
@@ -610,14 +552,33 @@ class Attention(nnx.Module):
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in (q, k, v))
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        if self.attn_level_raw is not None:  # elastic_binarize(probs, c) @ v, as (level @ v) * c
+        if self.prob_binarizer is not None:  # elastic_binarize(probs, c) @ v, as (level @ v) * c
             c = self.level()
             if self.level_grad_scale:  # LSQ: g = 1/sqrt(N * Q_P), N = heads * q * k per image, Q_P = 1
                 c = scale_grad(c, lsq_grad_scale(math.prod(probs.shape[1:])))
-            out = elastic_matmul(probs, c, v)
+            out = self.prob_binarizer.matmul(probs, c, v)
         else:
             out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"), capture=capture)
+
+    def report(self, num_tokens: int) -> LayerReport:
+        """The two attention matmuls, ``2 * N^2 * dim`` MACs (``Q K^T`` and ``P V`` over all heads).
+
+        Binary when Q, K, V and the probabilities all are (the sign
+        binarizers' and the {0, c} binarizer's precision 1); the level
+        ``attn_level_raw`` is a 32-bit parameter added by binarization.
+        """
+        macs = 2 * num_tokens * num_tokens * self.dim
+        signs = (self.q_sign, self.k_sign, self.v_sign)
+        binary = self.prob_binarizer is not None and all(s.binarizer.precision == 1 for s in signs)
+        params = {"attn_level_raw": ParamReport(32, "added")} if self.attn_level_raw is not None else {}
+        return LayerReport(
+            "Attention" + (" (binary QK^T, PV)" if binary else " (QK^T, PV)"),
+            params,
+            binary_macs=macs if binary else 0,
+            fp_macs=0 if binary else macs,
+            attention_binary_macs=macs if binary else 0,
+        )
 
 
 class Mlp(nnx.Module):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from bvit_jax.layer_report import LayerReport, ParamReport
 from bvit_jax.layers import BinaryOptions, Block, LayerNorm, trunc_normal
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "VARIANTS",
     "PRESETS",
     "VisionTransformer",
+    "PatchEmbed",
+    "Head",
     "create",
     "get_preset",
     "get_variant",
@@ -155,6 +158,41 @@ def get_preset(name: str) -> Preset:
         ) from None
 
 
+class PatchEmbed(nnx.Conv):
+    """Patch embedding: a ``p x p`` convolution with stride ``p`` (``nnx.Conv``'s parameters and values).
+
+    Always full precision; reports ``num_patches * p * p * in_channels * dim`` MACs per image.
+    """
+
+    def __init__(self, cfg: ViTConfig, dtype: Any, *, rngs: nnx.Rngs):
+        p = cfg.patch_size
+        super().__init__(
+            cfg.in_channels,
+            cfg.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            kernel_init=trunc_normal,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.num_patches = cfg.num_patches
+
+    def report(self, num_tokens: int) -> LayerReport:
+        kh, kw, cin, cout = self.kernel.shape
+        params = {"kernel": ParamReport(32, "patch_embed"), "bias": ParamReport(32, "patch_embed")}
+        return LayerReport("PatchEmbed", params, fp_macs=self.num_patches * kh * kw * cin * cout)
+
+
+class Head(nnx.Linear):
+    """Classifier head on the class token (``nnx.Linear``'s parameters and values); ``in * out`` MACs per image."""
+
+    def report(self, num_tokens: int) -> LayerReport:
+        cin, cout = self.kernel.shape
+        params = {"kernel": ParamReport(32, "head"), "bias": ParamReport(32, "head")}
+        return LayerReport("Head", params, fp_macs=cin * cout)
+
+
 class VisionTransformer(nnx.Module):
     """ViT / DeiT classifier (Dosovitskiy et al., 2021; Touvron et al., 2021).
 
@@ -171,17 +209,8 @@ class VisionTransformer(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, opts: BinaryOptions = FP_OPTIONS, *, rngs: nnx.Rngs):
         self.cfg, self.opts = cfg, opts
-        d, p = cfg.embed_dim, cfg.patch_size
-        self.patch_embed = nnx.Conv(
-            cfg.in_channels,
-            d,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            kernel_init=trunc_normal,
-            dtype=opts.dtype,
-            rngs=rngs,
-        )
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg, opts.dtype, rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
         self.pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, cfg.num_tokens, d)))
         self.blocks = nnx.List(
@@ -189,7 +218,7 @@ class VisionTransformer(nnx.Module):
         )
         # bvit_jax.layers.LayerNorm (nnx.LayerNorm's parameters): the function the packed forward uses too
         self.norm = LayerNorm(d, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
-        self.head = nnx.Linear(d, cfg.num_classes, kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs)
+        self.head = Head(d, cfg.num_classes, kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs)
 
     def features(self, images: jax.Array, *, capture: bool = False) -> jax.Array:
         """The class-token feature after the final LayerNorm, shape ``(B, embed_dim)``."""
@@ -210,6 +239,11 @@ class VisionTransformer(nnx.Module):
     def logits(self, images: jax.Array, *, capture: bool = False) -> jax.Array:
         """Class logits (float32), shape ``(B, num_classes)``."""
         return self.head(self.features(images, capture=capture)).astype(jnp.float32)
+
+    def report(self, num_tokens: int) -> LayerReport:
+        """The model's own parameters: class token and position embedding (32-bit, category ``'tokens'``)."""
+        params = {"cls_token": ParamReport(32, "tokens"), "pos_embed": ParamReport(32, "tokens")}
+        return LayerReport("VisionTransformer (cls token, pos embed)", params)
 
     def __call__(self, images: jax.Array, *, capture: bool = False):
         if not capture:

@@ -14,8 +14,6 @@ from typing import Any
 import jax
 from flax import nnx
 
-from bvit_jax.layers import BinaryLinear
-
 __all__ = ["path_str", "flatten_with_paths", "path_mask", "latent_weight_paths", "latent_weight_mask"]
 
 
@@ -51,11 +49,16 @@ def path_mask(tree, include: str | Iterable[str], exclude: str | Iterable[str] =
 
 
 def latent_weight_paths(model: nnx.Module) -> set[str]:
-    """Paths of the latent (float) kernels that the forward binarizes."""
+    """Paths of the latent (float) parameters that the forward binarizes.
+
+    Each layer names its own (``latent_weights()``, e.g.
+    :meth:`bvit_jax.layers.BinaryLinear.latent_weights`); a module without
+    that method has none.
+    """
     out = set()
     for path, module in nnx.iter_modules(model):
-        if isinstance(module, BinaryLinear) and module.binarize_weights:
-            out.add("/".join(str(p) for p in path) + "/kernel")
+        for name in module.latent_weights() if hasattr(module, "latent_weights") else ():
+            out.add("/".join(str(p) for p in (*path, name)))
     return out
 
 

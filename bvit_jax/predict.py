@@ -38,9 +38,10 @@ import numpy as np
 
 from bvit_jax import cli
 from bvit_jax import data as data_lib
+from bvit_jax.bvit_format import PackedFormatError
 from bvit_jax.data.decode import DecodeError
 from bvit_jax.errors import UserError
-from bvit_jax.export import PackedFormatError, load_packed
+from bvit_jax.export import load_packed
 from bvit_jax.packed import PackedModel, packed_forward
 
 __all__ = ["model_settings", "load_images", "classify", "main"]
@@ -49,7 +50,7 @@ __all__ = ["model_settings", "load_images", "classify", "main"]
 def model_settings(packed: PackedModel) -> data_lib.EvalSettings:
     """The eval transform stored in a packed model's header, checked against its architecture.
 
-    Raises :class:`~bvit_jax.export.PackedFormatError` (a ``ValueError``) when
+    Raises :class:`~bvit_jax.bvit_format.PackedFormatError` (a ``ValueError``) when
     the header has no ``preprocess`` (exported with ``data=None``) or its size /
     channels do not fit the model.
     """

@@ -3,12 +3,16 @@
 ``summary(model)`` walks the NNX module tree (``nnx.iter_modules``) and returns a
 :class:`Summary`: one :class:`LayerRow` per layer plus totals; ``print_summary``
 prints it as a table, ``compare(fp_model, binary_model)`` gives the savings.
+Every layer reports its own parameters (bit width and category) and MACs (by
+precision) through its ``report(num_tokens)`` method
+(:class:`bvit_jax.layer_report.LayerReport`); this module only adds the
+reports up under each convention, and knows no layer class.
 Abstract models work too (``nnx.eval_shape(lambda: create(...))``): only shapes
 are read, nothing is allocated.
 
 Parameters by precision
-  1-bit: latent kernels that the forward binarizes (``BinaryLinear`` with
-  ``binarize_weights``); 32-bit: every other ``nnx.Param``. A 1-bit export must
+  1-bit: latent kernels that the forward binarizes (a ``BinaryLinear`` whose
+  weight binarizer has precision 1); 32-bit: every other ``nnx.Param``. A 1-bit export must
   also store the per-output-channel weight scale ``alpha = mean|W|``; it is not
   a parameter (it is derived from the latent kernel) and is listed apart as
   "derived 32-bit scales".
@@ -63,7 +67,7 @@ from typing import Any
 
 from flax import nnx
 
-from bvit_jax.layers import ActivationShift, Attention, BinaryLinear, BranchAffine, LinearBlock, RPReLU
+from bvit_jax.layer_report import CATEGORIES, LayerReport, ParamReport
 
 __all__ = [
     "CONVENTIONS",
@@ -74,6 +78,7 @@ __all__ = [
     "summary",
     "print_summary",
     "compare",
+    "size_accounting",
 ]
 
 CONVENTIONS: dict[str, str] = {
@@ -109,6 +114,7 @@ _COUNTED = {
     "tokens": {"fp-arch", "full"},
     "added": {"full"},
 }
+assert set(_COUNTED) == set(CATEGORIES), "every parameter category needs its conventions"
 
 # Forward order of the known children (for the table); unknown names sort last.
 _RANK = {
@@ -325,30 +331,20 @@ def _path_key(path: tuple) -> tuple:
     return tuple((c, "") if isinstance(c, int) else (_RANK.get(str(c), 50), str(c)) for c in path)
 
 
-def _param_category(model, owner_path: tuple, owner, parent, name: str) -> str:
-    if isinstance(owner, BinaryLinear):
-        if name == "kernel":
-            return "binary_kernel" if owner.binarize_weights else "linear_kernel"
-        return "bias"
-    if isinstance(owner, (ActivationShift, RPReLU, BranchAffine)):
-        return "added"  # BranchAffine: the branch normalisation of a LinearBlock, as its LayerNorm below
-    if isinstance(owner, Attention):
-        return "added"  # the {0, c} level
-    if isinstance(owner, nnx.LayerNorm):
-        return "added" if isinstance(parent, LinearBlock) else "norm"
-    if owner is model:
-        return "tokens" if name in ("cls_token", "pos_embed") else "other"
-    if owner is getattr(model, "patch_embed", None):
-        return "patch_embed"
-    if owner is getattr(model, "head", None):
-        return "head"
-    return "other"
+def _report(module: nnx.Module, num_tokens: int) -> LayerReport:
+    """The module's own report, or, for a module that has none, its parameters at 32 bits as ``'other'``."""
+    if hasattr(module, "report"):
+        return module.report(num_tokens)
+    names = [name for name, value in vars(module).items() if isinstance(value, nnx.Param)]
+    return LayerReport(type(module).__name__, {n: ParamReport(32, "other") for n in names})
 
 
 def summary(model: nnx.Module, name: str | None = None) -> Summary:
     """Account for ``model`` (a :class:`bvit_jax.models.VisionTransformer`, concrete or abstract).
 
-    See the module docstring for the counting rules and the size conventions.
+    Each module reports its own parameters and MACs
+    (:class:`bvit_jax.layer_report.LayerReport`); see the module docstring for
+    the counting rules and the size conventions.
     """
     cfg = getattr(model, "cfg", None)
     opts = getattr(model, "opts", None)
@@ -358,66 +354,42 @@ def summary(model: nnx.Module, name: str | None = None) -> Summary:
     is_binary = bool(opts.is_binary)
 
     modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
-    params_by_owner: dict[tuple, list[tuple[str, int]]] = {}
+    sizes: dict[tuple, dict[str, int]] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        params_by_owner.setdefault(tuple(path[:-1]), []).append((str(path[-1]), int(math.prod(var.shape))))
+        sizes.setdefault(tuple(path[:-1]), {})[str(path[-1])] = int(math.prod(var.shape))
 
     rows = []
     attn_bin = 0
-    for path in sorted(set(modules) | set(params_by_owner), key=_path_key):
-        mod = modules[path]
-        parent = modules.get(path[:-1]) if path else None
+    for path in sorted(modules, key=_path_key):
+        report = _report(modules[path], n_tok)
+        own = sizes.get(path, {})
+        if set(own) != set(report.params):
+            raise ValueError(
+                f"the report of {'/'.join(map(str, path)) or 'the model'} names the parameters "
+                f"{sorted(report.params)}, the module owns {sorted(own)}"
+            )
         r = dict(
             params_1bit=0,
             params_32bit=0,
-            derived_32bit=0,
-            size_full=0.0,
+            derived_32bit=report.derived_32bit,
+            size_full=report.derived_32bit * _BYTES_PER_32BIT,
             size_fp_arch=0.0,
             size_paper=0.0,
-            binary_macs=0,
-            fp_macs=0,
+            binary_macs=report.binary_macs,
+            fp_macs=report.fp_macs,
         )
-        for pname, n in params_by_owner.get(path, []):
-            cat = _param_category(model, path, mod, parent, pname)
-            one_bit = cat == "binary_kernel"
+        for pname, param in report.params.items():
+            n = own[pname]
+            one_bit = param.bits == 1
             r["params_1bit" if one_bit else "params_32bit"] += n
             nbytes = n * (_BYTES_PER_1BIT if one_bit else _BYTES_PER_32BIT)
             r["size_full"] += nbytes
-            r["size_fp_arch"] += nbytes if "fp-arch" in _COUNTED[cat] else 0.0
-            r["size_paper"] += nbytes if (not is_binary or "paper" in _COUNTED[cat]) else 0.0
-        kind = type(mod).__name__
-        if isinstance(mod, BinaryLinear):
-            macs = n_tok * mod.in_features * mod.out_features
-            binary = mod.binarize_weights and mod.act is not None
-            r["binary_macs" if binary else "fp_macs"] += macs
-            if mod.binarize_weights and mod.weight_scale:
-                r["derived_32bit"] += mod.out_features
-                r["size_full"] += mod.out_features * _BYTES_PER_32BIT
-            kind += " (1-bit W, 1-bit x)" if binary else (" (1-bit W)" if mod.binarize_weights else "")
-        elif isinstance(mod, Attention):
-            macs = 2 * n_tok * n_tok * cfg.embed_dim  # QK^T and PV, summed over heads
-            if mod.attn_level_raw is not None:
-                r["binary_macs"] += macs
-                attn_bin += macs
-                kind += " (binary QK^T, PV)"
-            else:
-                r["fp_macs"] += macs
-                kind += " (QK^T, PV)"
-        elif isinstance(mod, nnx.Conv):
-            if mod is not getattr(model, "patch_embed", None):
-                raise ValueError(f"summary() does not know the geometry of the conv at {path}")
-            kh, kw, cin, cout = mod.kernel.shape
-            mod_macs = cfg.num_patches * kh * kw * cin * cout
-            r["fp_macs"] += mod_macs
-        elif isinstance(mod, nnx.Linear):
-            cin, cout = mod.kernel.shape
-            tokens = 1 if mod is getattr(model, "head", None) else n_tok
-            r["fp_macs"] += tokens * cin * cout
-        elif path == ():
-            kind += " (cls token, pos embed)"
+            r["size_fp_arch"] += nbytes if "fp-arch" in _COUNTED[param.category] else 0.0
+            r["size_paper"] += nbytes if (not is_binary or "paper" in _COUNTED[param.category]) else 0.0
+        attn_bin += report.attention_binary_macs
         if not any(v for k, v in r.items()):
             continue
-        rows.append(LayerRow("/".join(str(c) for c in path), kind, **r))
+        rows.append(LayerRow("/".join(str(c) for c in path), report.kind, **r))
     return Summary(
         name=name
         or f"{type(model).__name__} (embed {cfg.embed_dim}, depth {cfg.depth}, "
@@ -506,3 +478,29 @@ def compare(fp_model, binary_model) -> Comparison:
         ops_ratio_one_fp_attention_matmul=fp.ops / bn.ops_one_fp_attention_matmul,
         conventions=conventions,
     )
+
+
+def size_accounting(model: nnx.Module) -> dict[str, float]:
+    """What :mod:`bvit_jax.summary` says the 1-bit model should weigh, to set a file against.
+
+    Works on a real or an abstract (``nnx.eval_shape``) model. Returns
+    ``params``, ``binary_params`` (latent binary kernels), ``full_bytes``,
+    ``fp_arch_bytes`` and ``paper_bytes`` (the summary's three labelled
+    conventions; ``full`` includes the derived per-channel scales ``alpha`` a
+    1-bit export stores), ``fp32_bytes`` (this model's parameters all in
+    float32: what its checkpoint holds) and ``fp_model_bytes`` (the
+    full-precision model of the same architecture, preset ``fp``: the reference
+    of the paper's 16.2x).
+    """
+    s = summary(model)
+    # the same model class with default options (every binarization switch off): the fp model
+    fp = summary(nnx.eval_shape(lambda: type(model)(model.cfg, type(model.opts)(), rngs=nnx.Rngs(0))))
+    return {
+        "params": s.params,
+        "binary_params": s.params_1bit,
+        "fp32_bytes": 4.0 * s.params,
+        "full_bytes": s.size_bytes("full"),
+        "fp_arch_bytes": s.size_bytes("fp-arch"),
+        "paper_bytes": s.size_bytes("paper"),
+        "fp_model_bytes": fp.size_bytes("full"),
+    }

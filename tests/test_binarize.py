@@ -15,8 +15,13 @@ import pytest
 
 from bvit_jax.binarize import (
     LEVEL_MIN,
+    ApproxSign,
+    ElasticBinarizer,
+    SteSign,
+    WeightBinarizer,
     approx_sign,
     binary_matmul,
+    channel_alpha,
     elastic_binarize,
     elastic_matmul,
     get_activation_binarizer,
@@ -26,7 +31,6 @@ from bvit_jax.binarize import (
     scale_grad,
     sign,
     ste_sign,
-    weight_alpha,
     weight_binarize,
 )
 from tests.tolerances import U32, assert_within, gamma_n
@@ -89,10 +93,43 @@ def test_binarizers_under_jit_match_eager():
 
 
 def test_get_activation_binarizer():
-    assert get_activation_binarizer("ste") is ste_sign
-    assert get_activation_binarizer("approx") is approx_sign
+    assert get_activation_binarizer("ste") == SteSign()
+    assert get_activation_binarizer("approx") == ApproxSign()
     with pytest.raises(ValueError, match="Unknown activation binarizer"):
         get_activation_binarizer("tanh")
+
+
+def test_binarizer_objects_carry_name_precision_and_their_gradient():
+    """Each object is its function (forward and custom backward) with a name and a precision of 1 bit."""
+    x, up = jnp.asarray(X), jnp.asarray(np.linspace(-1, 1, X.size, dtype=np.float32))
+    for obj, fn in ((SteSign(), ste_sign), (ApproxSign(), approx_sign)):
+        assert obj.precision == 1 and get_activation_binarizer(obj.name) == obj
+        np.testing.assert_array_equal(obj(x), fn(x))
+        np.testing.assert_array_equal(_vjp(obj, x, up), _vjp(fn, x, up))
+    w = jnp.asarray(_kernel())
+    for scale in (True, False):
+        wb = WeightBinarizer(scale=scale)
+        assert wb.precision == 1 and wb != WeightBinarizer(scale=not scale)  # compared by value (jit cache key)
+        np.testing.assert_array_equal(wb(w), weight_binarize(w, scale=scale))
+        # alpha: (out,) = channel_alpha, ones without the scale, detached (no gradient reaches W through it)
+        want = np.asarray(channel_alpha(w))[0] if scale else np.ones(3, np.float32)
+        np.testing.assert_array_equal(wb.alpha(w), want)
+        np.testing.assert_array_equal(jax.grad(lambda v, wb=wb: jnp.sum(wb.alpha(v)))(w), np.zeros_like(w))
+        xs = jnp.asarray(np.sign(np.random.default_rng(0).standard_normal((5, 4))).astype(np.float32))
+        np.testing.assert_array_equal(wb.matmul(xs, w), binary_matmul(xs, w, scale))
+        np.testing.assert_array_equal(wb.unscaled_matmul(xs, w), binary_matmul(xs, w, False))
+    p, c = jnp.asarray(np.linspace(0, 0.5, 12, dtype=np.float32).reshape(1, 3, 4)), jnp.float32(0.2)
+    v = jnp.asarray(np.where(np.arange(8).reshape(1, 4, 2) % 3, 1.0, -1.0).astype(np.float32))
+    eb = ElasticBinarizer()
+    assert eb.precision == 1
+    np.testing.assert_array_equal(eb(p, c), elastic_binarize(p, c))
+    np.testing.assert_array_equal(eb.matmul(p, c, v), elastic_matmul(p, c, v))
+
+
+def test_channel_alpha_is_the_mean_magnitude_over_all_axes_but_the_last():
+    """``mean |x|`` per last-axis channel, exact for sums of a few powers of two."""
+    x = np.array([[[0.5, -2.0], [-0.25, 0.0]], [[1.0, 4.0], [-0.25, -2.0]]], np.float32)  # (2, 2, 2)
+    np.testing.assert_array_equal(channel_alpha(jnp.asarray(x)), [[[0.5, 2.0]]])
 
 
 def _kernel():
@@ -187,7 +224,7 @@ def test_binary_matmul_is_exact_integer_times_alpha(n_in):
     w = 0.02 * jax.random.normal(kw, (n_in, 48))
     w = w.at[0, 0].set(0.0)  # sign(0) = +1
     ints = np.asarray(x).astype(np.int64) @ np.where(np.asarray(w) >= 0, 1, -1)  # exact integers
-    alpha = np.asarray(weight_alpha(w))  # (1, out), as export computes it
+    alpha = np.asarray(channel_alpha(w))  # (1, out), as export computes it
     y = np.asarray(jax.jit(binary_matmul, static_argnums=2)(x, w, True))
     np.testing.assert_array_equal(y, ints.astype(np.float32) * alpha)  # one float32 rounding per element
     np.testing.assert_array_equal(np.asarray(binary_matmul(x, w, False)), ints.astype(np.float32))
@@ -208,7 +245,7 @@ def test_binary_matmul_gradients_equal_unfused(scale):
     fused = jax.grad(lambda x, w: jnp.sum(up * binary_matmul(x, w, scale)), argnums=(0, 1))(x, w)
     plain = jax.grad(lambda x, w: jnp.sum(up * (x @ weight_binarize(w, scale=scale))), argnums=(0, 1))(x, w)
     xn, wn, gn = (np.asarray(a, np.float64) for a in (x, w, up))
-    alpha = np.asarray(weight_alpha(w), np.float64) if scale else np.ones((1, wn.shape[1]))
+    alpha = np.asarray(channel_alpha(w), np.float64) if scale else np.ones((1, wn.shape[1]))
     wb = alpha * np.where(wn >= 0, 1.0, -1.0)  # exact in float32 too (alpha times +-1)
     inside = np.abs(wn) <= 1
     # dL/dx = up @ W_b^T: 9 products summed (+ the products' roundings); each of the two float32

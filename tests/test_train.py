@@ -414,7 +414,8 @@ def test_affine_branch_norm_trains_and_exports_bit_exact(tmp_path):
     """``model.overrides.branch_norm=affine``: the per-channel scale and bias of every block linear's branch
     learn (each moves off its init 1 / 0), the checkpoint holds them under ``norm/`` and no LayerNorm
     there, and the trained run's ``.bvit`` file gives the model's logits bit for bit on CPU."""
-    from bvit_jax.export import export_workdir, load_packed, packed_forward
+    from bvit_jax.export import export_workdir, load_packed
+    from bvit_jax.packed import packed_forward
     from bvit_jax.workdir import restore
 
     cfg = tiny_config(

@@ -1,0 +1,108 @@
+"""The packed forward (:mod:`bvit_jax.packed`) against the training-time model: every preset and ASM form."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bvit_jax.bitops import pack_planes, packed_matmul
+from bvit_jax.export import export_model, load_packed, pack_model
+from bvit_jax.layers import ASM_MODES, BRANCH_NORMS
+from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
+from bvit_jax.packed import packed_forward
+from bvit_jax.param_groups import flatten_with_paths
+from tests.packed_helpers import model_forward, perturb, random_images, sign
+
+BINARY_PRESETS = ["baseline", "baseline+grs", "baseline+asm", "binaryvit"]
+ASM_PRESETS = [p for p in BINARY_PRESETS if get_preset(p).options.asm]
+PRESET_MODES = [(p, "token_mean") for p in BINARY_PRESETS] + [
+    (p, m) for p in ASM_PRESETS for m in ASM_MODES if m != "token_mean"
+]
+
+
+@pytest.mark.parametrize("branch_norm", BRANCH_NORMS)
+@pytest.mark.parametrize("preset, asm_mode", PRESET_MODES)
+def test_packed_forward_matches_model(preset, asm_mode, branch_norm):
+    model = perturb(create("vit_nano", preset, asm_mode=asm_mode, branch_norm=branch_norm))
+    assert model.opts.asm_mode == asm_mode and pack_model(model).opts.asm_mode == asm_mode
+    assert pack_model(model).opts.branch_norm == branch_norm
+    x = random_images(model.cfg)
+    ref = model_forward(model, x)
+    got = np.asarray(packed_forward(pack_model(model), x))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_forward_matches_fresh_model():
+    """Unperturbed: ``P_b V_b`` is often exactly 0 and meets an unshifted sign; the model computes
+    that exact 0 too (integer 0 times ``c``), not rounding noise, so it takes ``sign(0) = +1`` too."""
+    model = create("vit_nano", "binaryvit", depth=4)
+    x = random_images(model.cfg, b=4)
+    np.testing.assert_allclose(
+        np.asarray(packed_forward(pack_model(model), x)), model_forward(model, x), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("branch_norm", BRANCH_NORMS)
+@pytest.mark.parametrize("preset, asm_mode", [("baseline", "token_mean")] + [("binaryvit", m) for m in ASM_MODES])
+def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm):
+    """Depth 4, odd widths: both forwards binarize every activation identically and give the same logits.
+
+    Every ``asm_mode``: the packed forward computes the shift's statistic with the
+    model's own function (:func:`bvit_jax.layers.asm_statistic`), in the same order.
+
+    The model computes its binary matmuls as exact integers scaled afterwards
+    and its LayerNorms with the packed forward's function, so every sign input
+    is the same float32 value (a sign can only differ when one value is
+    rounded differently near 0). Under jit on CPU the logits are bit-identical.
+    With ``branch_norm='affine'`` the file holds the affine folded into each
+    linear's scale and bias and the model computes that folded form itself
+    (:func:`bvit_jax.layers.fold_branch_affine`), so the same holds.
+    """
+    cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3, depth=4)
+    opts = dataclasses.replace(get_preset(preset).options, asm_mode=asm_mode, branch_norm=branch_norm)
+    model = perturb(VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
+    x = random_images(cfg, b=4)
+    graphdef, state = nnx.split(model)
+    ref, inter = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, capture=True))(state, x)
+    got, bits = packed_forward(pack_model(model), x, capture=True)
+    assert sorted(bits) == sorted(inter) and len(bits) == cfg.depth * 9  # 6 linears + Q, K, V per block
+    for path, b in bits.items():
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(inter[path]["shifted"]) >= 0, err_msg=path)
+    ref, got = np.asarray(ref), np.asarray(got)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_packed_forward_odd_widths_through_file():
+    # embed 36 (not a multiple of 32), head dim 12, MLP 144, 37 tokens (2 mask words).
+    cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3)
+    model = perturb(VisionTransformer(cfg, get_preset("binaryvit").options, rngs=nnx.Rngs(0)))
+    x = random_images(cfg)
+    ref = model_forward(model, x)
+    loaded = load_packed(export_model(model, data=None, preset="binaryvit"))
+    assert loaded.cfg == cfg
+    np.testing.assert_allclose(np.asarray(packed_forward(loaded, x)), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(packed_forward(loaded, x, attention="float")), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expected images of shape"):
+        packed_forward(loaded, x[:, :16])
+
+
+def test_integer_dot_of_a_model_layer_is_exact():
+    """The popcount dot of a real layer equals sign(x - shift) @ sign(W) exactly."""
+    model = perturb(create("vit_nano", "binaryvit"))
+    _, inter = model(random_images(model.cfg), capture=True)
+    pk = pack_model(model)
+    params = dict(flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    for path in ["blocks/0/attn/q/linear", "blocks/1/mlp/fc2/linear"]:
+        shifted = np.asarray(inter[path + "/act"]["shifted"])
+        kernel = np.asarray(params[path + "/kernel"])
+        ref = (sign(shifted) @ sign(kernel)).astype(np.int32)
+        got = packed_matmul(pack_planes(jnp.asarray(shifted)), pk.tensors[path + "/kernel_bits"], shifted.shape[-1])
+        np.testing.assert_array_equal(np.asarray(got), ref)
