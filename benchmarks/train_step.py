@@ -19,7 +19,8 @@ round, median over rounds (the issue's target: binaryvit <= 1.25x fp);
 On CPU the table adds the process CPU time per step (all threads), which
 other load on a shared machine disturbs less than wall time. ``PRESET:nokd``
 (e.g. ``binaryvit:nokd``) is the preset with distillation off: the same
-student step without the teacher forward; ``PRESET:affine`` (any
+student step without the teacher forward; ``PRESET:tbf16`` the teacher
+forward in bfloat16 (``distill.teacher_dtype``); ``PRESET:affine`` (any
 ``model.branch_norm``: ``layernorm``, ``affine``) sets the normalisation on
 the shortcut branch of every block linear (``model.overrides.branch_norm``);
 suffixes combine, e.g. ``binaryvit:nokd:affine``.
@@ -149,13 +150,30 @@ def get_config(variant: str, preset: str, batch: int, dtype: str):
     return c
 
 
+class _CompileCounter:
+    """Counts XLA compilations through JAX's public monitoring events (one event per backend compile)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+
+COMPILATIONS = _CompileCounter()
+
+
 class Case:
     """One (variant, preset): the jitted trainer step, its state, a batch and its FLOPs."""
 
     def __init__(self, variant: str, preset_name: str, batch: int, dtype: str, seed: int = 0):
         self.variant, self.preset, self.batch = variant, preset_name, batch
         preset_name, *suffixes = preset_name.split(":")
-        known = ("nokd", *BRANCH_NORMS)
+        known = ("nokd", "tbf16", *BRANCH_NORMS)
         for suffix in suffixes:
             if suffix not in known:
                 raise UserError(
@@ -184,7 +202,8 @@ class Case:
         teacher_graphdef = self.teacher_params = None
         if config.distill.enabled:
             tcfg = get_config(variant, "fp", batch, dtype)
-            teacher = build_model(tcfg, seed=seed + 1)
+            # :tbf16 = config.distill.teacher_dtype="bfloat16": the teacher forward in bfloat16
+            teacher = build_model(tcfg, seed=seed + 1, dtype="bfloat16" if "tbf16" in suffixes else None)
             self.teacher_macs = summary(teacher).macs
             teacher_graphdef, tparams = nnx.split(teacher, nnx.Param)
             self.teacher_params = nnx.to_pure_dict(tparams)
@@ -203,12 +222,10 @@ class Case:
         t0 = time.perf_counter()
         self.run(1)
         self.compile_s = time.perf_counter() - t0
+        compiles = COMPILATIONS.count
         self.run(1)  # a second call must not compile again (it did while a parameter was weak-typed)
-        if hasattr(self.step, "_cache_size") and self.step._cache_size() != 1:
-            print(
-                f"  warning: {variant}/{preset_name}: the train step compiled {self.step._cache_size()} times",
-                flush=True,
-            )
+        if COMPILATIONS.count != compiles:
+            print(f"  warning: {variant}/{preset_name}: the train step compiled again at its second call", flush=True)
         self.cpu_times.clear()
         self.times: list[float] = []
 

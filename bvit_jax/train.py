@@ -120,6 +120,11 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
             )
         if d.kd_weight < 0 or d.label_weight < 0 or d.kd_weight + d.label_weight == 0:
             raise ConfigError("config.distill.kd_weight and label_weight must be >= 0 and not both 0")
+        if d.get("teacher_dtype", "") not in ("", "float32", "bfloat16"):
+            raise ConfigError(
+                f"config.distill.teacher_dtype={d.teacher_dtype!r}: use '' (the teacher run's own dtype), "
+                "'float32' or 'bfloat16'"
+            )
 
 
 def _validate_grs(g) -> None:
@@ -155,12 +160,16 @@ def load_teacher(config) -> tuple[nnx.GraphDef, Any]:
     """``(graphdef, params)`` of the frozen KD teacher: the best model of ``config.distill.teacher_workdir``.
 
     Read through :func:`bvit_jax.workdir.restore` (any workdir of this
-    trainer, or one :mod:`bvit_jax.convert` wrote). The teacher must see the
+    trainer, or one :mod:`bvit_jax.convert` wrote), with the compute dtype
+    ``config.distill.teacher_dtype`` (empty: the teacher run's own
+    ``model.dtype``; ``'bfloat16'`` for a cheaper teacher forward on
+    accelerators, float32 parameters and logits either way). The teacher must see the
     student's inputs and predict its classes: a different
     ``model.num_classes``, ``data.image_size`` or ``data.channels`` is a
     :class:`ConfigError`.
     """
-    tcfg, tmodel, tparams = restore(config.distill.teacher_workdir, which="best")
+    dtype = config.distill.get("teacher_dtype", "") or None
+    tcfg, tmodel, tparams = restore(config.distill.teacher_workdir, which="best", dtype=dtype)
     t, s = tcfg["model"], config.model
     if t["num_classes"] != s.num_classes:
         raise ConfigError(

@@ -16,5 +16,6 @@ from absl import logging as absl_logging  # noqa: E402
 
 absl_logging.set_verbosity(absl_logging.WARNING)
 
-# Fixtures shared by several test modules (the TFDS-built fake ImageNet and its damaged copies).
-pytest_plugins = ["tests.data_fixtures"]
+# Fixtures shared by several test modules (the TFDS-built fake ImageNet and its damaged copies; the
+# trainer's distillation teacher).
+pytest_plugins = ["tests.data_fixtures", "tests.train_helpers"]

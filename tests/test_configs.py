@@ -2,9 +2,9 @@
 
 ``config.model.overrides`` holds one typed placeholder (None = not overridden)
 per :func:`bvit_jax.models.override_fields` entry; ``bvit_jax.workdir.build_model``
-passes the set ones to :func:`bvit_jax.models.create`. The recipe
-(:mod:`bvit_jax.recipes`) sets the training defaults of each preset, and
-``configs/imagenet_deit.py`` takes its variant and preset by position or name.
+passes the set ones to :func:`bvit_jax.models.create`; ``configs/imagenet_deit.py``
+takes its variant and preset by position or name. (The recipe, :mod:`bvit_jax.recipes`,
+is tested in ``tests/test_recipes.py``.)
 """
 
 from pathlib import Path
@@ -147,30 +147,6 @@ def test_fields_set_elsewhere_are_refused_with_their_config_field():
     config.model.overrides = dict(image_size=32)
     with pytest.raises(ConfigError, match=r"config\.data\.image_size"):
         build_model(config, abstract=True)
-
-
-# ----------------------------------------------------------------------------- recipes: preset -> training defaults
-GRS_PRESETS = {"baseline+grs", "binaryvit"}
-
-
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_the_recipe_gives_grs_to_the_grs_presets_and_distillation_to_the_binary_ones(preset):
-    assert set(recipes.PRESET_TRAINING) == set(PRESETS)  # every preset of the registry, no other
-    fmnist, imagenet = fashion_mnist.get_config(preset), recipes.imagenet_deit_config("deit_small", preset)
-    assert imagenet.grs.strength == (recipes.GRS_STRENGTH if preset in GRS_PRESETS else 0.0)
-    assert fmnist.grs.strength == (1e-5 if preset in GRS_PRESETS else 0.0)  # the study's validated lambda
-    for c in (fmnist, imagenet):
-        assert c.distill.enabled == (preset != "fp")
-    # presets describe the model only: the two GRS presets build the same models as their GRS-less twins
-    twin = {"baseline+grs": "baseline", "binaryvit": "baseline+asm"}.get(preset)
-    if twin:
-        assert PRESETS[preset].options == PRESETS[twin].options
-
-
-def test_unknown_preset_lists_the_registry():
-    with pytest.raises(ValueError, match="binaryvt") as e:
-        recipes.base_config("binaryvt", "vit_nano", "fashion_mnist")
-    assert all(name in str(e.value) for name in PRESETS)
 
 
 # ----------------------------------------------------------------------------- configs/imagenet_deit.py

@@ -1,5 +1,5 @@
-"""The optimizer chain and gradient accumulation: masks, GRS placement and schedules, freezing, lr scaling,
-micro-batches, and the checks of the GRS config fields."""
+"""The optimizer chain: masks, GRS placement and schedules, freezing, lr scaling, and the checks of the GRS
+config fields."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import optax
 import pytest
 from flax import nnx
 
-from bvit_jax.grad_accum import accumulated_value_and_grad, split_micro_batches
 from bvit_jax.grs import frozen_share, grs
 from bvit_jax.models import create
 from bvit_jax.optim import (
@@ -126,50 +125,6 @@ def test_learning_rate_scales_with_the_batch_of_one_update_and_follows_warmup_th
     mid = warm + (total - warm) // 2  # cosine: half-way between peak and floor
     assert float(large(mid)) == pytest.approx((2e-3 + 1e-6) / 2, rel=1e-5)
     assert float(large(total)) == pytest.approx(1e-6, rel=1e-5)
-
-
-# ----------------------------------------------------------------------------- accumulation
-def test_micro_batches_are_strided_rows_so_sharded_rows_stay_on_their_device():
-    x = jnp.arange(12 * 2).reshape(12, 2)
-    micro = split_micro_batches({"x": x}, 3)["x"]
-    assert micro.shape == (3, 4, 2)
-    for i in range(3):
-        np.testing.assert_array_equal(micro[i], x[i::3])
-    with pytest.raises(ValueError, match="does not split into 5"):
-        split_micro_batches({"x": x}, 5)
-
-
-def test_accumulated_loss_and_gradient_equal_the_full_batch_within_float32_summation_error():
-    # Least squares with a per-example mean: L = 1/B sum_b (w.x_b - y_b)^2, plus an aux mean.
-    rng = np.random.default_rng(0)
-    B, d, k = 64, 16, 4
-    batch = {
-        "x": jnp.asarray(rng.normal(size=(B, d)), jnp.float32),
-        "y": jnp.asarray(rng.normal(size=(B,)), jnp.float32),
-    }
-    w = jnp.asarray(rng.normal(size=(d,)), jnp.float32)
-
-    def loss_fn(w, batch, scale):
-        r = batch["x"] @ w - batch["y"]
-        return scale * jnp.mean(r**2), {"mean_residual": jnp.mean(r)}
-
-    (l1, a1), g1 = accumulated_value_and_grad(loss_fn, 1)(w, batch, 2.0)
-    (lk, ak), gk = jax.jit(accumulated_value_and_grad(loss_fn, k))(w, batch, 2.0)
-
-    # Float32 bound: each residual is a d-term dot product and each mean a B-term
-    # sum; reassociating a sum of n terms changes it by at most n*u*sum|terms|
-    # (Higham, Accuracy and Stability of Numerical Algorithms, 2002, eq. 4.4),
-    # so both results are within (d + B + 2) * u * (mean of |per-example term|)
-    # of the exact value, and of each other within twice that.
-    per_example_grad = jax.vmap(jax.grad(lambda w, x, y: 2.0 * (x @ w - y) ** 2), (None, 0, 0))(
-        w, batch["x"], batch["y"]
-    )
-    r = batch["x"] @ w - batch["y"]
-    n = d + B + 2
-    g_bound = 2 * n * U32 * np.mean(np.abs(per_example_grad), axis=0)
-    assert np.all(np.abs(np.asarray(gk - g1)) <= g_bound)
-    assert abs(float(lk - l1)) <= 2 * n * U32 * float(np.mean(2.0 * r**2))
-    assert abs(float(ak["mean_residual"] - a1["mean_residual"])) <= 2 * n * U32 * float(np.mean(np.abs(r)))
 
 
 # ----------------------------------------------------------------------------- GRS schedules

@@ -1,4 +1,5 @@
-"""Shared helpers of the trainer tests: tiny configs and subprocess runs of train.py."""
+"""Shared helpers of the trainer tests: tiny configs, subprocess runs of train.py (one process or two), the
+``teacher`` fixture (registered in ``tests/conftest.py``), a batch of images for ``vit_nano``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import fashion_mnist
 
@@ -66,3 +69,69 @@ def flat(tree) -> dict[str, np.ndarray]:
     from bvit_jax.param_groups import flatten_with_paths
 
     return {k: np.asarray(v) for k, v in flatten_with_paths(jax.device_get(tree))}
+
+
+NANO_BATCH = 4  # images in a nano_batch
+
+
+def nano_batch(seed=0):
+    """``NANO_BATCH`` random 16x16 RGB images (the input of ``vit_nano``) and labels ``0, 1, ... mod 10``."""
+    x = jax.random.normal(jax.random.key(seed), (NANO_BATCH, 16, 16, 3))
+    y = jnp.arange(NANO_BATCH) % 10
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny fp teacher trained for a few steps (for the distillation paths), once per test session; read-only."""
+    from bvit_jax.train import train_and_evaluate
+
+    wd = tmp_path_factory.mktemp("teacher")
+    train_and_evaluate(tiny_config("fp", total_steps=6), wd)
+    return wd
+
+
+def assert_same_run(full, resumed, steps: int) -> None:
+    """The interrupted-and-resumed run equals the uninterrupted one: final params bitwise, every step's loss."""
+    from bvit_jax.metric_writers import read_metrics
+    from bvit_jax.workdir import restore_params
+
+    a = flat(restore_params(full, "latest")[1])
+    b = flat(restore_params(resumed, "latest")[1])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    la = [(r["step"], r["loss"]) for r in read_metrics(full, "train")]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(resumed, "train")]
+    assert la == lb and len(la) == steps
+
+
+def launch_two(workdir, arg: str, flags: list[str], logs: list[Path]) -> list[subprocess.Popen]:
+    port = free_port()
+    return [
+        subprocess.Popen(
+            train_cmd(
+                workdir,
+                arg,
+                *flags,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=run_env(1),
+            cwd=ROOT,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for i, log in enumerate(logs)
+    ]  # files, not pipes: a full pipe would block one process and deadlock its peer
+
+
+def wait_all(procs, logs, timeout=300) -> None:
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-4000:]

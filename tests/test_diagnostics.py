@@ -1,0 +1,114 @@
+"""Diagnostics (:mod:`bvit_jax.diagnostics`): flip rate, weight and activation metrics under jit,
+the activation metrics against their formula, the oscillation EMA.
+
+Float comparisons of the EMA use bounds derived from float32 arithmetic (``gamma_n``,
+``tests/tolerances.py``), so they hold whatever order XLA sums in.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bvit_jax import diagnostics as D
+from bvit_jax.models import create
+from bvit_jax.param_groups import latent_weight_mask
+from tests.tolerances import assert_within, gamma_n
+from tests.train_helpers import nano_batch
+
+
+def _params_and_mask(preset="binaryvit"):
+    model = create("vit_nano", preset)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return model, params, latent_weight_mask(model, params)
+
+
+def test_flip_rate_under_jit():
+    model, params, mask = _params_and_mask()
+    fr = jax.jit(lambda a, b: D.flip_rate(a, b, mask))
+    same = fr(params, params)
+    neg = fr(params, jax.tree.map(lambda w: -w, params))
+    n_layers = 2 * 6
+    assert sum(k.endswith("/kernel") for k in same) == n_layers
+    assert all(float(v) == 0.0 for v in same.values())
+    assert all(float(v) == 1.0 for v in neg.values())
+    # a mask passed as a traced argument is refused with a clear message
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(D.flip_rate)(params, params, mask)
+
+
+def test_weight_metrics_under_jit():
+    model, params, mask = _params_and_mask()
+    m = jax.jit(lambda a, b: D.weight_metrics(a, b, mask))(params, params)
+    for k in ("flip_rate/mean", "near_zero/all", "bimodality/mean"):
+        assert np.isfinite(float(m[k]))
+    # truncated-normal init: unimodal, well below the uniform's 5/9
+    assert float(m["bimodality/mean"]) < 0.45
+    assert 0.05 < float(m["near_zero/all"]) < 0.4
+
+
+def test_activation_metrics_under_jit():
+    model = create("vit_nano", "binaryvit")
+    x, _ = nano_batch(2)
+    _, inter = model(x, capture=True)
+    m = jax.jit(D.activation_metrics)(inter)
+    ent = {k: float(v) for k, v in m.items() if k.startswith("act_entropy/")}
+    assert len(ent) == len(inter) + 1
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in ent.values())
+    share = [float(v) for k, v in m.items() if k.startswith("act_pos_share/")]
+    assert all(0.0 <= v <= 1.0 for v in share)
+    assert all(np.isfinite(float(v)) for v in m.values())
+    # capture inside jit (how the trainer calls it), same numbers
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    @jax.jit
+    def diag(p, images):
+        return D.activation_metrics(nnx.merge(graphdef, p)(images, capture=True)[1])
+
+    mj = diag(params, x)
+    assert set(mj) == set(m)
+    for k in m:
+        np.testing.assert_allclose(mj[k], m[k], rtol=1e-4, atol=1e-5)
+
+
+def test_activation_metrics_against_formula():
+    s = np.array([[[1.0, -2.0], [3.0, 0.0], [-1.0, 4.0], [2.0, 1.0]]], np.float32)  # (1, 4 tokens, 2 channels)
+    x = s + np.array([0.5, -0.5], np.float32)
+    m = D.activation_metrics({"l": {"x": jnp.asarray(x), "shifted": jnp.asarray(s)}})
+    p = np.array([3 / 4, 3 / 4])  # shares of s >= 0 per channel (0 counts as +1)
+    h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    assert float(m["act_entropy/l"]) == pytest.approx(h.mean(), rel=1e-6)
+    assert float(m["act_pos_share/l"]) == pytest.approx(6 / 8)
+    alpha = np.abs(s).mean(axis=(0, 1))
+    approx = alpha * np.where(s >= 0, 1.0, -1.0)
+    assert float(m["act_rel_error/l"]) == pytest.approx(np.linalg.norm(x - approx) / np.linalg.norm(x), rel=1e-5)
+    assert float(m["act_bin_error/l"]) == pytest.approx(np.linalg.norm(s - approx) / np.linalg.norm(s), rel=1e-5)
+    assert float(D.binary_entropy(jnp.float32(0.5))) == pytest.approx(1.0)
+    assert float(D.binary_entropy(jnp.float32(0.0))) == 0.0
+
+
+def test_oscillation_ema():
+    mask = {"w": True}
+    seq = [
+        np.array([1.0, 1.0, -1.0]),
+        np.array([-1.0, 1.0, -1.0]),  # w0 flips (first flip: no oscillation)
+        np.array([1.0, 1.0, 0.0]),  # w0 flips back: oscillation; w2 flips to +1 (sign(0) = +1), first flip
+        np.array([-1.0, 1.0, 0.5]),  # w0 oscillates again; w2 stays
+    ]
+    m = 0.1
+    upd = jax.jit(lambda st, p: D.oscillation_update(st, p, mask, momentum=m, threshold=0.05))
+    state = D.oscillation_init({"w": jnp.asarray(seq[0])}, mask)
+    osc = [[0, 0, 0], [1, 0, 0], [1, 0, 0]]
+    f = np.zeros(3)
+    for t, (w, o) in enumerate(zip(seq[1:], osc), start=1):
+        state, metrics = upd(state, {"w": jnp.asarray(w)})
+        f = (1 - m) * f + m * np.asarray(o, float)
+        # Float32 EMA vs the float64 one: each update rounds m, 1 - m, two products and a sum of
+        # values in [0, 1] (<= 5u absolute) and shrinks the earlier error by 1 - m < 1, so after
+        # t updates |error| <= gamma_{5t}; the mean over 3 adds a sum and a division.
+        assert_within(state.freq["w"], f, gamma_n(5 * t), "EMA")
+        assert_within(metrics["osc_freq/w"], f.mean(), gamma_n(5 * t) + gamma_n(3), "mean EMA")
+        assert float(metrics["osc_share/w"]) == pytest.approx(np.mean(f > 0.05))
+    np.testing.assert_array_equal(state.last_flip["w"], [-1, 0, 1])
+    np.testing.assert_array_equal(state.last_sign["w"], [-1, 1, 1])
