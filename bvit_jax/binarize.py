@@ -13,8 +13,9 @@ weights) and ``elastic_binarize`` (BiT's {0, c} binarizer for attention
 probabilities). The layers hold them as small named objects,
 :class:`SteSign`, :class:`ApproxSign`, :class:`WeightBinarizer` and
 :class:`ElasticBinarizer` (as larq's quantizer classes): each carries its
-``name``, its output ``precision`` in bits (what :mod:`bvit_jax.summary` and
-the latent-weight mask read) and its custom gradient (its ``__call__``).
+``name``, its output ``precision`` in bits (from which each layer's
+``report()`` gives its parameters' bit widths and its MACs' precision, what
+:mod:`bvit_jax.summary` adds up) and its custom gradient (its ``__call__``).
 
 The layers use the fused forms :func:`binary_matmul` (``x @ weight_binarize(W)``)
 and :func:`elastic_matmul` (``elastic_binarize(P, c) @ V``): the same values and
@@ -337,7 +338,8 @@ elastic_matmul.defvjp(_elastic_matmul_fwd, _elastic_matmul_bwd)
 class Binarizer:
     """A named binarizer: ``__call__`` is its forward with its custom gradient.
 
-    ``name`` is its config name; ``precision`` the bits of each output value
+    ``name`` names it (for the activation binarizers: their config name,
+    ``model.act_binarizer``); ``precision`` the bits of each output value
     (1 for every binarizer here: +-1, +-alpha or {0, c}). Subclasses are frozen
     dataclasses, so they compare by value and can sit in a module's static
     attributes (and in the jit cache key) like a string.

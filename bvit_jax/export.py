@@ -49,7 +49,7 @@ from flax import nnx
 
 from bvit_jax import bvit_format, cli
 from bvit_jax import data as data_lib
-from bvit_jax.binarize import channel_alpha
+from bvit_jax.binarize import WeightBinarizer
 from bvit_jax.bitops import num_words, pack_signs, to_planes
 from bvit_jax.bvit_format import PackedFormatError
 from bvit_jax.errors import UserError
@@ -154,7 +154,11 @@ def _expected_params(cfg: ViTConfig, opts: BinaryOptions) -> tuple[dict[str, tup
     """``{path: shape}`` of the model's parameters and the set of latent binary kernel paths."""
     model = _abstract_model(cfg, opts)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {p: tuple(v.shape) for p, v in flatten_with_paths(params)}, latent_weight_paths(model)
+    binary = latent_weight_paths(model)
+    for path in binary:
+        if not path.endswith("/kernel"):  # the file packs (in, out) kernels; another binarized parameter needs a format
+            raise ValueError(f"cannot export the binarized parameter {path!r}: the .bvit format packs kernels only")
+    return {p: tuple(v.shape) for p, v in flatten_with_paths(params)}, binary
 
 
 def _folded_norm(opts: BinaryOptions, kernel_path: str) -> str | None:
@@ -225,9 +229,9 @@ def _pack_flat(
             base = path[: -len("/kernel")]
             tensors[base + "/kernel_bits"] = pack_signs(value, axis=0)
             # alpha exactly as the training forward computes it (XLA's float32 reduction,
-            # bvit_jax.binarize.channel_alpha), not numpy's pairwise sum: a few ulp matter
+            # bvit_jax.binarize.WeightBinarizer.alpha), not numpy's pairwise sum: a few ulp matter
             # at the sign thresholds of later layers.
-            alpha = np.asarray(channel_alpha(jnp.asarray(value)))[0] if opts.weight_scale else np.ones(value.shape[1])
+            alpha = np.asarray(WeightBinarizer(scale=opts.weight_scale).alpha(jnp.asarray(value)))
             tensors[base + "/alpha"] = alpha.astype(np.float32)
             bits[base + "/kernel_bits"] = value.shape[0]
         else:

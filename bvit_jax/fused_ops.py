@@ -125,7 +125,7 @@ def rounded(x: jax.Array) -> jax.Array:
     rounds the product first: the select between the two stops the
     contraction, and no simplifier removes it (it differs from ``x`` for NaN
     payloads). The folded branch normalisation (:func:`bvit_jax.layers.fold_branch_affine`,
-    :class:`LinearBlock`, and the packed layer) computes every
+    :class:`bvit_jax.layers.LinearBlock`, and the packed layer) computes every
     ``product + bias`` this way, so both forwards round identically
     wherever XLA places the operations.
     """

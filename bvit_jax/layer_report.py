@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-__all__ = ["CATEGORIES", "ParamReport", "LayerReport"]
+from flax import nnx
+
+__all__ = ["CATEGORIES", "ParamReport", "LayerReport", "float_params_report"]
 
 CATEGORIES: dict[str, str] = {
     "binary_kernel": "a kernel the forward binarizes (1 bit per weight in the exported model)",
@@ -67,3 +69,13 @@ class LayerReport:
     fp_macs: int = 0
     attention_binary_macs: int = 0
     derived_32bit: int = 0
+
+
+def float_params_report(module: nnx.Module, category: str) -> LayerReport:
+    """A report of ``module``'s own ``nnx.Param`` attributes (not its children's): 32-bit, one category, no MACs.
+
+    What a layer of full-precision parameters reports, and how the summary
+    counts a module that does not report itself (category ``'other'``).
+    """
+    names = [name for name, value in vars(module).items() if isinstance(value, nnx.Param)]
+    return LayerReport(type(module).__name__, {n: ParamReport(32, category) for n in names})

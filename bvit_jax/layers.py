@@ -33,7 +33,7 @@ from bvit_jax.binarize import (
     scale_grad,
 )
 from bvit_jax.fused_ops import layer_norm, rounded, rprelu
-from bvit_jax.layer_report import LayerReport, ParamReport
+from bvit_jax.layer_report import LayerReport, ParamReport, float_params_report
 
 __all__ = [
     "ASM_MODES",
@@ -59,7 +59,7 @@ trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
 
 class LayerNorm(nnx.LayerNorm):
-    """``nnx.LayerNorm`` (same parameters, same values) computed by :func:`layer_norm`.
+    """``nnx.LayerNorm`` (same parameters, same values) computed by :func:`bvit_jax.fused_ops.layer_norm`.
 
     Only the default layout takes the fast path: normalisation and features
     on the last axis, scale and bias, fast variance, no mask, no ``axis_name``;
@@ -84,7 +84,7 @@ class LayerNorm(nnx.LayerNorm):
 
     def report(self, num_tokens: int) -> LayerReport:
         """Scale and bias, 32-bit, category ``'norm'`` (a LayerNorm the fp DeiT has too); no MACs."""
-        return _float_params_report(self, "norm")
+        return float_params_report(self, "norm")
 
 
 class BranchLayerNorm(LayerNorm):
@@ -95,13 +95,8 @@ class BranchLayerNorm(LayerNorm):
     """
 
     def report(self, num_tokens: int) -> LayerReport:
-        return _float_params_report(self, "added")
-
-
-def _float_params_report(module: nnx.Module, category: str, kind: str | None = None) -> LayerReport:
-    """A report of ``module``'s own ``nnx.Param`` attributes (not its children's), 32-bit, one category."""
-    names = [name for name, value in vars(module).items() if isinstance(value, nnx.Param)]
-    return LayerReport(kind or type(module).__name__, {n: ParamReport(32, category) for n in names})
+        """Scale and bias, 32-bit, category ``'added'`` (binarization adds this LayerNorm); no MACs."""
+        return float_params_report(self, "added")
 
 
 ASM_MODES = ("token_mean", "per_token", "per_head")
@@ -257,7 +252,7 @@ class ActivationShift(nnx.Module):
 
     def report(self, num_tokens: int) -> LayerReport:
         """``beta`` / ``gamma``: 32-bit, added by binarization; no MACs."""
-        return _float_params_report(self, "added")
+        return float_params_report(self, "added")
 
 
 class SignActivation(nnx.Module):
@@ -350,7 +345,7 @@ class BinaryLinear(nnx.Module):
             y, alpha = jnp.dot(x2, self.kernel[...].astype(self.dtype)), None
         return (y if flat else y.reshape(*lead, self.out_features)), alpha
 
-    def latent_weights(self) -> tuple[str, ...]:
+    def latent_weight_names(self) -> tuple[str, ...]:
         """Names of the parameters the forward binarizes: ``('kernel',)`` with binary weights, else ``()``.
 
         Their float values are *latent*: the model uses only their signs (and
@@ -438,7 +433,7 @@ class BranchAffine(nnx.Module):
 
     def report(self, num_tokens: int) -> LayerReport:
         """``scale`` / ``bias``: 32-bit, added by binarization (folded away at export); no MACs."""
-        return _float_params_report(self, "added")
+        return float_params_report(self, "added")
 
 
 class LinearBlock(nnx.Module):
@@ -498,7 +493,7 @@ class RPReLU(nnx.Module):
 
     def report(self, num_tokens: int) -> LayerReport:
         """``gamma`` / ``zeta`` / ``slope``: 32-bit, added by binarization; no MACs."""
-        return _float_params_report(self, "added")
+        return float_params_report(self, "added")
 
 
 class Attention(nnx.Module):

@@ -179,6 +179,7 @@ class PatchEmbed(nnx.Conv):
         self.num_patches = cfg.num_patches
 
     def report(self, num_tokens: int) -> LayerReport:
+        """Kernel and bias, 32-bit, category ``'patch_embed'``; ``patches * kh * kw * in * out`` MACs."""
         kh, kw, cin, cout = self.kernel.shape
         params = {"kernel": ParamReport(32, "patch_embed"), "bias": ParamReport(32, "patch_embed")}
         return LayerReport("PatchEmbed", params, fp_macs=self.num_patches * kh * kw * cin * cout)
@@ -188,6 +189,7 @@ class Head(nnx.Linear):
     """Classifier head on the class token (``nnx.Linear``'s parameters and values); ``in * out`` MACs per image."""
 
     def report(self, num_tokens: int) -> LayerReport:
+        """Kernel and bias, 32-bit, category ``'head'``; ``in * out`` MACs (the class token only)."""
         cin, cout = self.kernel.shape
         params = {"kernel": ParamReport(32, "head"), "bias": ParamReport(32, "head")}
         return LayerReport("Head", params, fp_macs=cin * cout)

@@ -3,19 +3,9 @@
 The bit packing and popcount ops, with their bit conventions (standard and
 plane order), are :mod:`bvit_jax.bitops`; the file a :class:`PackedModel` is
 read from, :mod:`bvit_jax.bvit_format`, and :mod:`bvit_jax.export` writes and
-loads it.
-
-A binary layer of a trained model multiplies ``sign(x - shift(x))`` by
-``alpha * sign(W)``. Both factors are +-1 vectors, so the layer can run on
-bits: for ``a, b`` in ``{-1, +1}^n`` stored as bits (``1`` for ``+1``, ``0``
-for ``-1``)::
-
-    dot(a, b) = n - 2 * popcount(xor(a_bits, b_bits))
-
-(``xor`` is 1 exactly where the signs differ; agreeing positions add +1,
-differing ones -1). The binary linear layer is then
-``y = alpha * (n - 2 * popcount(xor(...))) + b``, with the integer dot product
-exact.
+loads it. A binary linear layer runs there as
+``y = alpha * (n - 2 * popcount(xor(x_bits, W_bits))) + b``, the integer dot
+product of two +-1 vectors exact (the identity is in :mod:`bvit_jax.bitops`).
 
 Packed forward
 ==============
@@ -63,10 +53,10 @@ import numpy as np
 from einops import rearrange
 from jax import lax
 
-from bvit_jax.binarize import positive_level
+from bvit_jax.binarize import positive_level, sign
 from bvit_jax.bitops import masked_sign_sum, pack_bits_planes, pack_planes, packed_matmul, packed_sign_dot
-from bvit_jax.fused_ops import layer_norm, rounded
-from bvit_jax.layers import BinaryOptions, asm_statistic
+from bvit_jax.fused_ops import layer_norm, rounded, rprelu
+from bvit_jax.layers import BinaryOptions, asm_statistic, match_width
 from bvit_jax.models import ViTConfig
 
 __all__ = [
@@ -160,15 +150,6 @@ def _shifted(x, t, names, *, shared: bool, mode: str = "token_mean", heads: int 
     return (x[None] if shared else x) - shift
 
 
-def _match_width(x, width):
-    c = x.shape[-1]
-    if c == width:
-        return x
-    if width % c == 0:
-        return jnp.tile(x, (1,) * (x.ndim - 1) + (width // c,))
-    return jnp.mean(rearrange(x, "... (k c) -> ... k c", c=width), axis=-2)
-
-
 def _record(sink, names, shifted):
     """With a ``sink`` dict: ``sink[name] = shifted >= 0`` (the sign bits) for each of the G names.
 
@@ -210,9 +191,9 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     if not opts.linear_shortcut:
         return y
     if opts.branch_norm != "layernorm":  # folded into alpha and bias at export: no normalisation here
-        return _match_width(x, y.shape[-1])[None] + y
+        return match_width(x, y.shape[-1])[None] + y
     scale, nbias = _stacked(t, prefixes, "/norm/scale"), _stacked(t, prefixes, "/norm/bias")
-    return _match_width(x, y.shape[-1])[None] + layer_norm(y, scale[:, None, None, :], nbias[:, None, None, :])
+    return match_width(x, y.shape[-1])[None] + layer_norm(y, scale[:, None, None, :], nbias[:, None, None, :])
 
 
 def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
@@ -258,7 +239,7 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
             qk[0], qk[1], d, live=live, epilogue=lambda acc, sc: acc.astype(jnp.float32) / sc, epilogue_args=(scale,)
         )
     else:  # float +-1 matmul, as in the model
-        qf, kf = (jnp.where(rearrange(a, "b n (h d) -> b h n d", h=h) >= 0, 1.0, -1.0) for a in s[:2])
+        qf, kf = (sign(rearrange(a, "b n (h d) -> b h n d", h=h)) for a in s[:2])
         scores = jnp.einsum("bhqd,bhkd->bhqk", qf, kf) / scale
     probs = jax.nn.softmax(scores, axis=-1)
     level = jnp.clip(jnp.round(probs / c), 0, 1)  # elastic_binarize(probs, c) / c, in {0, 1}
@@ -267,7 +248,7 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
         vb = pack_planes(rearrange(s[2], "b n (h d) -> b h d n", h=h))  # along keys
         out = c * masked_sign_sum(mask, vb, live=live).astype(jnp.float32)
     else:
-        vf = jnp.where(rearrange(s[2], "b n (h d) -> b h n d", h=h) >= 0, 1.0, -1.0)
+        vf = sign(rearrange(s[2], "b n (h d) -> b h n d", h=h))
         out = jnp.einsum("bhqk,bhkd->bhqd", level, vf) * c
     return packed_linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
 
@@ -275,8 +256,7 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
 def _mlp(x, t, prefix, opts, live=None, sink=None):
     hdn = packed_linear_block(x, t, prefix + "/fc1", opts, live, sink)
     if opts.rprelu:
-        z = hdn - t[prefix + "/act/gamma"]
-        hdn = jnp.where(z >= 0, z, t[prefix + "/act/slope"] * z) + t[prefix + "/act/zeta"]
+        hdn = rprelu(hdn, t[prefix + "/act/gamma"], t[prefix + "/act/zeta"], t[prefix + "/act/slope"])
     else:
         hdn = jax.nn.gelu(hdn, approximate=False)
     return packed_linear_block(hdn, t, prefix + "/fc2", opts, live, sink)

@@ -51,13 +51,13 @@ def path_mask(tree, include: str | Iterable[str], exclude: str | Iterable[str] =
 def latent_weight_paths(model: nnx.Module) -> set[str]:
     """Paths of the latent (float) parameters that the forward binarizes.
 
-    Each layer names its own (``latent_weights()``, e.g.
-    :meth:`bvit_jax.layers.BinaryLinear.latent_weights`); a module without
+    Each layer names its own (``latent_weight_names()``, e.g.
+    :meth:`bvit_jax.layers.BinaryLinear.latent_weight_names`); a module without
     that method has none.
     """
     out = set()
     for path, module in nnx.iter_modules(model):
-        for name in module.latent_weights() if hasattr(module, "latent_weights") else ():
+        for name in module.latent_weight_names() if hasattr(module, "latent_weight_names") else ():
             out.add("/".join(str(p) for p in (*path, name)))
     return out
 

@@ -67,7 +67,7 @@ from typing import Any
 
 from flax import nnx
 
-from bvit_jax.layer_report import CATEGORIES, LayerReport, ParamReport
+from bvit_jax.layer_report import CATEGORIES, LayerReport, float_params_report
 
 __all__ = [
     "CONVENTIONS",
@@ -114,7 +114,8 @@ _COUNTED = {
     "tokens": {"fp-arch", "full"},
     "added": {"full"},
 }
-assert set(_COUNTED) == set(CATEGORIES), "every parameter category needs its conventions"
+if set(_COUNTED) != set(CATEGORIES):
+    raise RuntimeError("summary: every parameter category of bvit_jax.layer_report needs its conventions")
 
 # Forward order of the known children (for the table); unknown names sort last.
 _RANK = {
@@ -333,10 +334,7 @@ def _path_key(path: tuple) -> tuple:
 
 def _report(module: nnx.Module, num_tokens: int) -> LayerReport:
     """The module's own report, or, for a module that has none, its parameters at 32 bits as ``'other'``."""
-    if hasattr(module, "report"):
-        return module.report(num_tokens)
-    names = [name for name, value in vars(module).items() if isinstance(value, nnx.Param)]
-    return LayerReport(type(module).__name__, {n: ParamReport(32, "other") for n in names})
+    return module.report(num_tokens) if hasattr(module, "report") else float_params_report(module, "other")
 
 
 def summary(model: nnx.Module, name: str | None = None) -> Summary:

@@ -35,7 +35,7 @@ class _OneBit(nnx.Module):
     def __init__(self):
         self.bits = nnx.Param(jnp.zeros((8, 5)))
 
-    def latent_weights(self):
+    def latent_weight_names(self):
         return ("bits",)
 
     def report(self, num_tokens):
