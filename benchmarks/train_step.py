@@ -21,7 +21,7 @@ other load on a shared machine disturbs less than wall time. ``PRESET:nokd``
 (e.g. ``binaryvit:nokd``) is the preset with distillation off: the same
 student step without the teacher forward; ``PRESET:tbf16`` the teacher
 forward in bfloat16 (``distill.teacher_dtype``); ``PRESET:affine`` (any
-``model.branch_norm``: ``layernorm``, ``affine``) sets the normalisation on
+``model.branch_norm``: ``layernorm``, ``batchnorm``, ``affine``) sets the normalisation on
 the shortcut branch of every block linear (``model.overrides.branch_norm``);
 suffixes combine, e.g. ``binaryvit:nokd:affine``.
 
@@ -37,7 +37,7 @@ this process may run on); GPU / TPU a table of dense per-chip peaks by
   python benchmarks/train_step.py                                  # CPU default (~6 minutes on 2 cores)
   python benchmarks/train_step.py --variants vit_micro_28 --batch 128 --steps 10 --reps 7
   python benchmarks/train_step.py --presets fp,binaryvit,binaryvit:nokd --json out.json
-  python benchmarks/train_step.py --presets fp,binaryvit,binaryvit:affine       # branch LayerNorm vs affine
+  python benchmarks/train_step.py --presets fp,binaryvit,binaryvit:batchnorm,binaryvit:affine  # branch norms
   python benchmarks/train_step.py --variants deit_tiny,deit_small --batch 256 --dtype bfloat16   # GPU/TPU
 """
 
@@ -62,12 +62,12 @@ from flax import nnx  # noqa: E402
 from bvit_jax import cli  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
 from bvit_jax.layers import BRANCH_NORMS  # noqa: E402
-from bvit_jax.models import get_variant  # noqa: E402
+from bvit_jax.models import get_variant, model_variables  # noqa: E402
 from bvit_jax.optim import build_optimizer  # noqa: E402
 from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
 from bvit_jax.recipes import base_config, imagenet_deit_config  # noqa: E402
 from bvit_jax.summary import summary  # noqa: E402
-from bvit_jax.train import init_train_state, make_train_step  # noqa: E402
+from bvit_jax.train import init_train_state, make_train_step, split_for_training  # noqa: E402
 from bvit_jax.workdir import build_model  # noqa: E402
 
 # Dense peak TFLOP/s per chip: (bfloat16, float32). float32 on A100/H100 is TF32
@@ -187,8 +187,7 @@ class Case:
                 config.model.overrides.branch_norm = suffix
         model = build_model(config, seed=seed)
         self.macs = summary(model).macs
-        graphdef, params = nnx.split(model, nnx.Param)
-        params = nnx.to_pure_dict(params)
+        graphdef, params, batch_stats = split_for_training(model)
         latent = latent_weight_mask(model, params)
         tx = build_optimizer(
             config,
@@ -205,9 +204,8 @@ class Case:
             # :tbf16 = config.distill.teacher_dtype="bfloat16": the teacher forward in bfloat16
             teacher = build_model(tcfg, seed=seed + 1, dtype="bfloat16" if "tbf16" in suffixes else None)
             self.teacher_macs = summary(teacher).macs
-            teacher_graphdef, tparams = nnx.split(teacher, nnx.Param)
-            self.teacher_params = nnx.to_pure_dict(tparams)
-        self.state = jax.jit(lambda p: init_train_state(p, tx, latent))(params)
+            teacher_graphdef, self.teacher_params = nnx.graphdef(teacher), model_variables(teacher)
+        self.state = jax.jit(lambda p, s: init_train_state(p, tx, latent, s))(params, batch_stats)
         step = make_train_step(config, graphdef, latent, tx, teacher_graphdef)
         self.step = jax.jit(step, donate_argnums=0)
         rng = np.random.default_rng(seed)
@@ -286,8 +284,9 @@ def _define_flags(fv, argv: list[str]) -> None:
         "presets",
         "fp,binaryvit",
         "Comma-separated presets; the first is the ratio's base; "
-        "PRESET:nokd is PRESET with distillation off (no teacher forward); PRESET:affine (or :layernorm) sets "
-        "model.overrides.branch_norm; suffixes combine (binaryvit:nokd:affine).",
+        "PRESET:nokd is PRESET with distillation off (no teacher forward); "
+        "PRESET:affine (or :batchnorm, :layernorm) sets model.overrides.branch_norm; "
+        "suffixes combine (binaryvit:nokd:affine).",
         flag_values=fv,
     )
     flags.DEFINE_list("batch", None, "Batch size: N for all, or variant=N,... (defaults per backend).", flag_values=fv)

@@ -89,7 +89,8 @@ BIT_CONVENTION = {
     "zero": "-1",
     "padding": "bits k >= in are 0",
     "layer": "y = alpha * (in - 2 * popcount(xor(x_bits, w_bits))) + bias",
-    "branch_norm": "options.branch_norm 'affine': alpha, bias hold alpha * norm/scale, bias * norm/scale + norm/bias",
+    "branch_norm": "options.branch_norm 'affine' / 'batchnorm': alpha, bias hold alpha * s, bias * s + t "
+    "for the normalisation's inference map y * s + t (batchnorm: s = scale / sqrt(var + eps), t = bias - mean * s)",
 }
 
 

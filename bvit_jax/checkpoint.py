@@ -5,7 +5,8 @@ Plain orbax, on the two checkpoint folders of a run folder
 which model a config builds; this module knows neither)::
 
     checkpoints/<step>/   the last ``keep`` train states: {state, data, config}
-    best/<step>/          the parameters with the best eval top-1 (one kept)
+    best/<step>/          the model variables with the best eval top-1 (one kept): the
+                          parameters, and a BatchNorm's running statistics beside them
 
 ``state`` is the train state pytree (params, optimizer state, step, ...),
 ``data`` the input iterator's position (grain's own checkpoint handler, one
@@ -270,10 +271,12 @@ _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
 def read_params(workdir: str | Path, target: Any, which: str = "best") -> Any:
     """The parameters saved in ``workdir``, restored into ``target``'s structure: best or latest.
 
-    ``target`` is a tree of arrays or ``ShapeDtypeStruct`` s, the parameters'
-    pure-dict layout (shapes and dtypes only are used). ``which="best"``
-    reads ``best/`` and falls back to the latest train state when no eval has
-    run; ``which="latest"`` reads the ``params`` of the latest train state in
+    ``target`` is a tree of arrays or ``ShapeDtypeStruct`` s, the model
+    variables' pure-dict layout (shapes and dtypes only are used): the
+    parameters, and with BatchNorm the running statistics in the same tree.
+    ``which="best"`` reads ``best/`` and falls back to the latest train state
+    when no eval has run; ``which="latest"`` reads the ``params`` (and
+    ``batch_stats``, merged into the same tree) of the latest train state in
     ``checkpoints/``. The arrays come back host-local (on this process's
     first device), whatever topology saved them. Raises
     :class:`CheckpointError` when the folder holds no checkpoint.
@@ -302,7 +305,18 @@ def read_params(workdir: str | Path, target: Any, which: str = "best") -> Any:
         meta = mngr.item_metadata(step)["state"].tree  # dict keys come back as strings
         state_target = jax.tree.map(as_target, meta)
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target)))
-        return _conform(target, out["state"]["params"])
+        state = out["state"]
+        return _conform(target, _merged(state["params"], state.get("batch_stats", {})))
+
+
+def _merged(a: Any, b: Any) -> Any:
+    """Two nested dicts with disjoint leaves as one (``params`` and ``batch_stats`` of one model)."""
+    if not isinstance(b, dict) or not b:
+        return a
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merged(out[k], v) if k in out else v
+    return out
 
 
 def _conform(like: Any, tree: Any) -> Any:

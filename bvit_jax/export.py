@@ -8,9 +8,11 @@ what inference needs:
   ``P/kernel_bits`` (the signs, 1 bit each, ``uint32`` words packed along the
   input axis: ``(ceil(in/32), out)``), ``P/alpha`` (``mean|W|`` over the input
   axis, float32, precomputed; ones without ``weight_scale``) and ``P/bias``;
-  with ``options.branch_norm = 'affine'`` (a statistics-free normalisation on
-  the shortcut branch) its ``y * scale + bias`` is folded into them:
-  ``P/alpha = alpha * scale``, ``P/bias = b * scale + bias``
+  with ``options.branch_norm = 'affine'`` or ``'batchnorm'`` (a normalisation
+  of the shortcut branch that is a per-channel map ``y * scale + shift`` at
+  inference; a BatchNorm's from its running statistics,
+  :func:`bvit_jax.layers.branch_norm_affine`) that map is folded into them:
+  ``P/alpha = alpha * scale``, ``P/bias = b * scale + shift``
   (:func:`bvit_jax.layers.fold_branch_affine`), and the ``norm`` is not stored;
 * every other parameter (patch embedding, class token, position embedding,
   LayerNorms, shifts ``beta``/``gamma``, RPReLU, attention levels (their raw parameter
@@ -53,8 +55,8 @@ from bvit_jax.binarize import WeightBinarizer
 from bvit_jax.bitops import num_words, pack_signs, to_planes
 from bvit_jax.bvit_format import PackedFormatError
 from bvit_jax.errors import UserError
-from bvit_jax.layers import BinaryOptions, fold_branch_affine
-from bvit_jax.models import VisionTransformer, ViTConfig
+from bvit_jax.layers import BinaryOptions, branch_norm_affine, fold_branch_affine
+from bvit_jax.models import VisionTransformer, ViTConfig, model_variables
 from bvit_jax.packed import PackedModel, check_packable
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 from bvit_jax.summary import size_accounting
@@ -153,7 +155,7 @@ def _abstract_model(cfg: ViTConfig, opts: BinaryOptions) -> VisionTransformer:
 def _expected_params(cfg: ViTConfig, opts: BinaryOptions) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """``{path: shape}`` of the model's parameters and the set of latent binary kernel paths."""
     model = _abstract_model(cfg, opts)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = model_variables(model)  # parameters, and a BatchNorm's running statistics
     binary = latent_weight_paths(model)
     for path in binary:
         if not path.endswith("/kernel"):  # the file packs (in, out) kernels; another binarized parameter needs a format
@@ -190,6 +192,8 @@ def _expected_tensors(cfg: ViTConfig, opts: BinaryOptions) -> dict[str, tuple[st
             n_in, n_out = shape
             out[base + "/kernel_bits"] = ("uint32", (num_words(n_in), n_out), n_in)
             out[base + "/alpha"] = ("float32", (n_out,), None)
+            if _folded_norm(opts, path) is not None:  # the folded bias, also for a linear without one
+                out[base + "/bias"] = ("float32", (n_out,), None)
         else:
             out[path] = ("float32", shape, None)
     return out
@@ -237,21 +241,22 @@ def _pack_flat(
         else:
             tensors[path] = value
     for norm, base in folded.items():
-        # alpha' = alpha * scale, b' = b * scale + bias, by the function the model's forward uses
-        # (bvit_jax.layers.fold_branch_affine, which rounds the product before the add): the same values.
-        alpha, bias = fold_branch_affine(
-            jnp.asarray(tensors[base + "/alpha"]),
-            jnp.asarray(tensors[base + "/bias"]),
-            jnp.asarray(f32(norm + "/scale")),
-            jnp.asarray(f32(norm + "/bias")),
-        )
+        # The normalisation as its inference map y * scale + shift (a BatchNorm: from its running
+        # statistics), then alpha' = alpha * scale, b' = b * scale + shift: by the functions the
+        # model's eval forward uses (bvit_jax.layers.branch_norm_affine, fold_branch_affine, which
+        # round every product before its add), so the same values.
+        names = [p.rsplit("/", 1)[1] for p in shapes if p.rsplit("/", 1)[0] == norm]
+        scale, shift = branch_norm_affine(opts.branch_norm, {n: jnp.asarray(f32(f"{norm}/{n}")) for n in names})
+        alpha = jnp.asarray(tensors[base + "/alpha"])
+        b = tensors.get(base + "/bias", np.zeros(alpha.shape, np.float32))  # before a BatchNorm: no bias, b = 0
+        alpha, bias = fold_branch_affine(alpha, jnp.asarray(b), scale, shift)
         tensors[base + "/alpha"] = np.asarray(alpha, dtype=np.float32)
         tensors[base + "/bias"] = np.asarray(bias, dtype=np.float32)
     return tensors, bits
 
 
 def _model_flat_params(model: VisionTransformer) -> dict[str, Any]:
-    return dict(flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    return dict(flatten_with_paths(model_variables(model)))
 
 
 def _dtype_name(dtype) -> str:

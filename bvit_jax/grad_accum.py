@@ -15,6 +15,11 @@ optimizer updates and ``global_batch_size`` is the batch of one update
 Micro-batch ``i`` takes the rows ``i, i + k, i + 2k, ...``: a batch sharded
 along its first axis splits into micro-batches that are sharded the same way,
 so no device sends examples to another.
+
+A model with batch statistics (BatchNorm running averages) passes them
+through the micro-batches in order (``has_state=True``): micro-batch ``i``
+is normalised with its own statistics and updates the running averages
+that micro-batch ``i + 1`` starts from, as ``k`` small steps would.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ def split_micro_batches(batch: Any, k: int) -> Any:
     return jax.tree.map(split, batch)
 
 
-def accumulated_value_and_grad(fun: Callable[..., tuple[jax.Array, Any]], k: int) -> Callable[..., Any]:
+def accumulated_value_and_grad(
+    fun: Callable[..., tuple[jax.Array, Any]], k: int, *, has_state: bool = False
+) -> Callable[..., Any]:
     """``jax.value_and_grad(fun, has_aux=True)`` averaged over ``k`` micro-batches.
 
     ``fun(params, batch, *args) -> (loss, aux)`` with ``aux`` a pytree of
@@ -47,24 +54,43 @@ def accumulated_value_and_grad(fun: Callable[..., tuple[jax.Array, Any]], k: int
     result ``((mean loss, mean aux), mean grads)``. ``k = 1`` is exactly
     ``jax.value_and_grad``; ``k > 1`` runs the micro-batches in a
     ``lax.scan`` and sums in float32.
+
+    ``has_state=True``: ``fun(params, state, batch, *args) -> (loss, (aux,
+    new_state))`` (no gradient with respect to ``state``); the result is
+    ``((mean loss, mean aux), mean grads, state after the last micro-batch)``,
+    each micro-batch starting from the state the previous one left.
     """
+    if not has_state:
+
+        def with_empty_state(params, state, *args):
+            loss, aux = fun(params, *args)
+            return loss, (aux, state)
+
+        stateful = accumulated_value_and_grad(with_empty_state, k, has_state=True)
+        return lambda params, batch, *args: stateful(params, (), batch, *args)[:2]
     value_and_grad = jax.value_and_grad(fun, has_aux=True)
+
+    def one(params, state, batch, *args):
+        (loss, (aux, state)), grads = value_and_grad(params, state, batch, *args)
+        return (loss, aux), grads, state
+
     if k == 1:
-        return value_and_grad
+        return one
 
-    def accumulated(params, batch, *args):
+    def accumulated(params, state, batch, *args):
         def body(carry, micro):
-            (loss, aux), grads = value_and_grad(params, micro, *args)
-            out = (loss, aux, grads)
-            return jax.tree.map(lambda c, x: c + x.astype(jnp.float32), carry, out), None
+            sums, state = carry
+            (loss, aux), grads, state = one(params, state, micro, *args)
+            sums = jax.tree.map(lambda c, x: c + x.astype(jnp.float32), sums, (loss, aux, grads))
+            return (sums, state), None
 
-        shapes = jax.eval_shape(
-            value_and_grad, params, jax.tree.map(lambda x: x[0], split_micro_batches(batch, k)), *args
+        micro_batches = split_micro_batches(batch, k)
+        (loss_shape, aux_shape), grad_shape, _ = jax.eval_shape(
+            one, params, state, jax.tree.map(lambda x: x[0], micro_batches), *args
         )
-        (loss_shape, aux_shape), grad_shape = shapes
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss_shape, aux_shape, grad_shape))
-        (loss, aux, grads), _ = jax.lax.scan(body, zeros, split_micro_batches(batch, k))
+        ((loss, aux, grads), state), _ = jax.lax.scan(body, (zeros, state), micro_batches)
         mean = lambda tree, like: jax.tree.map(lambda x, s: (x / k).astype(s.dtype), tree, like)
-        return (mean(loss, loss_shape), mean(aux, aux_shape)), mean(grads, grad_shape)
+        return (mean(loss, loss_shape), mean(aux, aux_shape)), mean(grads, grad_shape), state
 
     return accumulated

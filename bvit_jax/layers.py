@@ -45,7 +45,12 @@ __all__ = [
     "BinaryLinear",
     "LinearBlock",
     "BranchAffine",
+    "BranchBatchNorm",
     "BranchLayerNorm",
+    "BRANCH_BN_MOMENTUM",
+    "BRANCH_BN_EPSILON",
+    "batchnorm_affine",
+    "branch_norm_affine",
     "fold_branch_affine",
     "RPReLU",
     "Attention",
@@ -101,7 +106,10 @@ class BranchLayerNorm(LayerNorm):
 
 ASM_MODES = ("token_mean", "per_token", "per_head")
 # The normalisation on the output branch of every block linear (with ``linear_shortcut``).
-BRANCH_NORMS = ("layernorm", "affine")
+BRANCH_NORMS = ("layernorm", "batchnorm", "affine")
+# BranchBatchNorm: running averages ``r <- m * r + (1 - m) * batch`` and the variance's epsilon.
+BRANCH_BN_MOMENTUM = 0.99
+BRANCH_BN_EPSILON = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +136,13 @@ class BinaryOptions:
       branch_norm: the normalisation ``N`` on that branch (ignored without
         ``linear_shortcut``): ``'layernorm'`` (default) a LayerNorm over the
         channels of each token (statistics of the input, so the packed forward
-        computes it at run time); ``'affine'`` a learned per-channel
-        ``y * scale + bias`` (:class:`BranchAffine`; no statistics, so export
-        folds it into the binary linear's per-channel scale and bias,
-        :func:`fold_branch_affine`).
+        computes it at run time); ``'batchnorm'`` a BatchNorm
+        (:class:`BranchBatchNorm`: statistics per channel over the batch and
+        the tokens while training, running averages at eval, so at inference
+        it is a per-channel affine map); ``'affine'`` a learned per-channel
+        ``y * scale + bias`` (:class:`BranchAffine`, no statistics). Export
+        folds both of the last two into the binary linear's per-channel scale
+        and bias (:func:`fold_branch_affine`).
       rprelu: RPReLU in the MLP instead of GELU.
       binary_attention: Q, K, V in +-1 and attention probabilities in {0, c}.
       attn_level_init: initial ``c`` of the {0, c} binarizer; ``None`` -> ``1/N``.
@@ -296,14 +307,18 @@ class BinaryLinear(nnx.Module):
     bit. The kernel stays a float "latent" weight during training: the 1-bit
     model is what ``export`` packs. With both switches off this is exactly
     ``nnx.Linear`` (DeiT's init: truncated normal, std 0.02; zero bias).
+    ``use_bias=False`` (before a BatchNorm, which removes any per-channel
+    offset): no ``bias`` parameter, ``b = 0``.
     """
 
-    def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, opts: BinaryOptions, *, use_bias: bool = True, rngs: nnx.Rngs
+    ):
         self.in_features, self.out_features = in_features, out_features
         self.weight_binarizer = WeightBinarizer(scale=opts.weight_scale) if opts.binarize_weights else None
         self.dtype = opts.dtype
         self.kernel = nnx.Param(trunc_normal(rngs.params(), (in_features, out_features)))
-        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
         self.act = SignActivation(in_features, opts) if opts.binarize_acts else None
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
@@ -318,7 +333,8 @@ class BinaryLinear(nnx.Module):
             y = self.weight_binarizer.matmul(x2, self.kernel[...])
         else:
             y = jnp.dot(x2, self.kernel[...].astype(self.dtype))
-        return y.reshape(*lead, self.out_features) + self.bias[...].astype(self.dtype)
+        y = y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
     def unscaled(
         self, x: jax.Array, *, capture: bool = False, flat: bool = False
@@ -367,12 +383,12 @@ class BinaryLinear(nnx.Module):
         macs = num_tokens * self.in_features * self.out_features
         binary = w_bits == 1 and x_bits == 1
         kind = "BinaryLinear" + (" (1-bit W, 1-bit x)" if binary else (" (1-bit W)" if w_bits == 1 else ""))
+        params = {"kernel": ParamReport(w_bits, "binary_kernel" if w_bits == 1 else "linear_kernel")}
+        if self.bias is not None:
+            params["bias"] = ParamReport(32, "bias")
         return LayerReport(
             kind,
-            {
-                "kernel": ParamReport(w_bits, "binary_kernel" if w_bits == 1 else "linear_kernel"),
-                "bias": ParamReport(32, "bias"),
-            },
+            params,
             binary_macs=macs if binary else 0,
             fp_macs=0 if binary else macs,
             derived_32bit=self.out_features if (wb is not None and wb.scale) else 0,
@@ -431,9 +447,92 @@ class BranchAffine(nnx.Module):
     def __call__(self, y: jax.Array) -> jax.Array:
         return y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
 
+    def inference_affine(self) -> tuple[jax.Array, jax.Array]:
+        """``(scale, shift)`` of the map ``y * scale + shift`` this layer is at inference: its own parameters."""
+        return branch_norm_affine("affine", {"scale": self.scale[...], "bias": self.bias[...]})
+
     def report(self, num_tokens: int) -> LayerReport:
         """``scale`` / ``bias``: 32-bit, added by binarization (folded away at export); no MACs."""
         return float_params_report(self, "added")
+
+
+class BranchBatchNorm(nnx.BatchNorm):
+    """BatchNorm on the binary branch of a :class:`LinearBlock` (``branch_norm='batchnorm'``).
+
+    Flax's ``nnx.BatchNorm`` over the last axis: while training
+    (``use_running_average=False``, :func:`bvit_jax.models.training_view`)
+    ``y`` is normalised with the mean and variance of each channel over the
+    batch and the tokens, ``(y - mu) / sqrt(var + eps) * scale + bias``, and
+    the running averages ``mean``, ``var`` (``nnx.BatchStat``) move by
+    momentum ``BRANCH_BN_MOMENTUM``. Under ``jax.jit`` with the batch sharded
+    over the data axes of the mesh, the mean over the batch is the mean over
+    the global batch: the statistics are synchronised across devices by the
+    sharded computation itself, no collective is written here.
+
+    It is built in inference mode (``use_running_average=True``), like every
+    other module of this library (``model(images)`` is the eval forward);
+    the trainer takes a training view. At inference it is the per-channel
+    affine map of :meth:`inference_affine`, which :class:`LinearBlock` and
+    export fold into the linear before it.
+    """
+
+    def __init__(self, dim: int, *, dtype: Any = None, rngs: nnx.Rngs):
+        super().__init__(
+            dim,
+            use_running_average=True,
+            momentum=BRANCH_BN_MOMENTUM,
+            epsilon=BRANCH_BN_EPSILON,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    def inference_affine(self) -> tuple[jax.Array, jax.Array]:
+        """``(scale', shift')`` of the eval-mode map ``y * scale' + shift'`` (:func:`batchnorm_affine`)."""
+        values = {"scale": self.scale[...], "bias": self.bias[...], "mean": self.mean[...], "var": self.var[...]}
+        return branch_norm_affine("batchnorm", values)
+
+    def report(self, num_tokens: int) -> LayerReport:
+        """``scale`` / ``bias``: 32-bit, added by binarization (folded away at export); no MACs.
+
+        The running ``mean`` / ``var`` are statistics, not parameters: they
+        fold into the same per-channel scale and bias and are not counted.
+        """
+        return float_params_report(self, "added")
+
+
+def batchnorm_affine(
+    scale: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float = BRANCH_BN_EPSILON
+) -> tuple[jax.Array, jax.Array]:
+    """An eval-mode BatchNorm as the per-channel affine map ``y * s + b``.
+
+    ``(y - mean) / sqrt(var + eps) * scale + bias = y * s + b`` with::
+
+        s = scale * rsqrt(var + eps),    b = bias - mean * s
+
+    (Ioffe & Szegedy, "Batch Normalization", ICML 2015, Alg. 2; the folding
+    every BNN inference engine does). ``mean * s`` is rounded before the
+    subtraction (:func:`bvit_jax.fused_ops.rounded`), so the model's eval
+    forward and export, which both compute ``b`` here, get the same bits
+    whether or not the compiler would contract it into an FMA.
+    """
+    s = scale * jax.lax.rsqrt(var + epsilon)
+    return s, bias - rounded(mean * s)
+
+
+def branch_norm_affine(kind: str, values) -> tuple[jax.Array, jax.Array]:
+    """``(scale, shift)`` of a foldable branch normalisation at inference, from its variables by name.
+
+    ``kind='affine'``: ``(values['scale'], values['bias'])``;
+    ``kind='batchnorm'``: :func:`batchnorm_affine` of ``scale``, ``bias``,
+    ``mean``, ``var``. The one place both the model (:class:`LinearBlock`)
+    and export (:mod:`bvit_jax.export`, which holds the variables as a flat
+    dict) turn a normalisation into the map they fold.
+    """
+    if kind == "affine":
+        return values["scale"], values["bias"]
+    if kind == "batchnorm":
+        return batchnorm_affine(values["scale"], values["bias"], values["mean"], values["var"])
+    raise ValueError(f"branch normalisation {kind!r} has no inference affine map (foldable: batchnorm, affine)")
 
 
 class LinearBlock(nnx.Module):
@@ -445,27 +544,43 @@ class LinearBlock(nnx.Module):
     :func:`match_width`; ``N`` is ``opts.branch_norm``: a LayerNorm
     (``'layernorm'``, parameters ``norm/scale``, ``norm/bias``) or a
     per-channel affine (``'affine'``, :class:`BranchAffine`, same parameter
-    names), computed folded into the linear as
-    ``d * (alpha * scale) + (b * scale + bias)`` for ``linear(x) = d * alpha + b``
+    names) or a BatchNorm (``'batchnorm'``, :class:`BranchBatchNorm`, plus
+    the statistics ``norm/mean``, ``norm/var``; the linear then has no bias,
+    ``b = 0``, which the batch mean would remove). The last two, at inference
+    (a BatchNorm in eval mode is the affine map of its running statistics,
+    :func:`batchnorm_affine`), are computed folded into the linear as
+    ``d * (alpha * scale) + (b * scale + shift)`` for ``linear(x) = d * alpha + b``
     (:func:`fold_branch_affine`): the packed layer's own arithmetic, so the
-    exported model reproduces it bit for bit. Without ``linear_shortcut`` this
-    is just the linear layer.
+    exported model reproduces it bit for bit. A BatchNorm in training mode
+    normalises with batch statistics instead (not foldable). Without
+    ``linear_shortcut`` this is just the linear layer.
     """
 
     def __init__(self, in_features: int, out_features: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
-        self.linear = BinaryLinear(in_features, out_features, opts, rngs=rngs)
         self.branch_norm = opts.branch_norm if opts.linear_shortcut else None
+        # Before a BatchNorm a bias is removed by the batch mean: its gradient would be rounding noise.
+        use_bias = self.branch_norm != "batchnorm"
+        self.linear = BinaryLinear(in_features, out_features, opts, use_bias=use_bias, rngs=rngs)
         if self.branch_norm == "layernorm":
             self.norm = BranchLayerNorm(out_features, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
+        elif self.branch_norm == "batchnorm":
+            self.norm = BranchBatchNorm(out_features, dtype=opts.dtype, rngs=rngs)
         elif self.branch_norm == "affine":
             self.norm = BranchAffine(out_features)
         else:
             self.norm = None
 
+    def _folded(self) -> bool:
+        """Whether the normalisation is an affine map now (affine; a BatchNorm at inference)."""
+        if self.branch_norm == "batchnorm":
+            return self.norm.use_running_average
+        return self.branch_norm == "affine"
+
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
-        if self.branch_norm == "affine":
+        if self._folded():
             d, alpha = self.linear.unscaled(x, capture=capture, flat=True)
-            s, b = fold_branch_affine(alpha, self.linear.bias[...], self.norm.scale[...], self.norm.bias[...])
+            bias = self.linear.bias[...] if self.linear.bias is not None else jnp.zeros((d.shape[-1],), jnp.float32)
+            s, b = fold_branch_affine(alpha, bias, *self.norm.inference_affine())
             # the packed epilogue rounded(acc * alpha') + bias': the same float32 operations (docs/method.md)
             y = rounded(d * s.astype(d.dtype)).reshape(*x.shape[:-1], -1) + b.astype(d.dtype)
             return match_width(x, y.shape[-1]).astype(y.dtype) + y

@@ -51,6 +51,8 @@ __all__ = [
     "override_fields",
     "config_overrides",
     "from_config",
+    "training_view",
+    "model_variables",
 ]
 
 
@@ -381,3 +383,29 @@ def create(
         get_preset(preset).options, dtype=jnp.dtype(dtype), **{k: v for k, v in overrides.items() if k in opt_fields}
     )
     return VisionTransformer(cfg, opts, rngs=nnx.Rngs(seed))
+
+
+def training_view(model: nnx.Module) -> nnx.Module:
+    """The model as the train step runs it: every BatchNorm normalises with batch statistics.
+
+    Models are built for inference (a :class:`bvit_jax.layers.BranchBatchNorm`
+    uses its running averages, so ``model(images)`` is the eval forward);
+    this returns ``nnx.view(model, use_running_average=False)``, which shares
+    the model's arrays, and whose BatchNorms update their running averages
+    when called. A model without BatchNorm is returned as it is.
+    """
+    if not any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model)):
+        return model
+    return nnx.view(model, use_running_average=False)
+
+
+def model_variables(model: nnx.Module) -> dict:
+    """Everything a trained model holds, as one pure dict keyed by module path.
+
+    The parameters (``nnx.Param``) and, with ``branch_norm='batchnorm'``, the
+    running statistics (``nnx.BatchStat``: ``.../norm/mean``, ``.../norm/var``,
+    beside the same module's ``scale`` and ``bias``). This is what the best
+    checkpoint, :func:`bvit_jax.workdir.restore` and export carry; the
+    optimizer sees the parameters alone.
+    """
+    return nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))

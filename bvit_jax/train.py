@@ -29,7 +29,7 @@ from bvit_jax.grad_accum import accumulated_value_and_grad
 from bvit_jax.grs import frozen_share
 from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.metric_writers import MetricWriter
-from bvit_jax.models import PRESETS, VARIANTS
+from bvit_jax.models import PRESETS, VARIANTS, model_variables, training_view
 from bvit_jax.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 from bvit_jax.preemption import PreemptionWatch
@@ -40,6 +40,8 @@ __all__ = [
     "train_and_evaluate",
     "make_train_step",
     "init_train_state",
+    "split_for_training",
+    "batch_stats_of",
     "validate_config",
     "ConfigError",
     "steps_from",
@@ -157,7 +159,7 @@ def _validate_grs(g) -> None:
 
 # ----------------------------------------------------------------------------- teacher
 def load_teacher(config) -> tuple[nnx.GraphDef, Any]:
-    """``(graphdef, params)`` of the frozen KD teacher: the best model of ``config.distill.teacher_workdir``.
+    """``(graphdef, variables)`` of the frozen KD teacher: the best model of ``config.distill.teacher_workdir``.
 
     Read through :func:`bvit_jax.workdir.restore` (any workdir of this
     trainer, or one :mod:`bvit_jax.convert` wrote), with the compute dtype
@@ -181,20 +183,45 @@ def load_teacher(config) -> tuple[nnx.GraphDef, Any]:
                 f"teacher was trained with data.{k}={tcfg['data'][k]}, student uses {config.data[k]}: "
                 "they must see the same inputs"
             )
-    graphdef, _ = nnx.split(tmodel, nnx.Param)
-    return graphdef, tparams
+    return nnx.graphdef(tmodel), tparams  # the model in eval mode; tparams: all its variables
 
 
 # ----------------------------------------------------------------------------- step
-def init_train_state(params: Any, tx: optax.GradientTransformation, latent: Any) -> dict[str, Any]:
-    """The train state: step counter, params, optimizer state, oscillation EMA (binary presets)."""
+def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, params, batch_stats)`` of a model (built for inference) as the train step runs it.
+
+    ``graphdef`` is that of :func:`bvit_jax.models.training_view` (BatchNorms
+    normalise with batch statistics); ``params`` (``nnx.Param``) and
+    ``batch_stats`` (``nnx.BatchStat``, ``{}`` without BatchNorm) are pure dicts.
+    """
+    graphdef, params, batch_stats = nnx.split(training_view(model), nnx.Param, nnx.BatchStat)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+
+def init_train_state(
+    params: Any, tx: optax.GradientTransformation, latent: Any, batch_stats: Any = None
+) -> dict[str, Any]:
+    """The train state: step counter, params, optimizer state, oscillation EMA (binary presets).
+
+    ``batch_stats`` (the BatchNorms' running averages, a pure dict) becomes
+    ``state['batch_stats']`` when the model has any; a model without has no
+    such entry, so its checkpoints are those of earlier versions.
+    """
     has_latent = any(jax.tree.leaves(latent))
-    return {
+    state = {
         "step": jnp.zeros([], jnp.int32),
         "params": params,
         "opt_state": tx.init(params),
         "oscillation": diagnostics.oscillation_init(params, latent) if has_latent else {},
     }
+    if jax.tree.leaves(batch_stats):
+        state["batch_stats"] = batch_stats
+    return state
+
+
+def batch_stats_of(state: dict[str, Any]) -> Any:
+    """The train state's BatchNorm running averages (``{}`` for a model without BatchNorm)."""
+    return state.get("batch_stats", {})
 
 
 def make_train_step(
@@ -206,6 +233,10 @@ def make_train_step(
 ):
     """``train_step(state, batch, teacher_params) -> (state, metrics)``, not yet jitted.
 
+    ``graphdef``: the model as it trains (:func:`bvit_jax.models.training_view`),
+    split into ``nnx.Param`` and ``nnx.BatchStat``; a model with BatchNorm
+    normalises with the statistics of each (micro-)batch and the new running
+    averages go into ``state['batch_stats']``.
     One call is one optimizer update on the global batch. The loss is the label
     cross-entropy, or with a teacher (``teacher_graphdef`` not None)
     ``kd_weight * KL(teacher || student) + label_weight * CE`` from
@@ -220,21 +251,23 @@ def make_train_step(
     distill = teacher_graphdef is not None
     d = config.distill
 
-    def loss_fn(p, batch, tparams):
-        logits = nnx.merge(graphdef, p)(batch["image"])
+    def loss_fn(p, stats, batch, tparams):
+        model = nnx.merge(graphdef, p, stats)
+        logits = model(batch["image"])
+        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         label_loss = cross_entropy(logits, batch["label"])
         parts = {"label_loss": label_loss, "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"])}
         if not distill:
-            return label_loss, parts
+            return label_loss, (parts, new_stats)
         teacher_logits = nnx.merge(teacher_graphdef, tparams)(batch["image"])
         kd = distillation_kl(logits, teacher_logits, d.temperature)
-        return d.kd_weight * kd + d.label_weight * label_loss, {**parts, "kd_loss": kd}
+        return d.kd_weight * kd + d.label_weight * label_loss, ({**parts, "kd_loss": kd}, new_stats)
 
-    loss_and_grad = accumulated_value_and_grad(loss_fn, config.optimizer.grad_accum_steps)
+    loss_and_grad = accumulated_value_and_grad(loss_fn, config.optimizer.grad_accum_steps, has_state=True)
 
     def train_step(state, batch, tparams):
-        p = state["params"]
-        (loss, parts), grads = loss_and_grad(p, batch, tparams)
+        p, stats = state["params"], batch_stats_of(state)
+        (loss, parts), grads, new_stats = loss_and_grad(p, stats, batch, tparams)
         updates, opt_state = tx.update(grads, state["opt_state"], p)
         new_p = optax.apply_updates(p, updates)
         grad_norm = optax.tree.norm(grads)
@@ -242,6 +275,7 @@ def make_train_step(
         # A non-finite step leaves params and optimizer untouched; the host stops the run.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_p, opt_state = keep(new_p, p), keep(opt_state, state["opt_state"])
+        new_stats = keep(new_stats, stats)
         osc, weight_stats = state["oscillation"], {}
         if has_latent:  # sign flips of this step; EMA oscillation frequency per weight
             osc, osc_metrics = diagnostics.oscillation_update(osc, new_p, latent)
@@ -258,7 +292,10 @@ def make_train_step(
         }
         if (frozen := frozen_share(opt_state)) is not None:  # iterative freezing in the chain
             metrics["frozen_share/all"] = frozen
-        return {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}, metrics
+        new_state = {"step": state["step"] + 1, "params": new_p, "opt_state": opt_state, "oscillation": osc}
+        if "batch_stats" in state:
+            new_state["batch_stats"] = new_stats
+        return new_state, metrics
 
     return train_step
 
@@ -290,16 +327,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     total_steps = steps_from(config, "total", steps_per_epoch)
 
     # -- model ----------------------------------------------------------------
+    # Built for inference (BatchNorms use running averages): the eval graph; the train step
+    # runs the training view (batch statistics) of the same variables.
     model = build_model(config, seed=config.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params, batch_stats = split_for_training(model)
+    eval_graphdef = nnx.graphdef(model)
     latent = latent_weight_mask(model, params)
     has_latent = any(jax.tree.leaves(latent))  # False for the fp preset
     distill = bool(config.distill.enabled)
     teacher_graphdef, teacher_params = load_teacher(config) if distill else (None, None)
 
-    def apply(p, images, capture=False):
-        return nnx.merge(graphdef, p)(images, capture=capture)
+    def apply(variables, images, capture=False):
+        """The eval forward; ``variables = (params, batch_stats)``."""
+        return nnx.merge(eval_graphdef, *variables)(images, capture=capture)
+
+    def variables_of(state):
+        return state["params"], batch_stats_of(state)
 
     # -- optimizer ------------------------------------------------------------
     tx = build_optimizer(
@@ -314,22 +357,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
 
     # -- train state and shardings -----------------------------------------------
-    def init_state(p):
-        return init_train_state(p, tx, latent)
+    def init_state(p, stats):
+        return init_train_state(p, tx, latent, stats)
 
     min_size = config.mesh.get("fsdp_min_size", 2**14)
-    state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_state, params), min_size)
-    state = jax.jit(init_state, out_shardings=state_shardings)(params)
+    state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_state, params, batch_stats), min_size)
+    state = jax.jit(init_state, out_shardings=state_shardings)(params, batch_stats)
     repl = sharding.replicated(mesh)
     if distill:
         teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params, min_size))
-    del model, params
+    del model, params, batch_stats
 
     # -- step functions -----------------------------------------------------------
     train_step = make_train_step(config, graphdef, latent, tx, teacher_graphdef if distill else None)
 
-    def eval_step(p, batch):
-        logits = apply(p, batch["image"])
+    def eval_step(variables, batch):
+        logits = apply(variables, batch["image"])
         mask = batch["mask"].astype(jnp.float32)
         labels = batch["label"]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -343,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def diag_step(state, batch):
         """Per-layer oscillation and activation-information diagnostics (binary presets)."""
         p = state["params"]
-        _, captured = apply(p, batch["image"], capture=True)
+        _, captured = apply(variables_of(state), batch["image"], capture=True)
         osc_freq = {f"osc_freq/{k}": jnp.mean(f) for k, f in state["oscillation"].freq.items()}
         return {
             **diagnostics.activation_metrics(captured),
@@ -360,11 +403,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         out_shardings=(state_shardings, repl),
         donate_argnums=0,
     )
-    p_eval_step = jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_sh), out_shardings=repl)
+    p_eval_step = jax.jit(eval_step, in_shardings=(variables_of(state_shardings), batch_sh), out_shardings=repl)
     p_diag_step = jax.jit(diag_step, in_shardings=(state_shardings, batch_sh), out_shardings=repl)
 
     def evaluate_now() -> dict[str, float]:
-        return evaluate(p_eval_step, state["params"], config, mesh, pid, nproc)
+        return evaluate(p_eval_step, variables_of(state), config, mesh, pid, nproc)
 
     # -- restore --------------------------------------------------------------------
     cfg_dict = config_dict(config)
@@ -426,7 +469,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
                 eval_metrics = evaluate_now()
                 writer.write(step, "eval", eval_metrics)
-                store.save_best(step, state["params"], eval_metrics["top1"])
+                best = model_variables(nnx.merge(eval_graphdef, *variables_of(state)))  # params + running stats
+                store.save_best(step, best, eval_metrics["top1"])
             stop = preemption.reached(step)
             if step % config.checkpoint_every_steps == 0 or last or stop:
                 _stop_if_nonfinite(jax.device_get(pending), step, store)
@@ -460,14 +504,18 @@ def _stop_if_nonfinite(rows: list[dict], step: int, store: CheckpointStore) -> N
         )
 
 
-def evaluate(p_eval_step, params, config, mesh, pid: int, nproc: int) -> dict[str, float]:
-    """Top-1 / top-5 / loss over the full eval split: padded batches, masked, each example once."""
+def evaluate(p_eval_step, variables, config, mesh, pid: int, nproc: int) -> dict[str, float]:
+    """Top-1 / top-5 / loss over the full eval split: padded batches, masked, each example once.
+
+    ``p_eval_step(variables, batch)`` returns the batch's sums; ``variables``
+    is whatever it needs of the model (the trainer passes ``(params, batch_stats)``).
+    """
     totals = None
     it = input_pipeline.create_eval_iterator(
         config.data, local_batch_size=config.eval_batch_size // nproc, process_index=pid, process_count=nproc
     )
     for local in it:
-        out = p_eval_step(params, sharding.global_batch(local, mesh))
+        out = p_eval_step(variables, sharding.global_batch(local, mesh))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     n = float(totals["count"])

@@ -5,7 +5,7 @@ Layout of a workdir::
     config.json            the run's config as JSON (ml_collections' ``to_json_best_effort``;
                            unset ``model.overrides`` placeholders as null)
     checkpoints/<step>/    the last ``keep_checkpoints`` train states, each {state, data, config}
-    best/<step>/           the parameters with the best eval top-1 (one kept)
+    best/<step>/           the model variables with the best eval top-1 (one kept)
     metrics.jsonl          one JSON object per log step (:mod:`bvit_jax.metric_writers`)
     tensorboard/           the same scalars as TensorBoard event files
     damaged_checkpoints/   step folders that failed to restore at a resume, set aside (never deleted)
@@ -37,7 +37,7 @@ from flax import nnx
 
 from bvit_jax.checkpoint import CheckpointError, CheckpointStore, read_params
 from bvit_jax.errors import ConfigError, UserError
-from bvit_jax.models import VisionTransformer, from_config
+from bvit_jax.models import VisionTransformer, from_config, model_variables
 
 __all__ = [
     "CONFIG_FILE",
@@ -60,8 +60,8 @@ class Restored(NamedTuple):
     """What :func:`restore` returns: unpacks as ``config, model, params``."""
 
     config: dict  # the run's config.json
-    model: VisionTransformer  # the model of ``config``, holding ``params``
-    params: Any  # the parameters as a pure dict (host-local arrays)
+    model: VisionTransformer  # the model of ``config``, holding ``params``, in eval mode
+    params: Any  # its variables as a pure dict (host-local arrays): parameters (and BatchNorm statistics)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -130,8 +130,12 @@ def build_model(
 
 
 def abstract_params(config: Mapping[str, Any]) -> Any:
-    """Shape/dtype tree (``ShapeDtypeStruct`` s, pure-dict layout) of the parameters of ``config``'s model."""
-    return nnx.to_pure_dict(nnx.state(build_model(config, abstract=True), nnx.Param))
+    """Shape/dtype tree (``ShapeDtypeStruct`` s, pure-dict layout) of the variables of ``config``'s model.
+
+    The parameters and, with ``branch_norm='batchnorm'``, the BatchNorms'
+    running statistics (:func:`bvit_jax.models.model_variables`).
+    """
+    return model_variables(build_model(config, abstract=True))
 
 
 # ----------------------------------------------------------------------------- restoring
@@ -156,7 +160,7 @@ def restore(workdir: str | Path, which: str = "best", *, dtype: Any = None) -> R
     """
     config = load_config(workdir)
     abstract = build_model(config, dtype=dtype, abstract=True)
-    graphdef, state = nnx.split(abstract, nnx.Param)
+    graphdef, state = nnx.split(abstract)
     params = read_params(workdir, nnx.to_pure_dict(state), which)
     nnx.replace_by_pure_dict(state, params)
     return Restored(config, nnx.merge(graphdef, state), params)
@@ -177,7 +181,7 @@ def save_model(workdir: str | Path, config: Any, model: nnx.Module) -> Path:
     for sub in ("best", "checkpoints"):
         if (workdir / sub).exists() and any((workdir / sub).iterdir()):
             raise FileExistsError(f"{workdir / sub} already holds checkpoints: use a new --workdir")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = model_variables(model)
     shape = lambda tree: {
         jax.tree_util.keystr(k): (tuple(v.shape), jnp.dtype(v.dtype)) for k, v in jax.tree.leaves_with_path(tree)
     }

@@ -18,7 +18,7 @@ def sign(x):
 
 
 def perturb(model, seed=1, scale=0.1):
-    """Move every parameter off its init (shifts, gammas, LN, levels), as training would.
+    """Move every parameter off its init (shifts, gammas, LN, levels), and BatchNorm statistics, as training would.
 
     A fresh model has all shifts exactly 0, so the attention output ``P_b V_b``
     (often exactly 0) meets its sign with no shift, an untypical case
@@ -31,6 +31,17 @@ def perturb(model, seed=1, scale=0.1):
         k = jax.random.fold_in(key, i)
         if leaf.ndim == 0:  # attention level c > 0
             new.append(leaf * (1 + 0.3 * jax.random.uniform(k)))
+        else:
+            new.append(leaf + scale * jax.random.normal(k, leaf.shape))
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    # BatchNorm running statistics (branch_norm='batchnorm'): means moved, variances scaled in [0.5, 1.5)
+    stats = nnx.state(model, nnx.BatchStat)
+    leaves, treedef = jax.tree.flatten_with_path(stats)
+    key, new = jax.random.key(seed + 1), []
+    for i, (path, leaf) in enumerate(leaves):
+        k = jax.random.fold_in(key, i)
+        if "['var']" in jax.tree_util.keystr(path):
+            new.append(leaf * (0.5 + jax.random.uniform(k, leaf.shape)))
         else:
             new.append(leaf + scale * jax.random.normal(k, leaf.shape))
     nnx.update(model, jax.tree.unflatten(treedef, new))

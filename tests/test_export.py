@@ -17,13 +17,13 @@ from bvit_jax.binarize import channel_alpha
 from bvit_jax.bitops import from_planes, pack_signs, unpack_signs
 from bvit_jax.bvit_format import PackedFormatError, read_header
 from bvit_jax.export import export_model, load_packed, pack_model
-from bvit_jax.layers import ASM_MODES, fold_branch_affine
-from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
+from bvit_jax.layers import ASM_MODES, BRANCH_BN_EPSILON, branch_norm_affine, fold_branch_affine
+from bvit_jax.models import VisionTransformer, create, get_preset, get_variant, model_variables
 from bvit_jax.packed import packed_forward
 from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
 from bvit_jax.summary import size_accounting
 from tests.packed_helpers import file_tensors, model_forward, perturb, random_images, sign, with_header
-from tests.tolerances import U32, assert_within, gamma_n
+from tests.tolerances import assert_within, gamma_n
 
 # --------------------------------------------------------------------------
 # Export and load: the options a file records.
@@ -69,38 +69,51 @@ def test_file_without_asm_mode_loads_as_token_mean():
         load_packed(bad)
 
 
-def test_affine_branch_is_folded_into_the_file():
-    """``branch_norm='affine'``: no ``norm`` tensors; each linear's alpha and bias hold the folded values
-    (``alpha * scale``, ``b * scale + bias``, exactly as :func:`fold_branch_affine` computes them); the header
-    records the option; the packed forward equals the model bit for bit on CPU (odd widths, through the file)."""
+@pytest.mark.parametrize("branch_norm", ["affine", "batchnorm"])
+def test_foldable_branch_norm_is_folded_into_the_file(branch_norm):
+    """``branch_norm='affine'`` / ``'batchnorm'``: no ``norm`` tensors; each linear's alpha and bias hold the
+    folded values (``alpha * s``, ``b * s + t`` for the normalisation's inference map ``y * s + t``: the affine's
+    scale and bias; a BatchNorm's ``s = scale / sqrt(var + eps)``, ``t = bias - mean * s`` from its running
+    statistics), exactly as :func:`fold_branch_affine` computes them; the header records the option; the
+    packed forward equals the model bit for bit on CPU (odd widths, through the file)."""
     cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3)
-    opts = dataclasses.replace(get_preset("binaryvit").options, branch_norm="affine")
+    opts = dataclasses.replace(get_preset("binaryvit").options, branch_norm=branch_norm)
     model = perturb(VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
-    params = dict(flatten_with_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    variables = dict(flatten_with_paths(model_variables(model)))
     blob = export_model(model, data=None, preset="binaryvit")
     header = read_header(blob)
-    assert header["version"] == bvit_format.FORMAT_VERSION == 3 and header["options"]["branch_norm"] == "affine"
+    assert header["version"] == bvit_format.FORMAT_VERSION == 3 and header["options"]["branch_norm"] == branch_norm
     stored = file_tensors(blob)
     binary = sorted(p[: -len("/kernel")] for p in latent_weight_paths(model))
     assert len(binary) == cfg.depth * 6
     assert not [n for n in stored if "/norm/" in n]  # block norms are norm1 / norm2, the final one norm/
     for base in binary:
         block = base[: -len("/linear")]
-        assert block + "/norm/scale" in params and block + "/norm/scale" not in stored
-        alpha = channel_alpha(jnp.asarray(params[base + "/kernel"]))[0]
-        want = fold_branch_affine(
-            alpha, params[base + "/bias"], params[block + "/norm/scale"], params[block + "/norm/bias"]
-        )
+        norm = {n: variables.get(f"{block}/norm/{n}") for n in ("scale", "bias", "mean", "var")}
+        assert norm["scale"] is not None and block + "/norm/scale" not in stored
+        assert (norm["mean"] is not None) == (branch_norm == "batchnorm")
+        assert (base + "/bias" in variables) == (branch_norm == "affine")  # no bias before a BatchNorm: b = 0
+        lin_bias = variables.get(base + "/bias", jnp.zeros(norm["scale"].shape))
+        alpha = channel_alpha(jnp.asarray(variables[base + "/kernel"]))[0]
+        fold = branch_norm_affine(branch_norm, {k: v for k, v in norm.items() if v is not None})
+        want = fold_branch_affine(alpha, lin_bias, *fold)
         np.testing.assert_array_equal(stored[base + "/alpha"][0], np.asarray(want[0]), err_msg=base)
         np.testing.assert_array_equal(stored[base + "/bias"][0], np.asarray(want[1]), err_msg=base)
-        # the folded values are the affine of the linear (float32: alpha*scale one rounding; b*scale + bias two)
-        scale = np.asarray(params[block + "/norm/scale"], np.float64)
-        assert_within(stored[base + "/alpha"][0], np.asarray(alpha, np.float64) * scale, U32 * np.abs(alpha * scale))
-        bs = np.asarray(params[base + "/bias"], np.float64) * scale
-        b2 = bs + np.asarray(params[block + "/norm/bias"], np.float64)
-        assert_within(stored[base + "/bias"][0], b2, gamma_n(2) * (np.abs(b2) + np.abs(bs)), base)
+        # the folded values are the map's (float64 reference): s = scale (affine; exact) or
+        # scale / sqrt(var + eps) (add, sqrt, divide, multiply: gamma_4), t = bias (exact) or bias - mean * s;
+        # alpha * s: one more rounding; b * s + t: a product, a sum and t's own (2 for batchnorm).
+        f64 = {k: np.asarray(v, np.float64) for k, v in norm.items() if v is not None}
+        s, t = f64["scale"], f64["bias"]
+        if branch_norm == "batchnorm":
+            s = s / np.sqrt(f64["var"] + BRANCH_BN_EPSILON)
+            t = t - f64["mean"] * s
+        a64, b64 = np.asarray(alpha, np.float64), np.asarray(lin_bias, np.float64)
+        assert_within(stored[base + "/alpha"][0], a64 * s, gamma_n(5) * np.abs(a64 * s), base)
+        folded = b64 * s + t
+        bound = gamma_n(7) * (np.abs(b64 * s) + np.abs(t) + np.abs(f64.get("mean", 0) * s) + np.abs(f64["bias"]))
+        assert_within(stored[base + "/bias"][0], folded, bound, base)
     loaded = load_packed(blob)
-    assert loaded.opts.branch_norm == "affine"
+    assert loaded.opts.branch_norm == branch_norm
     x = random_images(cfg)
     got, ref = np.asarray(packed_forward(loaded, x)), model_forward(model, x)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

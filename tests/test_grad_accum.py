@@ -63,6 +63,29 @@ def test_accumulated_loss_and_gradient_equal_the_full_batch_within_float32_summa
     assert abs(float(ak["mean_residual"] - a1["mean_residual"])) <= 2 * n * U32 * float(np.mean(np.abs(r)))
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_state_passes_through_the_micro_batches_in_order(k):
+    """``has_state``: micro-batch ``i`` starts from the state micro-batch ``i - 1`` left (a BatchNorm's running
+    averages); loss, aux and gradient are the micro-batch means. Every value here is a small integer or a
+    power-of-two fraction, so float32 computes it exactly and the comparison is exact."""
+    x = jnp.arange(1.0, 13.0)  # 12 rows -> k micro-batches of rows i::k
+
+    def fun(w, state, batch):
+        loss = jnp.mean(w * batch) + 0.5 * state  # depends on the state it was given
+        return loss, ({"rows": jnp.mean(batch)}, 0.5 * state + jnp.sum(batch))
+
+    (loss, aux), grad, state = accumulated_value_and_grad(fun, k, has_state=True)(jnp.float32(2.0), 4.0, x)
+    want_state, losses, means = 4.0, [], []
+    for i in range(k):
+        rows = np.arange(1.0, 13.0)[i::k]
+        losses.append(np.mean(2.0 * rows) + 0.5 * want_state)
+        means.append(np.mean(rows))
+        want_state = 0.5 * want_state + rows.sum()
+    assert float(state) == want_state
+    assert float(loss) == np.mean(losses) and float(aux["rows"]) == np.mean(means)
+    assert float(grad) == np.mean(means)  # d/dw mean(w * rows) = mean(rows), averaged over micro-batches
+
+
 def test_gradient_accumulation_equals_one_large_batch_update_for_update(tmp_path):
     """k=4 micro-batches of 8 vs one batch of 32: same updates, same lr at each, same params."""
     steps, runs = 8, {}

@@ -18,11 +18,14 @@ from bvit_jax import diagnostics
 from bvit_jax.binarize import LEVEL_MIN, lsq_grad_scale
 from bvit_jax.layers import (
     ASM_MODES,
+    BRANCH_BN_EPSILON,
+    BRANCH_BN_MOMENTUM,
     BRANCH_NORMS,
     Attention,
     BinaryLinear,
     BinaryOptions,
     BranchAffine,
+    BranchBatchNorm,
     LayerNorm,
     LinearBlock,
     RPReLU,
@@ -30,6 +33,7 @@ from bvit_jax.layers import (
     asm_statistic,
     match_width,
 )
+from bvit_jax.models import training_view
 from bvit_jax.param_groups import flatten_with_paths
 from tests.tolerances import U32, assert_within, gamma_n
 
@@ -295,7 +299,7 @@ def test_linear_block_shortcut():
 
 
 def test_branch_norm_is_validated_and_layernorm_stays_the_default():
-    with pytest.raises(ValueError, match=r"branch_norm='groupnorm' is not one of \['layernorm', 'affine'"):
+    with pytest.raises(ValueError, match=r"branch_norm='groupnorm' is not one of \['layernorm', 'batchnorm', 'affine'"):
         dataclasses.replace(BIN, branch_norm="groupnorm")
     assert BinaryOptions().branch_norm == "layernorm" == BRANCH_NORMS[0]
     blk = LinearBlock(8, 16, dataclasses.replace(BIN, linear_shortcut=True), rngs=nnx.Rngs(0))
@@ -373,6 +377,89 @@ def test_affine_branch_gradients_are_those_of_the_unfolded_formula():
     mass = float(np.sum(np.abs(np.asarray(g)))) * max(1.0, scale) * max(1.0, float(y.max()))
     for path in got:
         assert_within(got[path], want[path], 2 * gamma_n(15 * 24 + 4) * mass, path)
+
+
+def _batchnorm_block(din, dout, seed=0):
+    """A ``branch_norm='batchnorm'`` LinearBlock with its linear, scale, bias and running statistics moved."""
+    opts = dataclasses.replace(BIN, linear_shortcut=True, branch_norm="batchnorm")
+    blk = LinearBlock(din, dout, opts, rngs=nnx.Rngs(0))
+    assert blk.linear.bias is None  # the batch mean would remove it: no bias before a BatchNorm
+    ks = jax.random.split(jax.random.key(seed), 7)
+    blk.linear.act.shift.beta[...] = 0.3 * jax.random.normal(ks[0], (din,))
+    blk.linear.kernel[...] = blk.linear.kernel[...] + 0.05 * jax.random.normal(ks[1], (din, dout))
+    blk.norm.scale[...] = 1 + 0.5 * jax.random.normal(ks[3], (dout,))
+    blk.norm.bias[...] = 0.1 * jax.random.normal(ks[4], (dout,))
+    blk.norm.mean[...] = 0.2 * jax.random.normal(ks[5], (dout,))
+    blk.norm.var[...] = 0.05 + jax.random.uniform(ks[6], (dout,))
+    return blk
+
+
+def test_batchnorm_branch_trains_on_batch_statistics_and_moves_the_running_averages():
+    """Training view: ``match(x) + (y - mu) / sqrt(var + eps) * scale + bias`` with ``mu``, ``var`` of each
+    channel over batch and tokens; the running averages move to ``m r + (1 - m) batch statistic``."""
+    din, dout, (b, n) = 24, 12, (3, 5)
+    blk = _batchnorm_block(din, dout)
+    assert isinstance(blk.norm, BranchBatchNorm) and blk.norm.use_running_average  # built for inference
+    r_mean, r_var = np.asarray(blk.norm.mean[...], np.float64), np.asarray(blk.norm.var[...], np.float64)
+    x = jax.random.normal(jax.random.key(9), (b, n, din))
+    y = np.asarray(blk.linear(x), np.float64)  # the branch input (float32 values)
+    train = training_view(blk)
+    out = np.asarray(train(x))
+    assert blk.norm.use_running_average  # the view did not switch the model itself
+    mu, var = y.mean((0, 1)), y.var((0, 1))
+    scale, bias = np.asarray(blk.norm.scale[...], np.float64), np.asarray(blk.norm.bias[...], np.float64)
+    z = (y - mu) / np.sqrt(var + BRANCH_BN_EPSILON)
+    shortcut = np.asarray(match_width(x, dout), np.float64)
+    expected = shortcut + z * scale + bias
+    # float32 bounds, R = b*n rows per channel: mu (a sum of R terms, then / R): gamma_{R+1} mean|y|;
+    # var = mean(y^2) - mu^2 (flax's fast variance): gamma_{R+3} (mean(y^2) + mu^2) + 2 |mu| dmu;
+    # r = rsqrt(var + eps) (add, rsqrt as 1/sqrt: 3 roundings) moves by <= dvar / (2 (var + eps)) + gamma_3;
+    # z = (y - mu) r: |dz| <= (dmu + gamma_1 |y - mu|) r + |z| (dr + gamma_1); then * scale, + bias,
+    # + shortcut (a repeat: exact here, dout = din / 2 -> a mean of 2 groups: gamma_2): gamma_3 of the terms.
+    R = b * n
+    dmu = gamma_n(R + 1) * np.abs(y).mean((0, 1))
+    dvar = gamma_n(R + 3) * ((y**2).mean((0, 1)) + mu**2) + 2 * np.abs(mu) * dmu
+    r = 1 / np.sqrt(var + BRANCH_BN_EPSILON)
+    dr = dvar / (2 * (var + BRANCH_BN_EPSILON)) + gamma_n(3)
+    dz = (dmu + U32 * np.abs(y - mu)) * r + np.abs(z) * (dr + U32)
+    bound = np.abs(scale) * dz + gamma_n(3) * (np.abs(z * scale) + np.abs(bias) + np.abs(shortcut))
+    assert_within(out, expected, bound, "batchnorm branch (training)")
+    # the running averages moved (in the model itself: the view shares its arrays)
+    m = BRANCH_BN_MOMENTUM  # flax averages the biased batch variance, the one the normalisation uses
+    want_mean, want_var = m * r_mean + (1 - m) * mu, m * r_var + (1 - m) * var
+    got_mean, got_var = np.asarray(blk.norm.mean[...]), np.asarray(blk.norm.var[...])
+    assert_within(got_mean, want_mean, (1 - m) * dmu + gamma_n(3) * (np.abs(m * r_mean) + np.abs(want_mean)), "mean")
+    assert_within(got_var, want_var, (1 - m) * dvar + gamma_n(3) * (np.abs(m * r_var) + np.abs(want_var)), "var")
+
+
+@pytest.mark.parametrize("din, dout", [(12, 24), (24, 12), (36, 36)])
+def test_batchnorm_branch_at_inference_is_the_running_average_map_folded(din, dout):
+    """Eval (the model as built): ``match(x) + (linear(x) - mean) / sqrt(var + eps) * scale + bias`` with the
+    running averages (``linear(x) = d * alpha``, no bias), computed as ``d * (alpha * s) + (bias - mean * s)``,
+    ``s = scale / sqrt(var + eps)``."""
+    blk = _batchnorm_block(din, dout, seed=din)
+    x = jax.random.normal(jax.random.key(9), (2, 7, din))
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(blk, x))
+    xb = _pm1(np.asarray(x - blk.linear.act.shift.beta[...]))
+    w = np.asarray(blk.linear.kernel[...], np.float64)
+    ints = xb @ _pm1(w)  # exact
+    alpha = np.abs(w).mean(0)
+    scale, bias = np.asarray(blk.norm.scale[...], np.float64), np.asarray(blk.norm.bias[...], np.float64)
+    mean, var = np.asarray(blk.norm.mean[...], np.float64), np.asarray(blk.norm.var[...], np.float64)
+    s = scale / np.sqrt(var + BRANCH_BN_EPSILON)
+    shortcut = np.asarray(match_width(x, dout), np.float64)
+    expected = shortcut + (ints * alpha - mean) * s + bias
+    # float32 roundings: s = scale * rsqrt(var + eps) (add, sqrt, divide, multiply: gamma_4); alpha (a mean of
+    # din terms: gamma_{din+1}); alpha * s and the product with the integer (2 more): gamma_{din+7} |ints alpha s|;
+    # the folded bias 0*s + (bias - mean*s) (s: gamma_4, a product, a sum) and the final 2 sums:
+    # gamma_8 (|mean s| + |bias|); the shortcut: gamma_3 |match|.
+    bound = (
+        gamma_n(din + 7) * np.abs(ints * alpha * s)
+        + gamma_n(8) * (np.abs(mean * s) + np.abs(bias))
+        + gamma_n(3) * np.abs(shortcut)
+        + U32 * np.abs(expected)
+    )
+    assert_within(got, expected, bound, "batchnorm LinearBlock at inference")
 
 
 def test_rprelu_formula():

@@ -1,5 +1,6 @@
-"""The trainer: config errors, the teacher, multi-process parity, NaN, the recipe's presets, affine branch norm,
-accuracy. (Loss, checkpoint-store, accumulation, sharding and preemption tests are in their modules' files.)"""
+"""The trainer: config errors, the teacher, multi-process parity, NaN, the recipe's presets, the foldable branch
+norms (affine, batchnorm), accuracy. (Loss, checkpoint-store, accumulation, sharding and preemption tests are in
+their modules' files.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from bvit_jax.metric_writers import read_metrics
 from bvit_jax.models import create
 from bvit_jax.train import ConfigError, load_teacher, train_and_evaluate
 from bvit_jax.workdir import restore_params
-from tests.train_helpers import flat, launch_two, run_train, tiny_config, wait_all
+from tests.train_helpers import eval_top1, flat, launch_two, run_train, tiny_config, wait_all
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -178,10 +179,16 @@ def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_
             assert losses[a] != losses[b], (a, b)
 
 
-def test_affine_branch_norm_trains_and_exports_bit_exact(tmp_path):
-    """``model.overrides.branch_norm=affine``: the per-channel scale and bias of every block linear's branch
-    learn (each moves off its init 1 / 0), the checkpoint holds them under ``norm/`` and no LayerNorm
-    there, and the trained run's ``.bvit`` file gives the model's logits bit for bit on CPU."""
+@pytest.mark.parametrize("branch_norm", ["affine", "batchnorm"])
+def test_foldable_branch_norm_trains_resumes_and_exports_bit_exact(tmp_path, branch_norm):
+    """``model.overrides.branch_norm`` = ``affine`` / ``batchnorm``: the per-channel scale and bias of every block
+    linear's branch learn (each moves off its init 1 / 0), the checkpoint holds them under ``norm/`` and no
+    LayerNorm there; a BatchNorm's running averages are in the train state (``batch_stats``, moved off their
+    init 0 / 1), in the best checkpoint beside the parameters, and a run resumed from its step-4 checkpoint
+    (with 2 micro-batches per step, each with its own statistics) ends bit for bit where the uninterrupted
+    one does; the trained run's ``.bvit`` file gives the model's eval logits bit for bit on CPU."""
+    import shutil
+
     from bvit_jax.export import export_workdir, load_packed
     from bvit_jax.packed import packed_forward
     from bvit_jax.workdir import restore
@@ -192,10 +199,12 @@ def test_affine_branch_norm_trains_and_exports_bit_exact(tmp_path):
         warmup_steps=1,
         distill__enabled=False,
         diagnostics_every_steps=0,
-        checkpoint_every_steps=8,
-        model__overrides__branch_norm="affine",
+        checkpoint_every_steps=4,
+        eval_every_steps=8,
+        optimizer__grad_accum_steps=2,
+        model__overrides__branch_norm=branch_norm,
     )
-    train_and_evaluate(cfg, tmp_path / "run")
+    final = train_and_evaluate(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run", "train")
     assert rows and all(np.isfinite(r["loss"]) for r in rows)
     params = flat(restore_params(tmp_path / "run", "latest")[1])
@@ -204,11 +213,32 @@ def test_affine_branch_norm_trains_and_exports_bit_exact(tmp_path):
     for k, v in branch.items():
         assert not np.array_equal(v, np.ones_like(v)), k
         assert not np.array_equal(params[k[: -len("scale")] + "bias"], np.zeros_like(v)), k
-    _, model, _ = restore(str(tmp_path / "run"), which="latest", dtype=jnp.float32)
-    assert model.opts.branch_norm == "affine"
+        stats = {n: params.get(k[: -len("scale")] + n) for n in ("mean", "var")}
+        if branch_norm == "batchnorm":
+            assert not np.array_equal(stats["mean"], np.zeros_like(v)) and np.all(stats["var"] > 0), k
+            assert not np.array_equal(stats["var"], np.ones_like(v)), k
+        else:
+            assert stats == {"mean": None, "var": None}, k
+    config, model, best = restore(str(tmp_path / "run"), which="best", dtype=jnp.float32)
+    assert model.opts.branch_norm == branch_norm
+    assert eval_top1(model, cfg) == final["top1"]  # the trainer evaluated the model as restored (running averages)
+    for k, v in flat(best).items():  # the only eval is at the last step: best == latest, statistics included
+        np.testing.assert_array_equal(v, params[k], err_msg=k)
+    assert flat(best).keys() == params.keys()
+    # resumed from step 4 (its later checkpoints and best removed): the same end, bit for bit
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "best")
+    for step in (p for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit() and p.name != "4"):
+        shutil.rmtree(step)
+    assert train_and_evaluate(cfg, tmp_path / "resumed") == final
+    resumed = flat(restore_params(tmp_path / "resumed", "latest")[1])
+    assert resumed.keys() == params.keys()
+    for k in params:
+        np.testing.assert_array_equal(resumed[k], params[k], err_msg=k)
+    # export folds the normalisation (a BatchNorm's running-average map) into each linear: bit-exact logits
     export_workdir(tmp_path / "run", tmp_path / "m.bvit", which="latest")
     packed = load_packed(tmp_path / "m.bvit")
-    assert packed.opts.branch_norm == "affine"
+    assert packed.opts.branch_norm == branch_norm
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     graphdef, state = nnx.split(model)
     ref = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))

@@ -15,7 +15,6 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from bvit_jax import data
 from bvit_jax.checkpoint import CheckpointError
 from bvit_jax.errors import ConfigError
 from bvit_jax.train import train_and_evaluate
@@ -30,7 +29,7 @@ from bvit_jax.workdir import (
     save_model,
     write_config,
 )
-from tests.train_helpers import ROOT, flat, tiny_config
+from tests.train_helpers import ROOT, eval_top1, flat, tiny_config
 
 
 def _shapes(tree):
@@ -112,23 +111,12 @@ def test_build_model_concrete_abstract_seed_and_dtype():
 
 
 # ----------------------------------------------------------------------------- restoring a trained run
-def _top1(model, config) -> float:
-    """Top-1 of ``model`` over the config's eval split, as the trainer counts it (masked padding)."""
-    forward = jax.jit(lambda x: model(x))
-    correct = count = 0.0
-    for batch in data.create_eval_iterator(config.data, local_batch_size=config.eval_batch_size):
-        hit = np.argmax(np.asarray(forward(jnp.asarray(batch["image"]))), -1) == np.asarray(batch["label"])
-        mask = np.asarray(batch["mask"], bool)
-        correct, count = correct + float(np.sum(hit & mask)), count + float(np.sum(mask))
-    return correct / count
-
-
 def test_restored_model_scores_what_the_trainer_measured(run):
     wd, final, cfg = run
     config, model, params = restore(wd)  # best: the only eval is at the last step
     assert config == load_config(wd) and config["model"]["preset"] == "binaryvit"
     assert (model.cfg.embed_dim, model.cfg.depth, model.opts.asm) == (32, 1, True)
-    assert _top1(model, cfg) == final["top1"] and final["examples"] == 400
+    assert eval_top1(model, cfg) == final["top1"] and final["examples"] == 400
     # the params returned are those inside the model, and restore_params reads the same ones
     jax.tree.map(np.testing.assert_array_equal, params, _params(model))
     assert flat(restore_params(wd)[1]).keys() == flat(params).keys()

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bvit_jax.data import create_eval_iterator
 from configs import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,17 @@ def teacher(tmp_path_factory) -> Path:
     wd = tmp_path_factory.mktemp("teacher")
     train_and_evaluate(tiny_config("fp", total_steps=6), wd)
     return wd
+
+
+def eval_top1(model, config) -> float:
+    """Top-1 of ``model`` over the config's eval split, as the trainer counts it (masked padding)."""
+    forward = jax.jit(lambda x: model(x))
+    correct = count = 0.0
+    for batch in create_eval_iterator(config.data, local_batch_size=config.eval_batch_size):
+        hit = np.argmax(np.asarray(forward(jnp.asarray(batch["image"]))), -1) == np.asarray(batch["label"])
+        mask = np.asarray(batch["mask"], bool)
+        correct, count = correct + float(np.sum(hit & mask)), count + float(np.sum(mask))
+    return correct / count
 
 
 def assert_same_run(full, resumed, steps: int) -> None:
