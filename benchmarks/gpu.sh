@@ -17,10 +17,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $py -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())" 2>&1 | tee -a "$out/gpu.txt"
 
-# binaryvit:nokd gives the teacher forward's share; :tbf16 the teacher in bfloat16; :affine the foldable branch norm
+# binaryvit:nokd gives the teacher forward's share; :tbf16 the teacher in bfloat16; :batchnorm / :affine the foldable branch norms
 for dtype in bfloat16 float32; do
-    $py benchmarks/train_step.py --variants deit_small --presets fp,binaryvit,binaryvit:nokd,binaryvit:tbf16,binaryvit:affine \
+    $py benchmarks/train_step.py --variants deit_small --presets fp,binaryvit,binaryvit:nokd,binaryvit:tbf16,binaryvit:batchnorm,binaryvit:affine \
         --dtype $dtype --reps 5 \
         --json "$out/train_step_deit_small_$dtype.json" 2>&1 | tee "$out/train_step_deit_small_$dtype.txt"
 done
-$py benchmarks/packed_inference.py --min_time 0.5 --branch_norms=layernorm,affine 2>&1 | tee "$out/packed_inference.txt"
+$py benchmarks/packed_inference.py --min_time 0.5 --branch_norms=layernorm,batchnorm,affine 2>&1 | tee "$out/packed_inference.txt"

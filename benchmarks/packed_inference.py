@@ -3,7 +3,7 @@
 Run (not a test; takes a few minutes on 2 cores)::
 
     nice -n 10 .venv/bin/python benchmarks/packed_inference.py [--variants=deit_tiny,deit_small] [--batches=1,8] \
-        [--branch_norms=layernorm,affine]
+        [--branch_norms=layernorm,batchnorm,affine]
 
 Prints markdown tables (the ones in ``docs/export.md``):
 
@@ -14,7 +14,7 @@ Prints markdown tables (the ones in ``docs/export.md``):
    attention; also with the attention matmuls left in float), with the max
    |logit| difference packed vs float32. ``--branch_norms`` (default
    ``layernorm``) lists the shortcut-branch normalisations to measure
-   (``model.branch_norm``: ``layernorm``, ``affine``), side by side in one
+   (``model.branch_norm``: ``layernorm``, ``batchnorm``, ``affine``), side by side in one
    run; with more than one, a last table gives each one's packed time as a
    ratio to the first's.
 2. The linear layers alone at DeiT-S shapes: fp32 and bf16 ``x @ W`` vs the
@@ -73,17 +73,19 @@ def time_interleaved(fns, min_time=1.0, min_reps=5, max_reps=200):
 
 
 def perturb(model, seed=1, scale=0.1):
-    """Move every parameter off its initial value, as training does (see ``end_to_end``)."""
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
+    """Move every parameter (and BatchNorm statistic) off its initial value, as training does (see ``end_to_end``).
+
+    Positive scalars (attention levels) and BatchNorm variances are scaled, everything else shifted.
+    """
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    leaves, treedef = jax.tree.flatten_with_path(state)
     new = []
-    for i, leaf in enumerate(leaves):
+    for i, (path, leaf) in enumerate(leaves):
         k = jax.random.fold_in(jax.random.key(seed), i)
-        new.append(
-            leaf * (1 + 0.3 * jax.random.uniform(k))
-            if leaf.ndim == 0
-            else leaf + scale * jax.random.normal(k, leaf.shape)
-        )
+        if leaf.ndim == 0 or "['var']" in jax.tree_util.keystr(path):
+            new.append(leaf * (1 + 0.3 * jax.random.uniform(k, leaf.shape)))
+        else:
+            new.append(leaf + scale * jax.random.normal(k, leaf.shape))
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
 
@@ -105,7 +107,7 @@ def end_to_end(variants, batches, min_time, branch_norms=("layernorm",)):
         # untypical case; docs/export.md, "Exactness").
         model = perturb(create(variant, "binaryvit", branch_norm=bn))
         model_bf16 = create(variant, "binaryvit", dtype=jnp.bfloat16, branch_norm=bn)
-        nnx.update(model_bf16, nnx.state(model, nnx.Param))
+        nnx.update(model_bf16, nnx.state(model))  # parameters and BatchNorm statistics
         packed = pack_model(model)
         f32, bf16 = jit_model(model), jit_model(model_bf16)
         cfg = model.cfg
@@ -207,7 +209,7 @@ def _define_flags(fv, argv: list[str]) -> None:
     flags.DEFINE_list(
         "branch_norms",
         "layernorm",
-        "Comma-separated shortcut-branch normalisations to measure (model.branch_norm: layernorm, affine).",
+        "Comma-separated shortcut-branch normalisations to measure (model.branch_norm: layernorm, batchnorm, affine).",
         flag_values=fv,
     )
 

@@ -72,8 +72,10 @@ __all__ = [
 MAGIC = b"BVITPK\r\n"
 # 2: attention levels stored as attn_level_raw (c = c_min + softplus(raw));
 # 3: options.branch_norm; with a folded branch normalisation, alpha and bias of its linear hold the folded values.
-# Version 2 files (no branch_norm: 'layernorm', the same tensors) still load.
-FORMAT_VERSION = 3
+# 4: options.branch_norm may be 'batchnorm' (folded like 'affine'; its linears store the folded bias although the
+#    model's linear has none), so a reader that knows only version 3 refuses it by version, not as a corrupt header.
+# Version 2 files (no branch_norm: 'layernorm', the same tensors) and version 3 files still load.
+FORMAT_VERSION = 4
 _OLDEST_READABLE = 2
 FORMAT_NAME = "bvit_jax.packed"
 _PREFIX = struct.Struct("<8sI")

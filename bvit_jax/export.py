@@ -166,8 +166,8 @@ def _expected_params(cfg: ViTConfig, opts: BinaryOptions) -> tuple[dict[str, tup
 def _folded_norm(opts: BinaryOptions, kernel_path: str) -> str | None:
     """The branch normalisation folded into the binary linear of ``kernel_path`` (its module path), or None.
 
-    With ``linear_shortcut`` and a statistics-free ``branch_norm`` (not
-    ``'layernorm'``), the ``LinearBlock`` ``P`` of the kernel
+    With ``linear_shortcut`` and a foldable ``branch_norm`` (``'affine'``,
+    ``'batchnorm'``: a per-channel map at inference), the ``LinearBlock`` ``P`` of the kernel
     ``P/linear/kernel`` has its normalisation ``P/norm``, stored folded into
     ``P/linear/alpha`` and ``P/linear/bias``.
     """
@@ -505,7 +505,7 @@ def _run(fv, args: list[str]) -> int:
     s = export_workdir(fv["workdir"].value, fv["out"].value, which=fv["which"].value, class_names=names)
     n = s["bytes"]
     print(f"wrote {s['out']}: {n} bytes ({_fmt_mb(n)})")
-    print(f"  checkpoint parameters in fp32:      {_fmt_mb(s['fp32_bytes'])} ({s['fp32_bytes'] / n:.2f}x the file)")
+    print(f"  model parameters in fp32:           {_fmt_mb(s['fp32_bytes'])} ({s['fp32_bytes'] / n:.2f}x the file)")
     print(
         f"  fp model of this architecture:      {_fmt_mb(s['fp_model_bytes'])} "
         f"({s['fp_model_bytes'] / n:.2f}x the file)"

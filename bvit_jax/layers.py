@@ -346,8 +346,9 @@ class BinaryLinear(nnx.Module):
         (``scale=False``: clipped straight-through to ``W``) and ``alpha =
         mean_in|W|`` (``(out,)``, ones without ``weight_scale``) is detached,
         as ReActNet detaches it, so ``unscaled * alpha`` has the gradients of
-        ``__call__``. :class:`LinearBlock` with a statistics-free branch
-        normalisation multiplies ``alpha`` into that normalisation's scale.
+        ``__call__``. :class:`LinearBlock` with a foldable branch
+        normalisation (affine; a BatchNorm at inference) multiplies ``alpha``
+        into that normalisation's scale.
         ``flat``: the product as the 2-D ``(rows, out)`` matmul output.
         """
         if self.act is not None:
@@ -371,7 +372,7 @@ class BinaryLinear(nnx.Module):
         return ("kernel",) if self.weight_binarizer is not None else ()
 
     def report(self, num_tokens: int) -> LayerReport:
-        """Kernel at its binarizer's precision (1 bit) or 32 bits, bias 32 bits; ``num_tokens * in * out`` MACs.
+        """Kernel at its binarizer's precision (1 bit) or 32 bits, any bias 32 bits; ``num_tokens * in * out`` MACs.
 
         The MACs are binary when both operands are: the kernel's and the
         input's binarizers both have precision 1. A binary kernel with
@@ -513,7 +514,11 @@ def batchnorm_affine(
     every BNN inference engine does). ``mean * s`` is rounded before the
     subtraction (:func:`bvit_jax.fused_ops.rounded`), so the model's eval
     forward and export, which both compute ``b`` here, get the same bits
-    whether or not the compiler would contract it into an FMA.
+    whether or not the compiler would contract it into an FMA. ``rsqrt`` is
+    the one op both use (a ``scale / sqrt(...)`` could be rewritten to it by
+    XLA inside the model's graph and not in export's op-by-op calls); its
+    last bit is the backend's, so the bit-for-bit equality holds for an
+    export and an eval forward on the same backend (CPU: measured).
     """
     s = scale * jax.lax.rsqrt(var + epsilon)
     return s, bias - rounded(mean * s)

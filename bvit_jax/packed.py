@@ -15,10 +15,10 @@ for a model whose block linears binarize weights *and* activations
 (every binary preset), from a :class:`PackedModel`:
 
 * block linears: ``LN((n - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
-  plus the real-valued shortcut (``branch_norm='affine'``: no LN, the affine
-  folded into ``alpha`` and ``b`` at export), ``x_bits = [x - shift(x) >= 0]`` (every
-  ``asm_mode``: the shift's statistic is :func:`bvit_jax.layers.asm_statistic`,
-  the model's own function);
+  plus the real-valued shortcut (``branch_norm='affine'`` or ``'batchnorm'``:
+  no LN, the normalisation's inference map folded into ``alpha`` and ``b`` at
+  export), ``x_bits = [x - shift(x) >= 0]`` (every ``asm_mode``: the shift's
+  statistic is :func:`bvit_jax.layers.asm_statistic`, the model's own function);
 * binary attention (``binary_attention``): scores
   ``Q_b K_b^T = d - 2*popcount(xor(q_bits, k_bits))`` per head (``d`` the head
   width); the {0, c} probabilities as a bit mask ``m``; and
@@ -205,9 +205,11 @@ def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
     ``opts.linear_shortcut`` the LayerNorm ``prefix + "/norm/..."``).
     Returns ``match(x) + LN((K - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
     (without the shortcut and LN when ``opts.linear_shortcut`` is off). With
-    ``opts.branch_norm='affine'`` the file stores ``alpha' = alpha * scale``
-    and ``b' = b * scale + bias`` in ``.../alpha`` and ``.../bias``
-    (:func:`bvit_jax.layers.fold_branch_affine`) and no ``norm``; the layer is
+    ``opts.branch_norm='affine'`` or ``'batchnorm'`` the file stores
+    ``alpha' = alpha * s`` and ``b' = b * s + t`` (``y * s + t``: the
+    normalisation at inference, :func:`bvit_jax.layers.branch_norm_affine`)
+    in ``.../alpha`` and ``.../bias`` (:func:`bvit_jax.layers.fold_branch_affine`)
+    and no ``norm``; the layer is
     ``match(x) + (K - 2*popcount(...)) * alpha' + b'``, no normalisation at run time.
     ``live``: None, or a runtime ``True`` that runs the popcount matmul as its
     own XLA computation (as in :func:`bvit_jax.bitops.packed_matmul`); ``sink``: None, or a

@@ -486,7 +486,7 @@ def size_accounting(model: nnx.Module) -> dict[str, float]:
     ``fp_arch_bytes`` and ``paper_bytes`` (the summary's three labelled
     conventions; ``full`` includes the derived per-channel scales ``alpha`` a
     1-bit export stores), ``fp32_bytes`` (this model's parameters all in
-    float32: what its checkpoint holds) and ``fp_model_bytes`` (the
+    float32: what its checkpoint holds, besides a BatchNorm's running statistics) and ``fp_model_bytes`` (the
     full-precision model of the same architecture, preset ``fp``: the reference
     of the paper's 16.2x).
     """

@@ -272,6 +272,8 @@ def make_train_step(
         new_p = optax.apply_updates(p, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if "batch_stats" in state:  # a running average gone non-finite would poison eval and export silently
+            finite &= jnp.all(jnp.array([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(new_stats)]))
         # A non-finite step leaves params and optimizer untouched; the host stops the run.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_p, opt_state = keep(new_p, p), keep(opt_state, state["opt_state"])
@@ -497,7 +499,8 @@ def _stop_if_nonfinite(rows: list[dict], step: int, store: CheckpointStore) -> N
         store.close()
         good = store.latest_step()
         raise NonFiniteLossError(
-            f"Non-finite loss or gradient at or before step {step}; the run stopped without saving it. "
+            f"Non-finite loss, gradient or BatchNorm statistics at or before step {step}; "
+            "the run stopped without saving it. "
             f"The last good checkpoint is step {good} in {store.latest.directory}. Lower the learning rate "
             "(config.optimizer.base_lr), enable clipping (config.optimizer.clip_norm) or check the input data, "
             "then rerun to resume from that checkpoint."

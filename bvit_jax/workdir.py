@@ -143,7 +143,9 @@ def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]
     """``(config, params)`` from a workdir: its best model or its latest train state.
 
     ``which="best"`` falls back to the latest checkpoint when no eval has run.
-    Parameters come back as host-local arrays in the model's pure-dict layout.
+    ``params`` are the model's variables (parameters, and with
+    ``branch_norm='batchnorm'`` the running statistics beside them), host-local
+    arrays in the model's pure-dict layout.
     """
     config = load_config(workdir)
     return config, read_params(workdir, abstract_params(config), which)
@@ -156,7 +158,8 @@ def restore(workdir: str | Path, which: str = "best", *, dtype: Any = None) -> R
     when no eval has run) or ``"latest"``. ``dtype`` is the model's compute
     dtype (None: the config's ``model.dtype``). The model is built without
     initialising anything (its structure from ``nnx.eval_shape``), then
-    given the restored parameters.
+    given the restored variables (parameters and BatchNorm statistics), in
+    inference mode.
     """
     config = load_config(workdir)
     abstract = build_model(config, dtype=dtype, abstract=True)

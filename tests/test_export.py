@@ -82,7 +82,7 @@ def test_foldable_branch_norm_is_folded_into_the_file(branch_norm):
     variables = dict(flatten_with_paths(model_variables(model)))
     blob = export_model(model, data=None, preset="binaryvit")
     header = read_header(blob)
-    assert header["version"] == bvit_format.FORMAT_VERSION == 3 and header["options"]["branch_norm"] == branch_norm
+    assert header["version"] == bvit_format.FORMAT_VERSION == 4 and header["options"]["branch_norm"] == branch_norm
     stored = file_tensors(blob)
     binary = sorted(p[: -len("/kernel")] for p in latent_weight_paths(model))
     assert len(binary) == cfg.depth * 6
@@ -148,7 +148,7 @@ def test_deit_small_file_size_vs_accounting():
     assert 88.1e6 < acc["fp_model_bytes"] < 88.3e6  # fp DeiT-S: 22.05M params
     assert acc["fp_model_bytes"] / len(blob) > 12
     header = read_header(blob)
-    assert header["variant"] == "deit_small" and header["preset"] == "binaryvit" and header["version"] == 3
+    assert header["variant"] == "deit_small" and header["preset"] == "binaryvit" and header["version"] == 4
     kb = [t for t in header["tensors"] if t["name"] == "blocks/0/mlp/fc2/linear/kernel_bits"][0]
     assert kb["dtype"] == "uint32" and kb["shape"] == [48, 384] and kb["bits"] == 1536
 

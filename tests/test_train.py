@@ -123,6 +123,39 @@ def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_restores(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 13))
 
 
+def test_a_non_finite_step_leaves_the_batchnorm_statistics_as_they_were():
+    """The non-finite guard covers ``batch_stats``: a NaN batch changes neither parameters nor running averages
+    (a finite one moves both), and the step reports itself non-finite."""
+    from bvit_jax.optim import build_optimizer
+    from bvit_jax.param_groups import latent_weight_mask
+    from bvit_jax.train import init_train_state, make_train_step, split_for_training
+    from bvit_jax.workdir import build_model
+
+    cfg = tiny_config("binaryvit", total_steps=4, distill__enabled=False, model__overrides__branch_norm="batchnorm")
+    model = build_model(cfg)
+    graphdef, params, stats = split_for_training(model)
+    latent = latent_weight_mask(model, params)
+    tx = build_optimizer(cfg, params, latent, total_steps=4, warmup_steps=1, grs_warmup_steps=0)
+    step = jax.jit(make_train_step(cfg, graphdef, latent, tx))
+    state = init_train_state(params, tx, latent, stats)
+    labels = jnp.arange(8) % 10
+    batch = {
+        "image": jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
+        "label": jax.nn.one_hot(labels, 10),
+        "label_index": labels,
+    }
+    good, m_good = step(state, batch, None)
+    bad, m_bad = step(state, {**batch, "image": batch["image"].at[0, 0, 0, 0].set(jnp.nan)}, None)
+    assert int(m_good["nonfinite"]) == 0 and int(m_bad["nonfinite"]) == 1
+    before, after_good, after_bad = flat(state["batch_stats"]), flat(good["batch_stats"]), flat(bad["batch_stats"])
+    assert before.keys() == after_bad.keys() and len(before) == 12  # mean, var of 6 block linears
+    for k in before:
+        np.testing.assert_array_equal(after_bad[k], before[k], err_msg=k)
+        assert not np.array_equal(after_good[k], before[k]), k
+    for k, v in flat(bad["params"]).items():
+        np.testing.assert_array_equal(v, flat(state["params"])[k], err_msg=k)
+
+
 # ----------------------------------------------------------------------------- recipe
 def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_path):
     """Same seed and data, KD off: the presets differ only by their switches, and each switch shows."""
