@@ -247,9 +247,10 @@ def _pack_flat(
         # round every product before its add), so the same values.
         names = [p.rsplit("/", 1)[1] for p in shapes if p.rsplit("/", 1)[0] == norm]
         scale, shift = branch_norm_affine(opts.branch_norm, {n: jnp.asarray(f32(f"{norm}/{n}")) for n in names})
-        alpha = jnp.asarray(tensors[base + "/alpha"])
-        b = tensors.get(base + "/bias", np.zeros(alpha.shape, np.float32))  # before a BatchNorm: no bias, b = 0
-        alpha, bias = fold_branch_affine(alpha, jnp.asarray(b), scale, shift)
+        b = tensors.get(base + "/bias")  # None before a BatchNorm (no bias)
+        alpha, bias = fold_branch_affine(
+            jnp.asarray(tensors[base + "/alpha"]), None if b is None else jnp.asarray(b), scale, shift
+        )
         tensors[base + "/alpha"] = np.asarray(alpha, dtype=np.float32)
         tensors[base + "/bias"] = np.asarray(bias, dtype=np.float32)
     return tensors, bits

@@ -397,7 +397,7 @@ class BinaryLinear(nnx.Module):
 
 
 def fold_branch_affine(
-    alpha: jax.Array | None, bias: jax.Array, scale: jax.Array, shift: jax.Array
+    alpha: jax.Array | None, bias: jax.Array | None, scale: jax.Array, shift: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Fold a per-channel affine ``z * scale + shift`` into the linear ``z = d * alpha + bias`` before it.
 
@@ -405,7 +405,8 @@ def fold_branch_affine(
 
         s' = alpha * scale,    b' = bias * scale + shift
 
-    (``alpha = None``: a float linear, ``s' = scale``). Both the model
+    (``alpha = None``: a float linear, ``s' = scale``; ``bias = None``: a
+    linear without bias, before a BatchNorm, ``b' = shift``). Both the model
     (:class:`LinearBlock` with ``branch_norm='affine'``) and export
     (:mod:`bvit_jax.export`) compute ``s'`` and ``b'`` with this function and
     then ``rounded(d * s') + b'``, the packed layer's epilogue, so the two
@@ -413,7 +414,7 @@ def fold_branch_affine(
     before its add, :func:`bvit_jax.fused_ops.rounded`) and agree bit for bit.
     """
     s = scale if alpha is None else alpha * scale
-    return s, rounded(bias * scale) + shift
+    return s, shift if bias is None else rounded(bias * scale) + shift
 
 
 def match_width(x: jax.Array, width: int) -> jax.Array:
@@ -584,7 +585,7 @@ class LinearBlock(nnx.Module):
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         if self._folded():
             d, alpha = self.linear.unscaled(x, capture=capture, flat=True)
-            bias = self.linear.bias[...] if self.linear.bias is not None else jnp.zeros((d.shape[-1],), jnp.float32)
+            bias = self.linear.bias[...] if self.linear.bias is not None else None
             s, b = fold_branch_affine(alpha, bias, *self.norm.inference_affine())
             # the packed epilogue rounded(acc * alpha') + bias': the same float32 operations (docs/method.md)
             y = rounded(d * s.astype(d.dtype)).reshape(*x.shape[:-1], -1) + b.astype(d.dtype)
