@@ -12,6 +12,18 @@ wall-clock rate is printed beside it.
 
   python benchmarks/input_pipeline.py            # ~1 minute
   python benchmarks/input_pipeline.py --quick    # a few seconds
+  python benchmarks/input_pipeline.py --workers=0,1,2,4 [--data_dir=DIR]   # worker sweep, full DeiT recipe
+
+The worker sweep (``--workers``) times the trainer's host pipeline for
+ImageNet with the full DeiT recipe (decode, RandomResizedCrop, flip,
+RandAugment on the host in uint8; erasing, Mixup / CutMix and normalisation
+are on the device, `bvit_jax.data.DevicePreprocess`) for each worker count,
+unpinned, in wall-clock images/s, and divides by the cores used
+(``max(workers, 1)``). It reads the ``imagenet2012`` train split of a TFDS
+ArrayRecord build in ``--data_dir`` (e.g. the test suite's tiny synthetic
+build: ``tests/data_fixtures.make_fake_imagenet`` + ``bvit-prepare``), or the
+in-memory synthetic JPEGs without it. It also prints the per-image cost of
+each host stage (decode, crop, flip, RandAugment) in ms of CPU time.
 
 Rows:
   per-image ops  train_image / eval_image + normalise in a plain loop;
@@ -110,6 +122,62 @@ def bench_grain(images, cfg, train: bool, seconds: float, batch: int = 64):
     return cpu * len(images), wall * len(images)
 
 
+def bench_workers(cfg, source, workers: list[int], seconds: float, batch: int = 64) -> list[tuple]:
+    """``[(workers, img/s wall, img/s per core)]`` for the train iterator (``num_threads=1`` per process)."""
+    rows = []
+    for n in workers:
+        c = cfg.copy_and_resolve_references()
+        c.num_workers, c.num_threads, c.prefetch = n, 1, 2
+        it = pipeline.create_train_iterator(c, batch, seed=0, process_index=0, process_count=1, source=source)
+        try:
+            for _ in range(max(2, n)):  # start the workers, fill the pipeline
+                next(it)
+            t0, count = time.perf_counter(), 0
+            while count < 4 or time.perf_counter() - t0 < seconds:
+                next(it)
+                count += 1
+            rate = count * batch / (time.perf_counter() - t0)
+        finally:
+            if hasattr(it, "close"):
+                it.close()
+        rows.append((n, rate, rate / max(n, 1)))
+    return rows
+
+
+def stage_profile(images, cfg, n: int) -> list[tuple[str, float]]:
+    """ms of CPU time per image for each host stage of the train transform (cumulative differences)."""
+    from bvit_jax.data import augment
+    from bvit_jax.data import decode as decode_lib
+
+    s = pipeline.ImageSettings.from_config(cfg)
+    rng = np.random.default_rng(0)
+
+    def run(upto: str):
+        t = time.process_time()
+        for i in range(n):
+            img = decode_lib.open_image(images[i % len(images)])
+            if upto == "decode":
+                decode_lib.load(img, 3)
+                continue
+            img = augment.random_resized_crop(
+                img, s.size, rng, channels=3, interpolation=s.interpolation, use_draft=s.jpeg_draft
+            )
+            if upto != "crop":
+                img = img.transpose(0) if rng.random() < 0.5 else img
+            if upto == "randaugment":
+                img = s.randaugment(img, rng)
+            decode_lib.to_array(img, 3)
+        return (time.process_time() - t) / n * 1e3
+
+    out, prev = [], 0.0
+    for name in ("decode", "crop", "flip", "randaugment"):
+        total = run(name)
+        out.append((name, total - prev))
+        prev = total
+    out.append(("total", prev))
+    return out
+
+
 def _define_flags(fv, argv: list[str]) -> None:
     del argv
     from absl import flags
@@ -118,13 +186,47 @@ def _define_flags(fv, argv: list[str]) -> None:
     flags.DEFINE_integer(
         "num_images", 256, "Synthetic 500x375 JPEGs (a quarter as many 1000x750).", lower_bound=1, flag_values=fv
     )
+    flags.DEFINE_list(
+        "workers", [], "Worker counts to sweep (e.g. 0,1,2,4); empty: the per-core table.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "TFDS data dir with an imagenet2012 ArrayRecord build (sweep).", flag_values=fv
+    )
+    flags.DEFINE_float("seconds", 10.0, "Seconds per worker count in the sweep.", flag_values=fv)
 
 
 def _run(fv, args: list[str]) -> int:
     if args:
         raise UserError(f"unexpected arguments {args}; input_pipeline.py takes only flags")
+    if fv["workers"].value:
+        sweep([int(w) for w in fv["workers"].value], fv["data_dir"].value, fv["seconds"].value, fv["num_images"].value)
+        return 0
     benchmark(quick=fv["quick"].value, num_images=fv["num_images"].value)
     return 0
+
+
+def sweep(workers: list[int], data_dir: str | None, seconds: float, num_images: int) -> None:
+    """The worker sweep and the stage profile (see the module doc)."""
+    cfg = config_lib.default_data_config("imagenet2012")  # the full DeiT recipe
+    cfg.num_classes = 1000
+    images = synthetic_jpegs(min(num_images, 64), (500, 375))
+    if data_dir:
+        from bvit_jax.data import sources
+
+        cfg.data_dir = data_dir
+        source = sources.get_source(cfg, cfg.train_split)
+        where = f"TFDS imagenet2012 train in {data_dir} ({len(source)} images)"
+    else:
+        source, where = MemorySource(images), "in-memory synthetic 500x375 JPEGs"
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {where}; batch 64")
+    print("| workers | images/s wall | images/s per core |")
+    print("|---|---|---|")
+    for n, rate, per_core in bench_workers(cfg, source, workers, seconds):
+        print(f"| {n} | {rate:.0f} | {per_core:.0f} |", flush=True)
+    print("\n| host stage (500x375, full DeiT recipe) | ms per image (CPU) |")
+    print("|---|---|")
+    for name, ms in stage_profile(images, cfg, 64):
+        print(f"| {name} | {ms:.2f} |")
 
 
 def benchmark(quick: bool = False, num_images: int = 256) -> None:

@@ -80,11 +80,12 @@ def ste_sign(x: jax.Array) -> jax.Array:
 
 
 def _ste_sign_fwd(x):
-    return sign(x), x
+    # The backward needs only 1{|x| <= 1}: saved as a boolean (1 byte per value) instead of x.
+    return sign(x), jnp.abs(x) <= 1
 
 
-def _ste_sign_bwd(x, g):
-    return (g * (jnp.abs(x) <= 1).astype(g.dtype),)
+def _ste_sign_bwd(inside, g):
+    return (g * inside.astype(g.dtype),)
 
 
 ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
@@ -282,7 +283,8 @@ def _binary_matmul_bwd(scale, res, g):
     wb = alpha * b if scale else b
     g = g.astype(x.dtype)
     dx = jax.lax.dot_general(g, wb.astype(x.dtype), (((1,), (1,)), ((), ())))  # g @ W_b^T
-    dwb = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))).astype(w.dtype)  # x^T @ g
+    # x^T @ g, accumulated and returned in float32 (the latent kernel's dtype) whatever the compute dtype
+    dwb = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32).astype(w.dtype)
     if scale:
         dwb = alpha * dwb
     dw = dwb * (jnp.abs(w) <= 1).astype(dwb.dtype)

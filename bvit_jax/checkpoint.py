@@ -26,22 +26,29 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bvit_jax import storage
 from bvit_jax.errors import UserError
 
 __all__ = [
     "CheckpointStore",
     "CheckpointError",
     "CheckpointMismatchError",
+    "ProcessCountChangedError",
+    "DATA_RESUME",
     "config_differences",
     "read_params",
+    "Placement",
 ]
+
+# A function from a tree of ``ShapeDtypeStruct`` s to the tree of shardings to restore them into.
+Placement = Callable[[Any], Any]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,15 @@ class CheckpointError(UserError, RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """An intact checkpoint of another model or optimizer than the config asks for."""
+
+
+class ProcessCountChangedError(CheckpointError):
+    """An intact checkpoint whose input positions were saved by another number of processes (a resized pod)."""
+
+
+# How a resume positions the input (``config.data_resume``): "exact" restores each process's saved
+# iterator position; "from_step" starts the input at the restored step (any process count).
+DATA_RESUME = ("exact", "from_step")
 
 
 def _abstract(tree: Any) -> Any:
@@ -73,10 +89,10 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
-def _state_manager(workdir: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+def _state_manager(workdir: storage.epath.Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     """The manager of ``workdir/checkpoints``: items ``state``, ``data`` (grain) and ``config``."""
     return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
+        storage.absolute(workdir / "checkpoints"),
         options=options,
         item_names=("state", "data", "config"),
         item_handlers={
@@ -90,8 +106,8 @@ def _state_manager(workdir: Path, options: ocp.CheckpointManagerOptions) -> ocp.
 class CheckpointStore:
     """The two orbax managers of a workdir: the last ``keep`` states and the best params."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: storage.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.workdir = storage.as_path(workdir)
         self.latest = _state_manager(
             self.workdir,
             ocp.CheckpointManagerOptions(
@@ -102,7 +118,7 @@ class CheckpointStore:
             ),
         )
         self.best = ocp.CheckpointManager(
-            (self.workdir / "best").absolute(),
+            storage.absolute(self.workdir / "best"),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
                 best_fn=lambda m: m["eval_top1"],
@@ -147,17 +163,26 @@ class CheckpointStore:
         """The step of the newest train state in ``checkpoints/`` (None: there is none)."""
         return self.latest.latest_step()
 
-    def restore(self, state_like: Any, data_iterator: Any, config: dict | None = None) -> tuple[int, Any] | None:
+    def restore(
+        self, state_like: Any, data_iterator: Any, config: dict | None = None, *, data_resume: str = "exact"
+    ) -> tuple[int, Any] | None:
         """Restore the newest usable checkpoint into ``state_like``'s structure and shardings.
 
-        Restores the iterator position in place. Returns ``(step, state)``, or
-        ``None`` when the workdir has no checkpoint. A checkpoint whose arrays
-        do not match ``state_like`` (the run's config changed) raises
-        :class:`CheckpointMismatchError` naming the differences, ``config``'s
-        fields included. A checkpoint that fails to restore otherwise is
-        damaged: it is logged and the previous one is tried; if none restores,
-        a :class:`CheckpointError` says how to proceed.
+        ``data_resume="exact"`` restores the iterator position in place;
+        ``"from_step"`` restores the train state alone (``data_iterator`` is
+        not touched: the caller starts the input at the restored step).
+        Returns ``(step, state)``, or ``None`` when the workdir has no
+        checkpoint. A checkpoint whose arrays do not match ``state_like``
+        (the run's config changed) raises :class:`CheckpointMismatchError`
+        naming the differences, ``config``'s fields included. A checkpoint
+        whose input positions were saved by another number of processes than
+        this run has raises :class:`ProcessCountChangedError` (with
+        ``"exact"``). A checkpoint that fails to restore otherwise is
+        damaged: it is logged and the previous one is tried; if none
+        restores, a :class:`CheckpointError` says how to proceed.
         """
+        if data_resume not in DATA_RESUME:
+            raise ValueError(f"data_resume must be one of {DATA_RESUME}, got {data_resume!r}")
         steps = sorted(self.latest.all_steps(), reverse=True)
         if not steps:
             return None
@@ -165,14 +190,12 @@ class CheckpointStore:
         errors = []
         for step in steps:
             self._check_structure(step, target, config)
+            items = {"state": ocp.args.StandardRestore(target)}
+            if data_resume == "exact":
+                self._check_process_count(step)
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
-                out = self.latest.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
-                    ),
-                )
+                out = self.latest.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 log.error(
@@ -231,13 +254,38 @@ class CheckpointStore:
             "config.json); to train this config, use a new --workdir."
         )
 
+    def _check_process_count(self, step: int) -> None:
+        """Raise :class:`ProcessCountChangedError` if step ``step``'s input positions are of another process count.
+
+        grain saves one ``process_<i>-of-<n>.json`` per process in the step's
+        ``data`` item; a folder without such files is left to the restore.
+        """
+        folder = storage.as_path(self.latest.directory) / str(step) / "data"
+        try:
+            counts = {int(p.name.rsplit("-of-", 1)[1].split(".")[0]) for p in folder.glob("process_*-of-*.json")}
+        except (OSError, ValueError, IndexError):
+            return
+        now = jax.process_count()
+        if len(counts) != 1 or counts == {now}:
+            return
+        saved = counts.pop()
+        raise ProcessCountChangedError(
+            f"The checkpoint at step {step} in {self.latest.directory} is intact, but it holds the input "
+            f"positions of {saved} process(es) and this run has {now}: each process's position in the data order "
+            "belongs to the process count that saved it. The train state (parameters, optimizer) is usable. To "
+            f"continue on {now} process(es), rerun with --config.data_resume=from_step: the input restarts at "
+            f"step {step} in the order a {now}-process run reads (every batch is a function of the seed, the "
+            "process and the step), so no example order from before is replayed; or run on "
+            f"{saved} process(es) again to continue the exact sequence."
+        )
+
     def _set_aside(self, steps) -> None:
         """Move damaged step folders to ``workdir/damaged_checkpoints/`` (kept, never deleted)."""
         if jax.process_index() == 0:
             aside = self.workdir / "damaged_checkpoints"
             aside.mkdir(exist_ok=True)
             for step in steps:
-                src = Path(self.latest.directory) / str(step)
+                src = storage.as_path(self.latest.directory) / str(step)
                 dst = aside / f"{step}-{int(time.time())}"
                 src.rename(dst)
                 log.error("Moved damaged checkpoint %s to %s.", src, dst)
@@ -268,7 +316,9 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 _READ_OPTIONS = ocp.CheckpointManagerOptions(create=False)
 
 
-def read_params(workdir: str | Path, target: Any, which: str = "best") -> Any:
+def read_params(
+    workdir: storage.PathLike, target: Any, which: str = "best", *, placement: Placement | None = None
+) -> Any:
     """The parameters saved in ``workdir``, restored into ``target``'s structure: best or latest.
 
     ``target`` is a tree of arrays or ``ShapeDtypeStruct`` s, the model
@@ -277,19 +327,21 @@ def read_params(workdir: str | Path, target: Any, which: str = "best") -> Any:
     ``which="best"`` reads ``best/`` and falls back to the latest train state
     when no eval has run; ``which="latest"`` reads the ``params`` (and
     ``batch_stats``, merged into the same tree) of the latest train state in
-    ``checkpoints/``. The arrays come back host-local (on this process's
-    first device), whatever topology saved them. Raises
-    :class:`CheckpointError` when the folder holds no checkpoint.
+    ``checkpoints/``. Whatever topology saved them, the arrays come back
+    host-local (on this process's first device), or with ``placement`` (shape
+    tree -> tree of ``jax.sharding.Sharding``) each read straight into its
+    sharding: on a mesh that spans several processes every process reads
+    only its own shards (a host-local restore followed by ``jax.device_put``
+    cannot cross hosts). Raises :class:`CheckpointError` when the folder
+    holds no checkpoint.
     """
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    workdir = Path(workdir)
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # restore on this host, any topology
-    as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
-    target = jax.tree.map(as_target, target)
+    workdir = storage.as_path(workdir)
+    target = _placed(target, placement)
     if which == "best" and (workdir / "best").exists():
         with ocp.CheckpointManager(
-            (workdir / "best").absolute(),
+            storage.absolute(workdir / "best"),
             item_names=("params",),
             item_handlers={"params": ocp.StandardCheckpointHandler()},
             options=_READ_OPTIONS,
@@ -303,10 +355,20 @@ def read_params(workdir: str | Path, target: Any, which: str = "best") -> Any:
         if step is None:
             raise CheckpointError(f"{workdir} holds no checkpoint; train first or check the path.")
         meta = mngr.item_metadata(step)["state"].tree  # dict keys come back as strings
-        state_target = jax.tree.map(as_target, meta)
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target)))
-        state = out["state"]
+        state_target = _placed(meta, placement)
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target)))["state"]
         return _conform(target, _merged(state["params"], state.get("batch_stats", {})))
+
+
+def _placed(tree: Any, placement: Placement | None) -> Any:
+    """``ShapeDtypeStruct`` s of ``tree``'s leaves in the shardings of ``placement`` (None: this host's device 0)."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    if placement is None:  # host-local, whatever topology saved the checkpoint
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: local, shapes)
+    else:
+        shardings = placement(shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def _merged(a: Any, b: Any) -> Any:

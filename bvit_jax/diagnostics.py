@@ -24,6 +24,11 @@ Weight metrics
     ``f <- (1 - m) f + m * osc`` with momentum ``m = 0.01``. With two levels
     every flip after a weight's first one reverses the previous one. When the
     update runs every N steps, ``f`` is a frequency per check, not per step.
+  * **outside the STE window**: share of latent weights with ``|W| > 1``,
+    where the clipped straight-through gradient ``alpha * dL/dW_b * 1{|W| <= 1}``
+    of the weight binarizer (:mod:`bvit_jax.binarize`) is zero: such a weight
+    gets no gradient again and keeps its sign for good (only GRS or the
+    optional clip ``optimizer.latent_weight_clip`` bring it back).
   * **near zero**: share of latent weights with ``|W| < frac * alpha``
     (``frac = 1/4`` by default): the weights at the sign boundary.
   * **bimodality**: Sarle's bimodality coefficient of ``u = W / alpha`` pooled
@@ -80,6 +85,8 @@ __all__ = [
     "oscillation_init",
     "oscillation_update",
     "near_zero_share",
+    "STE_WINDOW",
+    "outside_ste_window_share",
     "bimodality_coefficient",
     "bimodality",
     "weight_metrics",
@@ -88,6 +95,8 @@ __all__ = [
 ]
 
 _EPS = 1e-12
+# The weight binarizer's straight-through gradient is alpha * dL/dW_b * 1{|W| <= STE_WINDOW} (bvit_jax.binarize).
+STE_WINDOW = 1.0
 
 
 def _sign_int8(x: jax.Array) -> jax.Array:
@@ -191,6 +200,23 @@ def near_zero_share(params: Any, mask: Any, frac: float = 0.25) -> dict[str, jax
     return _summarize("near_zero", per, {k: v.size for k, v in w.items()})
 
 
+def outside_ste_window_share(params: Any, mask: Any, window: float = STE_WINDOW) -> dict[str, jax.Array]:
+    """Share of latent weights outside the straight-through window, ``|W| > window``, per layer.
+
+    The weight binarizer passes ``dL/dW = alpha * dL/dW_b * 1{|W| <= 1}``
+    (the clipped STE of Hubara et al., 2016; :mod:`bvit_jax.binarize`), so
+    a latent weight with ``|W| > 1`` gets no gradient from the loss: its sign
+    is fixed until GRS (which pulls ``|W|`` towards ``alpha``) or the latent
+    weight clip (:func:`bvit_jax.optim.clip_latent_weights`) moves it back.
+    Keys ``outside_window/<path>``, ``outside_window/mean``,
+    ``outside_window/all`` (pooled over all latent weights; the train step
+    logs this one every step).
+    """
+    w = latent_weights(params, mask)
+    per = {k: jnp.mean((jnp.abs(v) > window).astype(jnp.float32)) for k, v in w.items()}
+    return _summarize("outside_window", per, {k: v.size for k, v in w.items()})
+
+
 def bimodality_coefficient(u: jax.Array) -> jax.Array:
     """Sarle's bimodality coefficient ``(skew^2 + 1) / kurtosis`` of all elements of ``u``
     (population moments; 1/3 Gaussian, 5/9 uniform, -> 1 for two point masses)."""
@@ -210,10 +236,11 @@ def bimodality(params: Any, mask: Any) -> dict[str, jax.Array]:
 
 
 def weight_metrics(prev_params: Any, params: Any, mask: Any, near_zero_frac: float = 0.25) -> dict[str, jax.Array]:
-    """Flip rate, near-zero share and bimodality in one dict."""
+    """Flip rate, near-zero share, share outside the STE window and bimodality in one dict."""
     return {
         **flip_rate(prev_params, params, mask),
         **near_zero_share(params, mask, near_zero_frac),
+        **outside_ste_window_share(params, mask),
         **bimodality(params, mask),
     }
 

@@ -451,11 +451,12 @@ def export_workdir(
     (:func:`resolve_data`; ``class_names`` given here replace the data set's).
     Returns a summary (path, bytes, accounting).
     """
+    from bvit_jax import storage
     from bvit_jax.workdir import restore  # the run folder's owner (orbax), needed by workdir export only
 
     config, model, params = restore(os.fspath(workdir), which=which, dtype=jnp.float32)
     cfg, opts = model.cfg, model.opts
-    meta = {"workdir": os.path.abspath(os.fspath(workdir)), "checkpoint": str(which)}
+    meta = {"workdir": os.fspath(storage.absolute(workdir)), "checkpoint": str(which)}
     blob = export_params(
         jax.device_get(params),
         cfg,

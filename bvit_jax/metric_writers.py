@@ -5,20 +5,27 @@
 event files go to ``workdir/tensorboard`` through tensorboardX. Only process
 0 writes. When a run resumes from step ``s``, lines after ``s`` (written by an
 attempt that died before its next checkpoint) are dropped so the file reads
-as one uninterrupted run.
+as one uninterrupted run. The workdir may be a local folder or a ``gs://``
+URL (:mod:`bvit_jax.storage`); ``metrics.jsonl`` is replaced atomically at
+every write (a preemption mid-write leaves the previous version whole, and a
+bucket has no append), event files in a bucket are uploaded at each flush.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bvit_jax import storage
+
 __all__ = ["MetricWriter", "read_metrics"]
+
+log = logging.getLogger(__name__)
 
 
 def _plain(v: Any):
@@ -33,7 +40,7 @@ class MetricWriter:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: storage.PathLike,
         *,
         total_steps: int,
         start_step: int = 0,
@@ -41,18 +48,18 @@ class MetricWriter:
         progress_bar: bool | None = None,
     ):
         self.active = active
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = storage.as_path(workdir) / "metrics.jsonl"
         self._tb = self._bar = None
+        self._lines: list[str] = []
         if not active:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # keep only what the restored checkpoint covers
-            lines = [l for l in self.path.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if json.loads(l).get("step", 0) <= start_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            self._lines = [l for l in _rows_text(self.path) if json.loads(l).get("step", 0) <= start_step]
+        storage.atomic_write_text(self.path, "".join(l + "\n" for l in self._lines))
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+        storage.register_tensorboard_writer()
+        self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=start_step + 1)
         if progress_bar is None:
             progress_bar = sys.stderr.isatty()
         if progress_bar:
@@ -64,13 +71,25 @@ class MetricWriter:
         if not self.active:
             return
         row = {"step": int(step), "split": split, **{k: _plain(v) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._lines.append(json.dumps(row))
+        storage.atomic_write_text(self.path, "".join(l + "\n" for l in self._lines))
         for k, v in row.items():
             if k not in ("step", "split") and isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{split}/{k}", v, step)
         if self._bar is not None and split == "train":
-            self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+            postfix = {"loss": f"{row.get('loss', float('nan')):.4f}"}
+            if "data_wait_s" in row:  # an input-bound run shows here first
+                postfix["data_wait"] = f"{row['data_wait_s'] * 1e3:.0f}ms"
+            self._bar.set_postfix(postfix)
+        elif split == "train":  # no terminal: the progress line goes to the log
+            log.info(
+                "step %d: loss %.4f, %.0f img/s, step %.1f ms, data wait %.1f ms",
+                step,
+                row.get("loss", float("nan")),
+                row.get("img_per_s", float("nan")),
+                row.get("step_time_s", float("nan")) * 1e3,
+                row.get("data_wait_s", float("nan")) * 1e3,
+            )
 
     def advance(self, step: int) -> None:
         if self._bar is not None:
@@ -83,8 +102,12 @@ class MetricWriter:
             self._bar.close()
 
 
-def read_metrics(workdir: str | Path, split: str | None = None) -> list[dict]:
+def read_metrics(workdir: storage.PathLike, split: str | None = None) -> list[dict]:
     """The rows of ``workdir/metrics.jsonl`` (optionally one split), in order."""
-    path = Path(workdir) / "metrics.jsonl"
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    rows = [json.loads(l) for l in _rows_text(storage.as_path(workdir) / "metrics.jsonl")]
     return [r for r in rows if split is None or r.get("split") == split]
+
+
+def _rows_text(path) -> list[str]:
+    """The non-empty lines of a metrics file."""
+    return [l for l in path.read_text().splitlines() if l.strip()]

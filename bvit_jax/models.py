@@ -35,7 +35,7 @@ from einops import rearrange
 from flax import nnx
 
 from bvit_jax.layer_report import LayerReport, ParamReport
-from bvit_jax.layers import BinaryOptions, Block, LayerNorm, trunc_normal
+from bvit_jax.layers import BinaryOptions, Block, LayerNorm, fold_example_keys, trunc_normal
 
 __all__ = [
     "ViTConfig",
@@ -43,6 +43,10 @@ __all__ = [
     "VARIANTS",
     "PRESETS",
     "VisionTransformer",
+    "REMAT_POLICIES",
+    "DROP_PATH_STREAM",
+    "drop_path_rates",
+    "drop_path_keys",
     "PatchEmbed",
     "Head",
     "create",
@@ -197,6 +201,47 @@ class Head(nnx.Linear):
         return LayerReport("Head", params, fp_macs=cin * cout)
 
 
+# config.model.remat_policy -> what each block saves for the backward pass under nnx.remat
+# (jax.checkpoint_policies; big_vision's ``remat_policy``). None: no remat (every activation is kept).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input: the whole block is recomputed
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output, recompute the rest
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # linears only
+}
+
+# The random stream of drop path: fold_in(key(seed), DROP_PATH_STREAM), apart from the input pipeline's keys.
+DROP_PATH_STREAM = 0x0D0F
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block drop path rates, linear in depth: ``r_i = rate * i / (L - 1)`` for block ``i = 0 .. L-1``.
+
+    Block 0 is never dropped and the last block is dropped with ``rate``: the
+    linear decay rule of Huang et al. (ECCV 2016, Sec. 3, ``p_l = 1 - l/L (1 -
+    p_L)`` with survival probability ``p``), as DeiT trains it (timm's
+    ``torch.linspace(0, drop_path_rate, depth)``). One block (``L = 1``) gets 0.
+    """
+    if depth == 1:
+        return [0.0]
+    return [rate * i / (depth - 1) for i in range(depth)]
+
+
+def drop_path_keys(seed: int, step: jax.Array, rows: jax.Array) -> jax.Array:
+    """The drop path keys of a train step, one per example: ``fold_in(fold_in(fold_in(key(seed),
+    DROP_PATH_STREAM), step), row)`` for each ``row`` (the example's index in the global batch).
+
+    A function of (seed, step, row) only: a resumed run draws what the
+    uninterrupted one drew (no state in the checkpoint), and neither the
+    sharding of the batch (the threefry PRNG is partitionable,
+    ``jax_threefry_partitionable``) nor its split into micro-batches
+    (:mod:`bvit_jax.grad_accum`: micro-batch ``i`` holds rows ``i::k``, with
+    their global indices) changes an example's draw.
+    """
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROP_PATH_STREAM), step)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, rows)
+
+
 class VisionTransformer(nnx.Module):
     """ViT / DeiT classifier (Dosovitskiy et al., 2021; Touvron et al., 2021).
 
@@ -209,23 +254,61 @@ class VisionTransformer(nnx.Module):
     ``(logits, intermediates)`` where ``intermediates`` maps the path of every
     sign (e.g. ``"blocks/0/attn/q/linear/act"``) to ``{"x": input, "shifted":
     input minus its shift}``.
+
+    Training-only switches (config fields ``model.drop_path_rate``,
+    ``model.remat_policy``; neither changes a parameter):
+
+    * ``drop_path_rate = r``: stochastic depth, block ``i`` drops its residual
+      branches per example with rate ``drop_path_rates(r, depth)[i]``, but only
+      when called with ``drop_path_keys`` (one key per example, shape ``(B,)``;
+      the train step passes :func:`drop_path_keys`). Without keys (eval,
+      diagnostics, export, the teacher) the forward is deterministic.
+    * ``remat_policy``: a key of :data:`REMAT_POLICIES`; other than ``'none'``,
+      every block's call is wrapped in ``nnx.remat`` with that policy, so the
+      backward pass recomputes what the policy does not save (same values,
+      less activation memory). The ``capture=True`` forward is never remat'ed.
     """
 
-    def __init__(self, cfg: ViTConfig, opts: BinaryOptions = FP_OPTIONS, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        opts: BinaryOptions = FP_OPTIONS,
+        *,
+        rngs: nnx.Rngs,
+        drop_path_rate: float = 0.0,
+        remat_policy: str = "none",
+    ):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"model.remat_policy={remat_policy!r} is not one of {list(REMAT_POLICIES)} "
+                "(bvit_jax.models.REMAT_POLICIES)"
+            )
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"model.drop_path_rate={drop_path_rate} must be in [0, 1)")
         self.cfg, self.opts = cfg, opts
+        self.drop_path_rate, self.remat_policy = float(drop_path_rate), remat_policy
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg, opts.dtype, rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
         self.pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, cfg.num_tokens, d)))
         self.blocks = nnx.List(
-            [Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.num_tokens, opts, rngs=rngs) for _ in range(cfg.depth)]
+            [
+                Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.num_tokens, opts, rngs=rngs, drop_path_rate=r)
+                for r in drop_path_rates(self.drop_path_rate, cfg.depth)
+            ]
         )
         # bvit_jax.layers.LayerNorm (nnx.LayerNorm's parameters): the function the packed forward uses too
         self.norm = LayerNorm(d, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
         self.head = Head(d, cfg.num_classes, kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs)
 
-    def features(self, images: jax.Array, *, capture: bool = False) -> jax.Array:
-        """The class-token feature after the final LayerNorm, shape ``(B, embed_dim)``."""
+    def features(
+        self, images: jax.Array, *, capture: bool = False, drop_path_keys: jax.Array | None = None
+    ) -> jax.Array:
+        """The class-token feature after the final LayerNorm, shape ``(B, embed_dim)``.
+
+        ``drop_path_keys`` (one key per example): block ``i`` draws its drops
+        from ``fold_in(key_b, i)`` (:func:`bvit_jax.layers.drop_path`).
+        """
         cfg = self.cfg
         if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
             raise ValueError(
@@ -236,24 +319,35 @@ class VisionTransformer(nnx.Module):
         x = rearrange(x, "b h w d -> b (h w) d")
         cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-        for block in self.blocks:
-            x = block(x, capture=capture)
+        policy = REMAT_POLICIES[self.remat_policy]
+        for i, block in enumerate(self.blocks):
+            keys = None if drop_path_keys is None else fold_example_keys(drop_path_keys, i)
+            if self.remat_policy == "none" or capture:
+                x = block(x, capture=capture, keys=keys)
+            else:
+                x = nnx.remat(_call_block, policy=policy)(block, x, keys)
         return self.norm(x[:, 0])
 
-    def logits(self, images: jax.Array, *, capture: bool = False) -> jax.Array:
+    def logits(self, images: jax.Array, *, capture: bool = False, drop_path_keys: jax.Array | None = None) -> jax.Array:
         """Class logits (float32), shape ``(B, num_classes)``."""
-        return self.head(self.features(images, capture=capture)).astype(jnp.float32)
+        feats = self.features(images, capture=capture, drop_path_keys=drop_path_keys)
+        return self.head(feats).astype(jnp.float32)
 
     def report(self, num_tokens: int) -> LayerReport:
         """The model's own parameters: class token and position embedding (32-bit, category ``'tokens'``)."""
         params = {"cls_token": ParamReport(32, "tokens"), "pos_embed": ParamReport(32, "tokens")}
         return LayerReport("VisionTransformer (cls token, pos embed)", params)
 
-    def __call__(self, images: jax.Array, *, capture: bool = False):
+    def __call__(self, images: jax.Array, *, capture: bool = False, drop_path_keys: jax.Array | None = None):
         if not capture:
-            return self.logits(images)
+            return self.logits(images, drop_path_keys=drop_path_keys)
         logits, captured = nnx.capture(self.logits, nnx.Intermediate)(images, capture=True)
         return logits, _group_intermediates(captured)
+
+
+def _call_block(block: Block, x: jax.Array, keys: jax.Array | None) -> jax.Array:
+    """One block's forward, the function ``nnx.remat`` wraps."""
+    return block(x, keys=keys)
 
 
 def _group_intermediates(state) -> dict[str, dict[str, jax.Array]]:
@@ -327,7 +421,9 @@ def from_config(config: Mapping[str, Any], *, seed: int = 0, dtype: Any = None) 
 
     ``create(model.variant, model.preset, num_classes=model.num_classes,
     image_size=data.image_size, in_channels=data.channels,
-    **config_overrides(model.overrides))``; ``dtype`` is the compute dtype
+    drop_path_rate=model.drop_path_rate, remat_policy=model.remat_policy,
+    **config_overrides(model.overrides))`` (the last two 0 / ``'none'`` when
+    absent, as in older runs' config.json); ``dtype`` is the compute dtype
     (None: float32, which is all that shapes and exports need).
     """
     m, d = config["model"], config["data"]
@@ -339,6 +435,8 @@ def from_config(config: Mapping[str, Any], *, seed: int = 0, dtype: Any = None) 
         image_size=d["image_size"],
         in_channels=d["channels"],
         seed=seed,
+        drop_path_rate=m.get("drop_path_rate", 0.0) or 0.0,  # absent in the config.json of older runs
+        remat_policy=m.get("remat_policy", "none") or "none",
         **kwargs,
         **config_overrides(m.get("overrides")),
     )
@@ -350,6 +448,8 @@ def create(
     *,
     dtype: Any = jnp.float32,
     seed: int = 0,
+    drop_path_rate: float = 0.0,
+    remat_policy: str = "none",
     **overrides,
 ) -> VisionTransformer:
     """Build a model: ``create("deit_small", preset="binaryvit", num_classes=1000)``.
@@ -359,6 +459,9 @@ def create(
       preset: a key of ``PRESETS`` (binarization switches).
       dtype: compute dtype, e.g. ``jnp.bfloat16`` (parameters stay float32).
       seed: parameter initialisation seed.
+      drop_path_rate: stochastic depth of the last block (linear in depth,
+        :func:`drop_path_rates`); acts only on a forward given drop path keys.
+      remat_policy: a key of :data:`REMAT_POLICIES` (``'none'``: no remat).
       **overrides: any :class:`ViTConfig` field (``num_classes``, ``image_size``,
         ``in_channels``, ``embed_dim``, ``depth``, ...) or :class:`BinaryOptions`
         field (``act_binarizer="ste"``, ``asm=False``, ...). A value of ``None``
@@ -382,7 +485,7 @@ def create(
     opts = dataclasses.replace(
         get_preset(preset).options, dtype=jnp.dtype(dtype), **{k: v for k, v in overrides.items() if k in opt_fields}
     )
-    return VisionTransformer(cfg, opts, rngs=nnx.Rngs(seed))
+    return VisionTransformer(cfg, opts, rngs=nnx.Rngs(seed), drop_path_rate=drop_path_rate, remat_policy=remat_policy)
 
 
 def training_view(model: nnx.Module) -> nnx.Module:

@@ -1,11 +1,12 @@
-"""The optimizer chain: GRS -> gradient clipping -> AdamW (-> freezing), with schedules.
+"""The optimizer chain: GRS -> gradient clipping -> AdamW (-> freezing) (-> latent clip), with schedules.
 
     tx = chain(grs(lambda_t, mask=latent),          # only latent binary weights
                clip_by_global_norm(c),
                adamw(lr_t, b1, b2, wd, mask=decay),  # no decay on latent binary
                                                      # weights, norms, biases,
                                                      # shifts, tokens
-               freeze_oscillating(f_th, m, mask=latent))  # only if grs.freeze_threshold > 0
+               freeze_oscillating(f_th, m, mask=latent),  # only if grs.freeze_threshold > 0
+               clip_latent_weights(c_w, mask=latent))     # only if optimizer.latent_weight_clip > 0
 
 The chain runs once per optimizer update, and every schedule (learning rate,
 warm-up, GRS strength) counts optimizer updates. ``global_batch_size`` is the
@@ -14,7 +15,8 @@ gradient from ``k`` micro-batches (:mod:`bvit_jax.grad_accum`) before calling
 the chain, so accumulation changes memory, never the schedules.
 The learning rate follows DeiT's linear scaling,
 ``lr = base_lr * global_batch_size / lr_reference_batch``, with linear warm-up
-and cosine decay (Touvron et al., 2021). AdamW sits inside
+and cosine decay (Touvron et al., 2021); the first update already applies
+``peak / warmup_steps`` (:func:`learning_rate_schedule`). AdamW sits inside
 ``optax.inject_hyperparams``, so the learning rate of the latest update is in
 the optimizer state (:func:`applied_learning_rate`).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from bvit_jax.grs import freeze_oscillating, grs
@@ -36,6 +39,7 @@ __all__ = [
     "weight_decay_mask",
     "build_optimizer",
     "applied_learning_rate",
+    "clip_latent_weights",
 ]
 
 NO_DECAY = (r"(^|/)pos_embed$", r"(^|/)cls_token$")
@@ -43,20 +47,35 @@ GRS_SCHEDULES = ("constant", "linear", "cosine")  # config.grs.schedule
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int, warmup_steps: int, global_batch_size: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``base_lr * B / lr_reference_batch``, then cosine to ``min_lr``.
+    """DeiT's schedule, linear warm-up to ``peak = base_lr * B / lr_reference_batch`` then cosine to ``min_lr``,
+    with the first update already at ``peak / W``.
 
-    ``B`` is the batch of one optimizer update (all micro-batches together);
-    ``total_steps`` and ``warmup_steps`` count optimizer updates.
+    Update ``t`` (``t = 0, 1, ...`` counts optimizer updates; the value optax
+    passes) applies the schedule at ``s = t + 1``, the number of updates made
+    once it is applied (``W = warmup_steps``, ``T = total_steps``):
+
+        lr_t = peak * (t + 1) / W                                            t + 1 <= W
+        lr_t = min_lr + (peak - min_lr) * (1 + cos(pi * (t + 1 - W) / (T - W))) / 2    t + 1 >  W
+
+    so the first update moves the weights (``peak / W``; an update at
+    ``lr = 0``, as ``optax.warmup_cosine_decay_schedule(init_value=0)`` at
+    ``t = 0`` gives, would only advance Adam's moments), the warm-up reaches
+    ``peak`` at update ``W - 1`` and the last update, ``t = T - 1``, applies
+    ``min_lr``. The warm-up of DeiT (Touvron et al., 2021; timm's scheduler,
+    which steps per epoch from ``warmup_lr_init``) is linear from 0; here it
+    starts one step in. ``B`` is the batch of one optimizer update (all
+    micro-batches together).
     """
     peak = opt_cfg.base_lr * global_batch_size / opt_cfg.lr_reference_batch
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
+    from_zero = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,
         warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1),
         end_value=opt_cfg.min_lr,
     )
+    return lambda count: from_zero(count + 1)
 
 
 def grs_schedule(
@@ -127,7 +146,9 @@ def build_optimizer(
     :func:`grs_schedule` with ``grs.schedule``; iterative freezing
     (:func:`bvit_jax.grs.freeze_oscillating`, ``grs.freeze_threshold > 0``,
     only if ``latent_mask`` marks any weight) is independent of GRS and goes
-    last, after AdamW. Durations are in optimizer updates;
+    last, after AdamW; then, with ``optimizer.latent_weight_clip = c > 0``,
+    :func:`clip_latent_weights` projects the latent weights onto ``[-c, c]``.
+    Durations are in optimizer updates;
     ``config.optimizer.grad_accum_steps`` is not seen here (the trainer
     accumulates before calling ``tx``).
     """
@@ -152,7 +173,53 @@ def build_optimizer(
     threshold = g.get("freeze_threshold", 0.0)
     if threshold > 0 and any(jax.tree.leaves(latent_mask)):
         parts.append(freeze_oscillating(threshold, g.get("freeze_momentum", 0.99), mask=latent_mask))
+    limit = o.get("latent_weight_clip", 0.0) or 0.0
+    if limit > 0 and any(jax.tree.leaves(latent_mask)):
+        parts.append(clip_latent_weights(limit, mask=latent_mask))
     return optax.chain(*parts)
+
+
+def clip_latent_weights(limit: float, mask: Any) -> optax.GradientTransformation:
+    """Keep latent binary weights in ``[-c, c]``: the update becomes ``u' = clip(W + u, -c, c) - W``.
+
+    Applied last in the chain, so ``W + u'`` (what ``optax.apply_updates``
+    computes) is the projection of the updated weight onto the box; leaves
+    where ``mask`` is False pass unchanged. The straight-through gradient of a
+    binary weight is ``alpha * dL/dW_b * 1{|W| <= 1}`` (:mod:`bvit_jax.binarize`),
+    so a latent weight past ``|W| = 1`` gets no gradient again and keeps its
+    sign for good (GRS still pulls it towards ``alpha``); with ``c <= 1``
+    every latent weight stays where it is trained. This is larq's
+    ``kernel_constraint="weight_clip"`` (clip to ``[-1, 1]`` after each
+    update; Geiger & Team Plumerai, 2020), as BinaryConnect clips its weights
+    (Courbariaux et al., 2015). ``config.optimizer.latent_weight_clip = c``
+    (0: off).
+
+    Float32: ``u' = c - W`` is exact when ``c/2 <= W <= 2c`` (Sterbenz's
+    lemma), so a weight that crosses ``c`` within one update lands on ``c``
+    exactly (and likewise at ``-c``); otherwise (an update larger than
+    ``c/2`` across the bound) ``c - W`` rounds once, by at most ``2^-24 c``,
+    so ``|W + u'|`` ends at most one float32 spacing past ``c``:
+    ``|W + u'| <= c (1 + 2^-23)``.
+    """
+    if not limit > 0:
+        raise ValueError(f"latent weight clip must be > 0, got {limit} (config field optimizer.latent_weight_clip)")
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("clip_latent_weights needs the parameters: call tx.update(grads, state, params)")
+
+        def project(u, w, m):
+            if not m:
+                return u
+            return (jnp.clip(w + u, -limit, limit) - w).astype(u.dtype)
+
+        return jax.tree.map(project, updates, params, mask), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def applied_learning_rate(opt_state: Any) -> jax.Array:

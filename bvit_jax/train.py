@@ -10,8 +10,6 @@ pod (each process feeds its own share of every global batch).
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,18 +19,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bvit_jax import cli, diagnostics, sharding
+from bvit_jax import cli, diagnostics, sharding, storage
 from bvit_jax import data as input_pipeline
-from bvit_jax.checkpoint import CheckpointStore
+from bvit_jax.checkpoint import DATA_RESUME, CheckpointStore, Placement
 from bvit_jax.errors import ConfigError, UserError
 from bvit_jax.grad_accum import accumulated_value_and_grad
 from bvit_jax.grs import frozen_share
 from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.metric_writers import MetricWriter
-from bvit_jax.models import PRESETS, VARIANTS, model_variables, training_view
+from bvit_jax.models import PRESETS, REMAT_POLICIES, VARIANTS, drop_path_keys, model_variables, training_view
 from bvit_jax.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
+from bvit_jax.precision import COMPUTE_DTYPES, compute_dtype
 from bvit_jax.preemption import PreemptionWatch
+from bvit_jax.summary import summary
+from bvit_jax.throughput import Profile, StepTimer, peak_flops, train_flops_per_image
 from bvit_jax.workdir import build_model, config_dict, has_config, restore, write_config
 
 __all__ = [
@@ -72,8 +73,27 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
         raise ConfigError(f"config.model.variant={m.variant!r} is unknown; choose one of {sorted(VARIANTS)}")
     if m.preset not in PRESETS:
         raise ConfigError(f"config.model.preset={m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    if m.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+    if m.dtype not in ("auto", *COMPUTE_DTYPES):
+        raise ConfigError(
+            f"config.model.dtype={m.dtype!r}: use 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"
+        )
+    rate = m.get("drop_path_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError(
+            f"config.model.drop_path_rate={rate!r} must be a number in [0, 1): the stochastic depth rate of the "
+            "last block (block i of L drops with rate * i / (L - 1)); 0 turns it off"
+        )
+    if m.get("remat_policy", "none") not in REMAT_POLICIES:
+        raise ConfigError(
+            f"config.model.remat_policy={m.get('remat_policy')!r} is unknown; choose one of {list(REMAT_POLICIES)} "
+            "('none': keep every activation; 'full': recompute each block in the backward pass)"
+        )
+    clip = config.optimizer.get("latent_weight_clip", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < float("inf"):
+        raise ConfigError(
+            f"config.optimizer.latent_weight_clip={clip!r} must be a finite number >= 0 (latent binary weights are "
+            "clipped to [-c, c] after each update; 0 turns it off; c <= 1 keeps them inside the STE window)"
+        )
     b = config.global_batch_size
     if b <= 0 or b % num_devices:
         raise ConfigError(
@@ -106,6 +126,7 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
             f"config.grs.strength={config.grs.strength} is negative; GRS strength must be >= 0 (0 turns it off)"
         )
     _validate_grs(config.grs)
+    _validate_run_fields(config)
     if (config.get("total_steps", 0) or 0) <= 0 and (config.get("total_epochs", 0) or 0) <= 0:
         raise ConfigError("set config.total_steps or config.total_epochs to a positive value")
     d = config.distill
@@ -122,11 +143,21 @@ def validate_config(config, num_devices: int, process_count: int) -> None:
             )
         if d.kd_weight < 0 or d.label_weight < 0 or d.kd_weight + d.label_weight == 0:
             raise ConfigError("config.distill.kd_weight and label_weight must be >= 0 and not both 0")
-        if d.get("teacher_dtype", "") not in ("", "float32", "bfloat16"):
+        if d.get("teacher_dtype", "") not in ("", "auto", *COMPUTE_DTYPES):
             raise ConfigError(
                 f"config.distill.teacher_dtype={d.teacher_dtype!r}: use '' (the teacher run's own dtype), "
-                "'float32' or 'bfloat16'"
+                "'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"
             )
+
+
+def _validate_run_fields(config) -> None:
+    """Resume and profiling fields."""
+    if config.get("data_resume", "exact") not in DATA_RESUME:
+        raise ConfigError(f"config.data_resume={config.data_resume!r} is unknown; choose one of {list(DATA_RESUME)}")
+    for name in ("profile_first_step", "profile_steps"):
+        value = config.get(name, 0)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config.{name}={value!r} must be an integer >= 0")
 
 
 def _validate_grs(g) -> None:
@@ -158,32 +189,58 @@ def _validate_grs(g) -> None:
 
 
 # ----------------------------------------------------------------------------- teacher
-def load_teacher(config) -> tuple[nnx.GraphDef, Any]:
+# The input statistics a teacher must share with its student: it is fed the student's batches.
+TEACHER_INPUT_FIELDS = ("image_size", "channels", "mean", "std", "interpolation")
+
+
+def load_teacher(config, placement: Placement | None = None) -> tuple[nnx.GraphDef, Any]:
     """``(graphdef, variables)`` of the frozen KD teacher: the best model of ``config.distill.teacher_workdir``.
 
     Read through :func:`bvit_jax.workdir.restore` (any workdir of this
-    trainer, or one :mod:`bvit_jax.convert` wrote), with the compute dtype
-    ``config.distill.teacher_dtype`` (empty: the teacher run's own
-    ``model.dtype``; ``'bfloat16'`` for a cheaper teacher forward on
-    accelerators, float32 parameters and logits either way). The teacher must see the
-    student's inputs and predict its classes: a different
-    ``model.num_classes``, ``data.image_size`` or ``data.channels`` is a
-    :class:`ConfigError`.
+    trainer, or one :mod:`bvit_jax.convert` wrote; a local folder or a
+    ``gs://`` URL), with the compute dtype ``config.distill.teacher_dtype``
+    (empty: the teacher run's own ``model.dtype``; ``'auto'``: bfloat16 on
+    GPU/TPU, float32 on CPU, as either ``'auto'`` resolves by
+    :func:`bvit_jax.precision.compute_dtype`; ``'bfloat16'`` for a
+    cheaper teacher forward on accelerators, float32 parameters and logits
+    either way). ``placement`` (shape tree -> shardings) restores the
+    variables straight into the run's shardings: on a mesh that spans
+    several processes a host-local copy could not be moved there. The
+    teacher must see the student's inputs and predict its classes: a
+    different ``model.num_classes`` or any of :data:`TEACHER_INPUT_FIELDS`
+    of ``data`` (size, channels, normalisation mean and std, resize
+    interpolation) is a :class:`ConfigError` naming both values.
     """
     dtype = config.distill.get("teacher_dtype", "") or None
-    tcfg, tmodel, tparams = restore(config.distill.teacher_workdir, which="best", dtype=dtype)
+    tcfg, tmodel, tparams = restore(config.distill.teacher_workdir, which="best", dtype=dtype, placement=placement)
+    resolved = compute_dtype(dtype or tcfg["model"].get("dtype") or "float32")
+    log.info("teacher compute dtype %s (config.distill.teacher_dtype=%r, parameters float32)", resolved, dtype or "")
     t, s = tcfg["model"], config.model
     if t["num_classes"] != s.num_classes:
         raise ConfigError(
             f"teacher in {config.distill.teacher_workdir} has {t['num_classes']} classes, student {s.num_classes}"
         )
-    for k in ("image_size", "channels"):
-        if tcfg["data"][k] != config.data[k]:
+    student_data = config_dict(config)["data"]
+    for k in TEACHER_INPUT_FIELDS:
+        if k in tcfg["data"] and not _same_setting(tcfg["data"][k], student_data.get(k)):
             raise ConfigError(
-                f"teacher was trained with data.{k}={tcfg['data'][k]}, student uses {config.data[k]}: "
-                "they must see the same inputs"
+                f"teacher in {config.distill.teacher_workdir} was trained with data.{k}={tcfg['data'][k]}, "
+                f"the student uses data.{k}={student_data.get(k)}: the teacher is fed the student's batches, "
+                "so they must be preprocessed alike (set the student's field to the teacher's, or use a teacher "
+                "trained on the same preprocessing)"
             )
     return nnx.graphdef(tmodel), tparams  # the model in eval mode; tparams: all its variables
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Two config values as JSON gives them: equal, numbers compared as floats, one value vs a per-channel list."""
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        try:
+            va, vb = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+        except (ValueError, TypeError):
+            return False
+        return bool(np.array_equal(va, vb))
+    return a == b
 
 
 # ----------------------------------------------------------------------------- step
@@ -244,16 +301,30 @@ def make_train_step(
     ``config.optimizer.grad_accum_steps`` micro-batches
     (:func:`bvit_jax.grad_accum.accumulated_value_and_grad`); then ``tx``
     (GRS -> clip -> AdamW), a non-finite guard, and the flip-rate /
-    oscillation statistics when ``latent`` marks binary kernels. ``lr`` in
-    the metrics is the learning rate this update applied.
+    oscillation statistics and the share of latent weights outside the
+    straight-through window (``outside_window/all``,
+    :func:`bvit_jax.diagnostics.outside_ste_window_share`) when ``latent``
+    marks binary kernels. ``lr`` in the metrics is the learning rate this
+    update applied.
+
+    Drop path (``config.model.drop_path_rate > 0``; the model, built from the
+    same config, holds the per-block rates): example ``b`` of the global batch
+    draws from :func:`bvit_jax.models.drop_path_keys` ``(config.seed, step,
+    b)``, a function of the seed, the step counter and its row only, so a
+    resumed run repeats the uninterrupted one bit for bit with nothing new in
+    the checkpoint, and neither the sharding nor ``grad_accum_steps`` (each
+    micro-batch carries its rows' global indices) changes a draw. The
+    teacher's forward never drops.
     """
     has_latent = any(jax.tree.leaves(latent))
     distill = teacher_graphdef is not None
     d = config.distill
+    drop = (config.model.get("drop_path_rate", 0.0) or 0.0) > 0
 
-    def loss_fn(p, stats, batch, tparams):
+    def loss_fn(p, stats, batch, tparams, step):
         model = nnx.merge(graphdef, p, stats)
-        logits = model(batch["image"])
+        keys = drop_path_keys(config.seed, step, batch["row"]) if drop else None
+        logits = model(batch["image"], drop_path_keys=keys)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         label_loss = cross_entropy(logits, batch["label"])
         parts = {"label_loss": label_loss, "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label_index"])}
@@ -265,9 +336,15 @@ def make_train_step(
 
     loss_and_grad = accumulated_value_and_grad(loss_fn, config.optimizer.grad_accum_steps, has_state=True)
 
+    # The device half of the input pipeline: uint8 -> normalised, erased, mixed, soft targets (keyed by the step).
+    prep = input_pipeline.DevicePreprocess.from_config(config.data, config.model.num_classes, config.seed)
+
     def train_step(state, batch, tparams):
+        batch = prep(batch, prep.key(state["step"]))
+        if drop:  # each example's index in the global batch keys its drop path draws
+            batch = {**batch, "row": jnp.arange(batch["image"].shape[0], dtype=jnp.int32)}
         p, stats = state["params"], batch_stats_of(state)
-        (loss, parts), grads, new_stats = loss_and_grad(p, stats, batch, tparams)
+        (loss, parts), grads, new_stats = loss_and_grad(p, stats, batch, tparams, state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], p)
         new_p = optax.apply_updates(p, updates)
         grad_norm = optax.tree.norm(grads)
@@ -281,7 +358,11 @@ def make_train_step(
         osc, weight_stats = state["oscillation"], {}
         if has_latent:  # sign flips of this step; EMA oscillation frequency per weight
             osc, osc_metrics = diagnostics.oscillation_update(osc, new_p, latent)
-            weight_stats = {**diagnostics.flip_rate(p, new_p, latent), **osc_metrics}
+            weight_stats = {
+                **diagnostics.flip_rate(p, new_p, latent),
+                **osc_metrics,
+                **diagnostics.outside_ste_window_share(new_p, latent),
+            }
             weight_stats = {k: v for k, v in weight_stats.items() if k.endswith("/all")}
         metrics = {
             "loss": loss,
@@ -303,9 +384,14 @@ def make_train_step(
 
 
 # ----------------------------------------------------------------------------- train
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final eval metrics."""
-    workdir = Path(workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> dict[str, float]:
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final eval metrics.
+
+    ``workdir``: a local folder or a cloud URL (``gs://bucket/run``); on
+    several processes one folder that every process sees
+    (:func:`bvit_jax.storage.check_shared`).
+    """
+    workdir = storage.as_path(workdir)
     pid, nproc = jax.process_index(), jax.process_count()
 
     # -- mesh -----------------------------------------------------------------
@@ -322,9 +408,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"config.model.num_classes={config.model.num_classes}"
         )
     local_batch = config.global_batch_size // nproc
-    train_iter = input_pipeline.create_train_iterator(
-        config.data, local_batch_size=local_batch, seed=config.seed, process_index=pid, process_count=nproc
-    )
+
+    def make_train_iter(start_step: int = 0):
+        """This process's train batches from ``start_step`` on (batch k: a function of seed, process, k)."""
+        return input_pipeline.create_train_iterator(
+            config.data,
+            local_batch_size=local_batch,
+            seed=config.seed,
+            process_index=pid,
+            process_count=nproc,
+            start_step=start_step,
+        )
+
+    train_iter = make_train_iter()
     steps_per_epoch = info.num_train / config.global_batch_size
     total_steps = steps_from(config, "total", steps_per_epoch)
 
@@ -332,12 +428,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Built for inference (BatchNorms use running averages): the eval graph; the train step
     # runs the training view (batch statistics) of the same variables.
     model = build_model(config, seed=config.seed)
+    log.info("compute dtype %s (config.model.dtype=%r)", compute_dtype(config.model.dtype), config.model.dtype)
     graphdef, params, batch_stats = split_for_training(model)
     eval_graphdef = nnx.graphdef(model)
     latent = latent_weight_mask(model, params)
     has_latent = any(jax.tree.leaves(latent))  # False for the fp preset
     distill = bool(config.distill.enabled)
-    teacher_graphdef, teacher_params = load_teacher(config) if distill else (None, None)
+    min_size = config.mesh.get("fsdp_min_size", 2**14)
+
+    def place(tree):
+        """The run's sharding of every array of ``tree`` (FSDP rule by shape)."""
+        return sharding.tree_shardings(mesh, tree, min_size)
+
+    teacher_graphdef, teacher_params = load_teacher(config, placement=place) if distill else (None, None)
+    student_macs = summary(model).macs  # per image, for MFU
+    teacher_macs = summary(nnx.merge(teacher_graphdef, teacher_params)).macs if distill else 0
 
     def apply(variables, images, capture=False):
         """The eval forward; ``variables = (params, batch_stats)``."""
@@ -362,18 +467,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def init_state(p, stats):
         return init_train_state(p, tx, latent, stats)
 
-    min_size = config.mesh.get("fsdp_min_size", 2**14)
-    state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_state, params, batch_stats), min_size)
+    state_shardings = place(jax.eval_shape(init_state, params, batch_stats))
     state = jax.jit(init_state, out_shardings=state_shardings)(params, batch_stats)
     repl = sharding.replicated(mesh)
-    if distill:
-        teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params, min_size))
     del model, params, batch_stats
 
     # -- step functions -----------------------------------------------------------
     train_step = make_train_step(config, graphdef, latent, tx, teacher_graphdef if distill else None)
 
+    prep = input_pipeline.DevicePreprocess.from_config(config.data, config.model.num_classes, config.seed)
+
     def eval_step(variables, batch):
+        batch = prep(batch)  # uint8 -> normalised, zeros where masked
         logits = apply(variables, batch["image"])
         mask = batch["mask"].astype(jnp.float32)
         labels = batch["label"]
@@ -388,6 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def diag_step(state, batch):
         """Per-layer oscillation and activation-information diagnostics (binary presets)."""
         p = state["params"]
+        batch = prep(batch, prep.key(state["step"] - 1))  # the images the step that made `state` trained on
         _, captured = apply(variables_of(state), batch["image"], capture=True)
         osc_freq = {f"osc_freq/{k}": jnp.mean(f) for k, f in state["oscillation"].freq.items()}
         return {
@@ -397,7 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             **diagnostics.bimodality(p, latent),
         }
 
-    teacher_sh = sharding.tree_shardings(mesh, teacher_params, min_size) if distill else None
+    teacher_sh = place(teacher_params) if distill else None
     batch_sh = sharding.batch_sharding(mesh)
     p_train_step = jax.jit(
         train_step,
@@ -408,35 +514,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     p_eval_step = jax.jit(eval_step, in_shardings=(variables_of(state_shardings), batch_sh), out_shardings=repl)
     p_diag_step = jax.jit(diag_step, in_shardings=(state_shardings, batch_sh), out_shardings=repl)
 
+    eval_passes = input_pipeline.EvalPasses(  # one eval iterator for the run: its workers start once
+        config.data, local_batch_size=config.eval_batch_size // nproc, process_index=pid, process_count=nproc
+    )
+
     def evaluate_now() -> dict[str, float]:
-        return evaluate(p_eval_step, variables_of(state), config, mesh, pid, nproc)
+        return evaluate(p_eval_step, variables_of(state), config, mesh, pid, nproc, eval_passes)
 
     # -- restore --------------------------------------------------------------------
     cfg_dict = config_dict(config)
     workdir.mkdir(parents=True, exist_ok=True)
+    storage.check_shared(workdir)  # several processes: one folder all of them see, or stop now
     store = CheckpointStore(workdir, keep=config.keep_checkpoints)
+    data_resume = config.get("data_resume", "exact")
     try:
-        restored = store.restore(state, train_iter, cfg_dict)
+        restored = store.restore(state, train_iter, cfg_dict, data_resume=data_resume)
     except BaseException:
         store.close()
         raise
     if restored is not None:
         start, state = restored
         log.info("Resumed from %s at step %d.", workdir / "checkpoints", start)
+        if data_resume == "from_step":  # the input order of this process count, from the restored step on
+            train_iter = make_train_iter(start)
     if pid == 0:  # after the restore: a refused resume leaves the run's config.json as it was
         write_config(workdir, config)
     start = int(jax.device_get(state["step"]))
     writer = MetricWriter(workdir, total_steps=total_steps, start_step=start, active=pid == 0)
+    flops_per_step = train_flops_per_image(student_macs, teacher_macs) * config.global_batch_size
+    peak = peak_flops(jax.devices()[0].device_kind)
+    profile = Profile(workdir, config, start, active=pid == 0)
 
     # -- loop ------------------------------------------------------------------------
     preemption = PreemptionWatch()
     pending: list[dict] = []
     eval_metrics: dict[str, float] = {}
-    t_last, step_last = time.perf_counter(), start
+    timer = StepTimer()  # step time and input wait, evaluation / checkpoints / compilation excluded
     step = start
     try:
         while step < total_steps:
-            local = next(train_iter)
+            profile.before_step(step)
+            local = timer.next_batch(train_iter)
             if step + 1 == config.get("inject_nan_at_step", -1):  # fault injection for tests
                 local = {**local, "image": local["image"] * np.float32("nan")}
             batch = sharding.global_batch(local, mesh)
@@ -445,38 +563,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             pending.append(metrics)
 
             last = step == total_steps
+            if step == start + 1 and not (step % config.log_every_steps == 0 or last):
+                jax.block_until_ready(metrics)
+                timer.restart()  # the first step compiled: the step times start after it
             if step % config.log_every_steps == 0 or last:
                 rows = jax.device_get(pending)
                 pending = []
                 _stop_if_nonfinite(rows, step, store)
-                now = time.perf_counter()
-                rate = (step - step_last) * config.global_batch_size / (now - t_last)
-                t_last, step_last = now, step
+                times = timer.report()
                 # Means over the steps since the last log (lr: its current value).
                 row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k != "nonfinite"}
                 row["lr"] = float(rows[-1]["lr"])
+                speed = {**times, "img_per_s": config.global_batch_size / max(times["step_time_s"], 1e-9)}
+                speed["eta_s"] = (total_steps - step) * times["step_time_s"]
+                if peak is not None:
+                    speed["mfu"] = flops_per_step / max(times["step_time_s"], 1e-9) / (peak * mesh.size)
                 writer.write(
                     step,
                     "train",
-                    {
-                        **row,
-                        "img_per_s": rate,
-                        "eta_s": (total_steps - step) * config.global_batch_size / rate,
-                        "data_skipped": input_pipeline.data_stats().get("train_skipped", 0),
-                    },
+                    {**row, **speed, "data_skipped": input_pipeline.data_stats().get("train_skipped", 0)},
                 )
             writer.advance(step)
-            if has_latent and config.diagnostics_every_steps and (step % config.diagnostics_every_steps == 0 or last):
-                writer.write(step, "diagnostics", jax.device_get(p_diag_step(state, batch)))
-            if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
-                eval_metrics = evaluate_now()
-                writer.write(step, "eval", eval_metrics)
-                best = model_variables(nnx.merge(eval_graphdef, *variables_of(state)))  # params + running stats
-                store.save_best(step, best, eval_metrics["top1"])
+            with timer.excluded():
+                profile.after_step(step, metrics)
+                if (
+                    has_latent
+                    and config.diagnostics_every_steps
+                    and (step % config.diagnostics_every_steps == 0 or last)
+                ):
+                    writer.write(step, "diagnostics", jax.device_get(p_diag_step(state, batch)))
+                if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
+                    eval_metrics = evaluate_now()
+                    writer.write(step, "eval", eval_metrics)
+                    best = model_variables(nnx.merge(eval_graphdef, *variables_of(state)))  # params + running stats
+                    store.save_best(step, best, eval_metrics["top1"])
             stop = preemption.reached(step)
             if step % config.checkpoint_every_steps == 0 or last or stop:
-                _stop_if_nonfinite(jax.device_get(pending), step, store)
-                store.save(step, state, train_iter, cfg_dict)
+                with timer.excluded():
+                    _stop_if_nonfinite(jax.device_get(pending), step, store)
+                    store.save(step, state, train_iter, cfg_dict)
             if stop:
                 log.warning(
                     "Preemption notice (SIGTERM) received: every process saved a checkpoint at step %d "
@@ -487,6 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if not eval_metrics:  # resumed a finished run: report its final accuracy again
             eval_metrics = evaluate_now()
     finally:
+        profile.close()
         preemption.close()
         writer.close()
         store.close()
@@ -507,17 +633,21 @@ def _stop_if_nonfinite(rows: list[dict], step: int, store: CheckpointStore) -> N
         )
 
 
-def evaluate(p_eval_step, variables, config, mesh, pid: int, nproc: int) -> dict[str, float]:
+def evaluate(p_eval_step, variables, config, mesh, pid: int, nproc: int, passes=None) -> dict[str, float]:
     """Top-1 / top-5 / loss over the full eval split: padded batches, masked, each example once.
 
-    ``p_eval_step(variables, batch)`` returns the batch's sums; ``variables``
-    is whatever it needs of the model (the trainer passes ``(params, batch_stats)``).
+    ``p_eval_step(variables, batch)`` returns the batch's sums of a host
+    batch (``uint8`` images, normalised on the device); ``variables`` is
+    whatever it needs of the model (the trainer passes ``(params,
+    batch_stats)``). ``passes``: the run's ``data.EvalPasses`` (one pass of
+    it per call, its workers started once); None builds one for this call.
     """
     totals = None
-    it = input_pipeline.create_eval_iterator(
-        config.data, local_batch_size=config.eval_batch_size // nproc, process_index=pid, process_count=nproc
-    )
-    for local in it:
+    if passes is None:
+        passes = input_pipeline.EvalPasses(
+            config.data, local_batch_size=config.eval_batch_size // nproc, process_index=pid, process_count=nproc
+        )
+    for local in passes.one_pass():
         out = p_eval_step(variables, sharding.global_batch(local, mesh))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)

@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bvit_jax.checkpoint import CheckpointError, CheckpointStore, read_params
+from bvit_jax import storage
+from bvit_jax.checkpoint import CheckpointError, CheckpointStore, Placement, read_params
 from bvit_jax.errors import ConfigError, UserError
 from bvit_jax.models import VisionTransformer, from_config, model_variables
+from bvit_jax.precision import compute_dtype
 
 __all__ = [
     "CONFIG_FILE",
@@ -72,29 +73,30 @@ def config_dict(config: Any) -> dict:
     return json.loads(json.dumps(dict(config)))
 
 
-def has_config(workdir: str | Path) -> bool:
+def has_config(workdir: storage.PathLike) -> bool:
     """Whether ``workdir`` holds a run's ``config.json`` (a workdir of this trainer, or of convert)."""
-    return (Path(workdir) / CONFIG_FILE).is_file()
+    return (storage.as_path(workdir) / CONFIG_FILE).is_file()
 
 
-def write_config(workdir: str | Path, config: Any) -> Path:
-    """Write ``config`` (an ml_collections config or a dict) as ``workdir/config.json``; returns its path."""
-    path = Path(workdir) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_config(workdir: storage.PathLike, config: Any) -> storage.epath.Path:
+    """Write ``config`` (an ml_collections config or a dict) as ``workdir/config.json``; returns its path.
+
+    Replaced atomically (:func:`bvit_jax.storage.atomic_write_text`): a
+    preemption during the write leaves the previous file whole.
+    """
     if hasattr(config, "to_json_best_effort"):
         text = config.to_json_best_effort(indent=2)
     else:
         text = json.dumps(config_dict(config), indent=2)
-    path.write_text(text)
-    return path
+    return storage.atomic_write_text(storage.as_path(workdir) / CONFIG_FILE, text)
 
 
-def load_config(workdir: str | Path) -> dict:
+def load_config(workdir: storage.PathLike) -> dict:
     """The ``config.json`` a run wrote into its workdir, as a dict.
 
     Raises :class:`bvit_jax.checkpoint.CheckpointError` when there is none.
     """
-    path = Path(workdir) / CONFIG_FILE
+    path = storage.as_path(workdir) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{path} not found: {workdir} is not a workdir of this trainer (no {CONFIG_FILE}).")
     return json.loads(path.read_text())
@@ -109,7 +111,9 @@ def build_model(
     ``config``: an ml_collections config or the dict of a ``config.json``
     (its ``model`` and ``data`` entries are read). ``seed`` initialises the
     parameters; ``dtype`` is the compute dtype (None: the config's
-    ``model.dtype``, float32 when unset; parameters are float32 either way).
+    ``model.dtype``, float32 when unset; ``'auto'`` is bfloat16 on GPU/TPU and
+    float32 on CPU, :func:`bvit_jax.precision.compute_dtype`; parameters are
+    float32 either way).
     ``abstract=True`` builds it under ``nnx.eval_shape``: shapes and dtypes
     only, nothing allocated. A config value that cannot build a model (an
     unknown override, a field set in the wrong place) raises
@@ -117,6 +121,8 @@ def build_model(
     """
     if dtype is None:
         dtype = config["model"].get("dtype") or "float32"
+    if isinstance(dtype, str):  # 'auto': bfloat16 on GPU/TPU, float32 on CPU
+        dtype = compute_dtype(dtype)
 
     def make() -> VisionTransformer:
         return from_config(config, seed=seed, dtype=dtype)
@@ -139,19 +145,25 @@ def abstract_params(config: Mapping[str, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------- restoring
-def restore_params(workdir: str | Path, which: str = "best") -> tuple[dict, Any]:
+def restore_params(
+    workdir: storage.PathLike, which: str = "best", *, placement: Placement | None = None
+) -> tuple[dict, Any]:
     """``(config, params)`` from a workdir: its best model or its latest train state.
 
     ``which="best"`` falls back to the latest checkpoint when no eval has run.
     ``params`` are the model's variables (parameters, and with
-    ``branch_norm='batchnorm'`` the running statistics beside them), host-local
-    arrays in the model's pure-dict layout.
+    ``branch_norm='batchnorm'`` the running statistics beside them) in the
+    model's pure-dict layout: host-local arrays, or with ``placement`` (a
+    function from the shape tree to a tree of shardings) restored straight
+    into those shardings (:func:`bvit_jax.checkpoint.read_params`).
     """
     config = load_config(workdir)
-    return config, read_params(workdir, abstract_params(config), which)
+    return config, read_params(workdir, abstract_params(config), which, placement=placement)
 
 
-def restore(workdir: str | Path, which: str = "best", *, dtype: Any = None) -> Restored:
+def restore(
+    workdir: storage.PathLike, which: str = "best", *, dtype: Any = None, placement: Placement | None = None
+) -> Restored:
     """``(config, model, params)`` of a workdir: the model of its config.json, holding the saved parameters.
 
     ``which``: ``"best"`` (the best eval checkpoint; the latest train state
@@ -159,18 +171,21 @@ def restore(workdir: str | Path, which: str = "best", *, dtype: Any = None) -> R
     dtype (None: the config's ``model.dtype``). The model is built without
     initialising anything (its structure from ``nnx.eval_shape``), then
     given the restored variables (parameters and BatchNorm statistics), in
-    inference mode.
+    inference mode. ``placement`` (shape tree -> tree of shardings) restores
+    every array straight into its sharding, e.g. over a mesh that spans
+    several processes (the KD teacher of a multi-host run); None restores
+    host-local arrays on this process's first device.
     """
     config = load_config(workdir)
     abstract = build_model(config, dtype=dtype, abstract=True)
     graphdef, state = nnx.split(abstract)
-    params = read_params(workdir, nnx.to_pure_dict(state), which)
+    params = read_params(workdir, nnx.to_pure_dict(state), which, placement=placement)
     nnx.replace_by_pure_dict(state, params)
     return Restored(config, nnx.merge(graphdef, state), params)
 
 
 # ----------------------------------------------------------------------------- writing a model
-def save_model(workdir: str | Path, config: Any, model: nnx.Module) -> Path:
+def save_model(workdir: storage.PathLike, config: Any, model: nnx.Module) -> storage.epath.Path:
     """Write ``model`` and the config that describes it as a new workdir: ``config.json`` + ``best/``.
 
     The parameters are saved as the best model (step 0, ``eval_top1`` 0: not
@@ -180,7 +195,7 @@ def save_model(workdir: str | Path, config: Any, model: nnx.Module) -> Path:
     ``ValueError`` naming the first differences). Refuses (``FileExistsError``)
     a folder that already holds checkpoints.
     """
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     for sub in ("best", "checkpoints"):
         if (workdir / sub).exists() and any((workdir / sub).iterdir()):
             raise FileExistsError(f"{workdir / sub} already holds checkpoints: use a new --workdir")

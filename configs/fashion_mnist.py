@@ -16,6 +16,11 @@ GRS lambda 1e-5, ASM per head. Measured there (test, 3 seeds): fp 89.90 %,
 baseline 85.28 %, binaryvit 84.88 % (mean top-1).
 scripts/quickstart.sh trains the teacher 7 epochs and the student 6: fp 86.06 %,
 binaryvit 82.49 % test top-1 (seed 0), 9.2 min for both on 2 cores.
+Those figures were measured with the warm-up's first update at lr 0; the
+schedule now starts one step in (the first update at ``peak / warmup_steps``,
+:func:`bvit_jax.optim.learning_rate_schedule`), which shifts every run by one
+update of 469 per epoch: not re-measured. No stochastic depth
+(``model.drop_path_rate = 0``) and no latent weight clip in this recipe.
 
 ``:PRESET,tiny`` (e.g. ``configs/fashion_mnist.py:binaryvit,tiny``) is a
 seconds-long smoke mode: a one-block, 32-wide model, 8 steps of 32 images,

@@ -7,6 +7,9 @@ from pathlib import Path
 # Before JAX is imported anywhere: 8 host devices, as on an 8-chip host.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# gs:// paths through gcsfs, the core install's client, also where the test extra installed TensorFlow
+# (etils.epath would pick TF's GCS file system, which knows no emulator; epath reads this once).
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -17,5 +20,5 @@ from absl import logging as absl_logging  # noqa: E402
 absl_logging.set_verbosity(absl_logging.WARNING)
 
 # Fixtures shared by several test modules (the TFDS-built fake ImageNet and its damaged copies; the
-# trainer's distillation teacher).
-pytest_plugins = ["tests.data_fixtures", "tests.train_helpers"]
+# trainer's distillation teacher; a Cloud Storage emulator).
+pytest_plugins = ["tests.data_fixtures", "tests.train_helpers", "tests.gcs_emulator"]

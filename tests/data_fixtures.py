@@ -267,3 +267,20 @@ def build_copy(fake_imagenet, tmp_path):
     data_dir = tmp_path / "tfds"
     shutil.copytree(fake_imagenet["data_dir"], data_dir)
     return {**fake_imagenet, "data_dir": str(data_dir)}
+
+
+def device_batch(batch: dict, config, num_classes: int, step: int = 0, seed: int = 0) -> dict:
+    """The model's train batch of a host batch (``uint8``): `bvit_jax.data.DevicePreprocess` as the trainer
+    applies it at step `step`, jitted, back as numpy arrays (``_``-free keys of `batch` kept)."""
+    import jax
+
+    from bvit_jax.data import DevicePreprocess
+
+    prep = DevicePreprocess.from_config(config, num_classes, seed)
+    if prep not in _DEVICE_STEPS:  # one compilation per setting (and shape)
+        _DEVICE_STEPS[prep] = jax.jit(lambda b, s: prep(b, prep.key(s)))
+    out = _DEVICE_STEPS[prep](dict(batch), step)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+_DEVICE_STEPS: dict = {}

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from bvit_jax.binarize import (
     LEVEL_MIN,
@@ -349,3 +350,69 @@ def test_scale_grad_is_exact_identity_with_scaled_gradient():
     np.testing.assert_array_equal(g, 0.125 * up)  # a power of two: exact
     assert lsq_grad_scale(3 * 17 * 17) == pytest.approx(1 / np.sqrt(3 * 17 * 17))
     assert lsq_grad_scale(100, 4) == pytest.approx(1 / 20)
+
+
+# ----------------------------------------------------------------------------- what the backward keeps (bf16 memory)
+def saved_residuals(f, *args, capsys) -> list[str]:
+    """The residuals ``jax.ad_checkpoint.print_saved_residuals`` reports for ``f(*args)``, one per line."""
+    capsys.readouterr()
+    print_saved_residuals(f, *args)
+    return [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_ste_sign_saves_a_boolean_mask_not_its_input(capsys):
+    """The clipped STE's backward needs ``1{|x| <= 1}`` only: one bool per value, not the float input."""
+    x = jnp.asarray(X, jnp.bfloat16)
+    res = saved_residuals(ste_sign, x, capsys=capsys)
+    assert len(res) == 1 and res[0].startswith(f"bool[{X.size}]"), res
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(ste_sign(x)))(x), (np.abs(X) <= 1).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_elastic_matmul_after_softmax_keeps_no_attention_sized_array_of_its_own(capsys, dtype):
+    """``elastic_matmul(softmax(S), c, V)`` saves no more (B, H, N, N) arrays than the fp ``softmax(S) @ V``.
+
+    The softmax keeps ``exp(S)``; the fp product keeps ``P`` for ``dL/dV``, the
+    {0, c} product ``P / c`` in its place (the level and the ``c`` gradient
+    follow from it). One more saved (B, H, N, N) array would add a float32
+    copy per attention layer and image.
+    """
+    rng = np.random.default_rng(0)
+    b, h, n, d = 2, 3, 7, 4
+    s = jnp.asarray(rng.normal(size=(b, h, n, n)), jnp.float32)
+    v = jnp.asarray(rng.choice([-1.0, 1.0], size=(b, h, n, d)), dtype)
+    c = jnp.float32(1.0 / n)
+    square = f"[{b},{h},{n},{n}]"
+
+    def elastic(s, c, v):
+        return elastic_matmul(jax.nn.softmax(s, axis=-1), c, v)
+
+    def fp(s, v):
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
+
+    n_elastic = sum(square in r for r in saved_residuals(elastic, s, c, v, capsys=capsys))
+    n_fp = sum(square in r for r in saved_residuals(fp, s, v, capsys=capsys))
+    assert n_elastic <= n_fp, (n_elastic, n_fp)
+
+
+def test_binary_matmul_weight_gradient_accumulates_in_float32_under_bfloat16():
+    """``dL/dW = alpha * (x^T @ g) * 1{|W| <= 1}`` with bfloat16 ``x``, ``g``: the sum is float32, not bfloat16.
+
+    Products of two bfloat16 values (8-bit significands) are exact in float32
+    (24 bits), so the float32 sum over the ``M`` rows is within
+    ``gamma_n(M) * sum |x g|`` of the exact one, and ``* alpha`` rounds once
+    more (``gamma_n(M + 1)`` in all; ``* mask`` is exact); a sum rounded to
+    bfloat16 (``u = 2^-9``) would miss that bound.
+    """
+    rng = np.random.default_rng(1)
+    m, k, n = 512, 16, 8
+    x = jnp.asarray(rng.choice([-1.0, 1.0], size=(m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(scale=0.7, size=(k, n)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
+    dw = jax.vjp(lambda w: binary_matmul(x, w), w)[1](g)[0]
+    assert dw.dtype == jnp.float32
+    x64, g64, w64 = (np.asarray(a, np.float64) for a in (x, g, w))
+    alpha = np.mean(np.abs(np.asarray(w, np.float32)), axis=0, keepdims=True).astype(np.float64)
+    exact = alpha * (x64.T @ g64) * (np.abs(w64) <= 1)
+    bound = gamma_n(m + 1) * alpha * (np.abs(x64).T @ np.abs(g64))
+    assert_within(dw, exact, bound, "dW")

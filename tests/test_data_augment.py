@@ -141,17 +141,6 @@ def test_randaugment_is_deterministic_given_the_rng():
                 assert ra(im, np.random.default_rng(s)).size == (32, 32)
 
 
-def test_random_erasing():
-    x = np.zeros((32, 32, 3), np.float32)
-    augment.random_erasing(x, np.random.default_rng(0), prob=0.0)
-    assert not x.any()
-    augment.random_erasing(x, np.random.default_rng(0), prob=1.0)
-    rows, cols = np.nonzero(x.any(-1))
-    area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    assert 0.02 * 1024 * 0.5 <= area <= 1024 / 3 * 1.3
-    assert np.count_nonzero(x.any(-1)) == area  # one filled rectangle
-
-
 def test_train_index_epochs_are_permutations():
     n = 10
     for p_count, repeats in ((1, 1), (2, 1), (3, 1), (2, 3)):

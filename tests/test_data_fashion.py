@@ -7,6 +7,7 @@ import pytest
 
 from bvit_jax import data
 from bvit_jax.data import augment, sources
+from tests.data_fixtures import device_batch
 from tests.tolerances import assert_within, gamma_n
 
 IDX_DIR = "/usr/share/datasets/fashion-mnist"
@@ -62,7 +63,7 @@ def test_train_batches_small_image_augmentation():
     c = data.default_data_config("fashion_mnist")
     c.return_index = True
     it = data.create_train_iterator(c, 32, seed=0, process_index=0, process_count=1)
-    b = next(it)
+    b = device_batch(next(it), c, 10)
     assert b["image"].shape == (32, 28, 28, 1) and b["image"].dtype == np.float32
     assert b["label"].shape == (32, 10)
     # 10 float32 entries within 3u each, summed in any order: |sum - 1| <= gamma_{10+3}.
@@ -83,7 +84,7 @@ def test_train_batches_small_image_augmentation():
     assert found
     # channels=3 replicates the grayscale image.
     c.channels, c.return_index = 3, False
-    b3 = next(data.create_train_iterator(c, 4, 0, 0, 1))
+    b3 = device_batch(next(data.create_train_iterator(c, 4, 0, 0, 1)), c, 10)
     assert b3["image"].shape == (4, 28, 28, 3)
     np.testing.assert_allclose(b3["image"][..., 0], b3["image"][..., 2])
 

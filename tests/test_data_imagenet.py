@@ -18,7 +18,7 @@ import pytest
 from bvit_jax import data
 from bvit_jax.data import decode as decode_lib
 from bvit_jax.data import pipeline, prepare, sources
-from tests.data_fixtures import imagenet_label_names, shipped_validation_wnids
+from tests.data_fixtures import device_batch, imagenet_label_names, shipped_validation_wnids
 from tests.tolerances import assert_within, gamma_n
 
 NAMES = None
@@ -108,7 +108,11 @@ def test_train_batches_shapes_dtypes_ranges_and_labels(fake_imagenet):
     it = data.create_train_iterator(c, 4, seed=0, process_index=0, process_count=1)
     lo = (0 - np.array(c.mean)) / np.array(c.std)
     hi = (1 - np.array(c.mean)) / np.array(c.std)
-    for b in _take(it, 3):
+    for step, host in enumerate(_take(it, 3)):
+        # The host half: uint8 images and int labels; the device half makes the model's batch.
+        assert host["image"].shape == (4, 64, 64, 3) and host["image"].dtype == np.uint8
+        assert host["label"].shape == (4,) and host["label"].dtype == np.int32
+        b = device_batch(host, c, 1000, step)
         assert b["image"].shape == (4, 64, 64, 3) and b["image"].dtype == np.float32
         assert b["label"].shape == (4, 1000) and b["label"].dtype == np.float32
         assert b["label_index"].shape == (4,) and b["label_index"].dtype == np.int32
@@ -127,8 +131,10 @@ def test_mixup_cutmix_soft_labels_sum_to_one(fake_imagenet):
     c = _config(fake_imagenet, mix_switch_prob=0.5, repeated_aug=1)
     it = data.create_train_iterator(c, 6, seed=3, process_index=0, process_count=1)
     mixed = 0
-    for b in _take(it, 4):
-        assert_within(b["label"].sum(1), 1.0, gamma_n(1000 + 3), "row sums")  # as above
+    for step, host in enumerate(_take(it, 4)):
+        b = device_batch(host, c, 1000, step)
+        # 1000 entries, each within 4u (the smoothed constant, 1 - lam, the product, the sum), any order.
+        assert_within(b["label"].sum(1), 1.0, gamma_n(1000 + 4), "row sums")
         assert np.all(b["label"] >= 0)
         assert np.all(np.isfinite(b["image"]))
         # Two classes carry weight in mixed rows; the dominant one is label_index.

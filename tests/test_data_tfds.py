@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bvit_jax import data
+from tests.data_fixtures import device_batch
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def _config(data_dir):
 def test_other_tfds_dataset_by_name_gray_to_rgb(tiny_gray):
     c = _config(tiny_gray)
     assert data.dataset_info(c) == data.DatasetInfo(num_classes=4, image_shape=(32, 32, 3), num_train=12, num_eval=6)
-    b = next(data.create_train_iterator(c, 4, 0, 0, 1))
+    b = device_batch(next(data.create_train_iterator(c, 4, 0, 0, 1)), c, 4)
     assert b["image"].shape == (4, 32, 32, 3) and b["label"].shape == (4, 4)
     np.testing.assert_allclose(b["image"][..., 0], b["image"][..., 1])
     batches = list(data.create_eval_iterator(c, 4, 0, 1))

@@ -112,3 +112,25 @@ def test_oscillation_ema():
         assert float(metrics["osc_share/w"]) == pytest.approx(np.mean(f > 0.05))
     np.testing.assert_array_equal(state.last_flip["w"], [-1, 0, 1])
     np.testing.assert_array_equal(state.last_sign["w"], [-1, 1, 1])
+
+
+def test_outside_ste_window_share_counts_weights_past_1_per_layer_and_pooled():
+    """``outside_window``: the share of latent weights with |W| > 1 (no straight-through gradient there), exactly
+    (counts of at most a few thousand weights are exact in float32); |W| = 1 is inside (the window is closed)."""
+    _, params, mask = _params_and_mask()
+    paths = [p for p, m in D.latent_weights(params, mask).items()]
+    first = paths[0]
+    w = params
+    for key in first.split("/")[:-1]:
+        w = w[int(key) if key.isdigit() else key]
+    name = first.split("/")[-1]
+    kernel = np.asarray(w[name]).copy()
+    flat_k = kernel.reshape(-1)
+    flat_k[:5] = [1.5, -2.0, 1.0, -1.0, 1.0000001]  # 3 outside, the two exact +-1 inside
+    w[name] = jnp.asarray(kernel)
+    m = jax.jit(lambda p: D.outside_ste_window_share(p, mask))(params)
+    assert float(m[f"outside_window/{first}"]) == 3 / kernel.size
+    for p in paths[1:]:  # trunc-normal init (std 0.02): every other weight is inside
+        assert float(m[f"outside_window/{p}"]) == 0.0
+    total = sum(v.size for v in D.latent_weights(params, mask).values())
+    assert float(m["outside_window/all"]) == pytest.approx(3 / total, rel=1e-6)

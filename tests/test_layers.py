@@ -548,3 +548,67 @@ def test_lsq_grad_scale_scales_only_the_level_gradient():
         if path[-1] != "attn_level_raw":
             other = dict(nnx.to_flat_state(g1))[path]
             np.testing.assert_array_equal(leaf[...], other[...], err_msg=str(path))
+
+
+# ----------------------------------------------------------------------------- drop path (stochastic depth)
+def test_drop_path_keeps_or_zeroes_each_example_whole_with_the_rate_and_rescales_the_kept():
+    """Each example's branch is either zeroed or multiplied by fl(1 / (1 - r)), as a whole; the share kept
+    over B = 4096 examples is 1 - r within 5 binomial standard deviations (sqrt(B r (1 - r)) / B = 0.72 %
+    for r = 0.3: the keys are fixed, so the test is deterministic; a biased draw, e.g. r applied per
+    element or a keep rate of r instead of 1 - r, lands tens of deviations away). No keys: the identity."""
+    from bvit_jax.layers import drop_path
+
+    b, r = 4096, 0.3
+    x = jax.random.normal(jax.random.key(0), (b, 3, 5)) + 3.0  # nonzero everywhere
+    keys = jax.random.split(jax.random.key(1), b)
+    y = np.asarray(drop_path(x, r, keys))
+    xs = np.asarray(x)
+    kept = np.all(y != 0, axis=(1, 2))
+    dropped = np.all(y == 0, axis=(1, 2))
+    assert np.all(kept | dropped)  # whole examples only
+    np.testing.assert_array_equal(y[kept], xs[kept] * np.float32(1.0 / (1.0 - r)))
+    sd = np.sqrt(b * r * (1 - r))
+    assert abs(kept.sum() - b * (1 - r)) <= 5 * sd, kept.sum()
+    # the mean of the kept-and-rescaled branch is the branch's: E[y] = x within the same 5 deviations
+    assert abs(y[:, 0, 0].sum() / xs[:, 0, 0].sum() - 1) <= 5 * sd / (b * (1 - r))
+    # each example's draw depends on its own key only: the same keys in another batch, the same result
+    np.testing.assert_array_equal(np.asarray(drop_path(x[::7], r, keys[::7])), y[::7])
+    assert drop_path(x, r, None) is x and drop_path(x, 0.0, keys) is x
+
+
+def test_block_drop_path_is_the_residual_form_with_each_branch_s_own_mask():
+    """``Block`` with rate r and per-example keys computes ``h = x + D_0(attn(norm1(x)))``, ``out = h +
+    D_1(mlp(norm2(h)))`` with ``D_i`` the drop of key ``fold_in(key_b, i)`` (written out here with
+    ``bernoulli``), bit for bit (the same float32 operations, eagerly); without keys the block equals the
+    same block built with rate 0 bit for bit."""
+    from bvit_jax.layers import Block
+
+    r, b = 0.5, 16
+    blk = Block(16, 2, 2.0, 5, BIN, rngs=nnx.Rngs(0), drop_path_rate=r)
+    ref = Block(16, 2, 2.0, 5, BIN, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (b, 5, 16))
+    keys = jax.random.split(jax.random.key(3), b)
+    scale = np.float32(1.0 / (1.0 - r))
+
+    def mask(i):
+        keep = np.array([bool(jax.random.bernoulli(jax.random.fold_in(k, i), 1.0 - r)) for k in keys])
+        return keep, jnp.asarray(np.where(keep, scale, np.float32(0)))[:, None, None]
+
+    (keep_a, m_a), (keep_m, m_m) = mask(0), mask(1)
+    assert 0 < keep_a.sum() < b and 0 < keep_m.sum() < b and np.any(keep_a != keep_m)  # both kinds, per branch
+    h = x + blk.attn(blk.norm1(x)) * m_a
+    expected = h + blk.mlp(blk.norm2(h)) * m_m
+    np.testing.assert_array_equal(np.asarray(blk(x, keys=keys)), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(blk(x)), np.asarray(ref(x)))
+    # a dropped example skips the branch entirely: both branches dropped -> the input itself
+    both = ~keep_a & ~keep_m
+    assert both.any()
+    np.testing.assert_array_equal(np.asarray(blk(x, keys=keys))[both], np.asarray(x)[both])
+
+
+def test_drop_path_rate_outside_0_1_is_refused():
+    from bvit_jax.layers import Block
+
+    for r in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="drop path rate must be in"):
+            Block(8, 2, 2.0, 5, BIN, rngs=nnx.Rngs(0), drop_path_rate=r)

@@ -153,3 +153,158 @@ def test_unknown_names_are_clear_errors():
         create("deit_huge", "fp")
     with pytest.raises(ValueError, match="Unknown model (option|override)"):
         create("vit_nano", "fp", binarise_weights=True)
+
+
+# ----------------------------------------------------------------------------- drop path and remat
+def test_drop_path_rates_are_linear_in_depth_from_0_to_the_rate():
+    from bvit_jax.models import drop_path_rates
+
+    rates = drop_path_rates(0.1, 12)
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1, abs=1e-15) and len(rates) == 12
+    np.testing.assert_allclose(rates, np.linspace(0.0, 0.1, 12), rtol=0, atol=1e-16)  # timm's linspace
+    assert drop_path_rates(0.3, 1) == [0.0] and drop_path_rates(0.0, 4) == [0.0] * 4
+    model = nnx.eval_shape(lambda: create("deit_small", "fp", drop_path_rate=0.1))
+    assert [b.drop_path_rate for b in model.blocks] == rates
+
+
+@pytest.mark.parametrize("preset", ["fp", "binaryvit"])
+def test_the_forward_without_keys_is_unchanged_by_the_drop_path_rate(preset):
+    """Eval, diagnostics, export and the teacher call the model without keys: the rate changes nothing
+    there (bit for bit, same parameters); with keys, the rate 0.5 forward differs."""
+    from bvit_jax.models import drop_path_keys
+
+    x, _ = nano_batch()
+    plain, dropping = create("vit_nano", preset), create("vit_nano", preset, drop_path_rate=0.5)
+    for a, b in zip(jax.tree.leaves(nnx.state(plain, nnx.Param)), jax.tree.leaves(nnx.state(dropping, nnx.Param))):
+        np.testing.assert_array_equal(a, b)  # the rate is no parameter
+    np.testing.assert_array_equal(np.asarray(dropping(x)), np.asarray(plain(x)))
+    c_plain, c_drop = plain(x, capture=True)[1], dropping(x, capture=True)[1]
+    for k in c_plain:
+        np.testing.assert_array_equal(np.asarray(c_drop[k]["x"]), np.asarray(c_plain[k]["x"]), err_msg=k)
+    keys = drop_path_keys(0, jnp.int32(0), jnp.arange(B))
+    assert not np.array_equal(np.asarray(dropping(x, drop_path_keys=keys)), np.asarray(plain(x)))
+    np.testing.assert_array_equal(np.asarray(plain(x, drop_path_keys=keys)), np.asarray(plain(x)))  # rate 0
+
+
+def _grads(policy, preset="binaryvit", keys=None, run=True, **overrides):
+    """Jitted loss, gradients and new BatchNorm statistics of vit_nano in its training view
+    (``run=False``: only the jitted function and its arguments)."""
+    from bvit_jax.models import training_view
+
+    x, y = nano_batch()
+    model = training_view(create("vit_nano", preset, remat_policy=policy, drop_path_rate=0.5, **overrides))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # as the train step holds them
+
+    def loss(p, stats):
+        m = nnx.merge(graphdef, p, stats)
+        logits = m(x, drop_path_keys=keys)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    if not run:
+        return fn, (params, stats), None, None, None
+    (value, new_stats), grads = fn(params, stats)
+    return fn, (params, stats), value, grads, new_stats
+
+
+# fp: every policy; binaryvit with BatchNorm (whose running averages move inside the remat'ed block): 'full'
+# (the cheapest cover of the binary layers' custom VJPs and the state update, for the suite's time).
+@pytest.mark.parametrize(
+    "preset, branch_norm, policies",
+    [
+        ("fp", None, ("full", "dots_saveable", "dots_with_no_batch_dims_saveable")),
+        ("binaryvit", "batchnorm", ("full",)),
+    ],
+)
+def test_every_remat_policy_gives_the_gradients_of_no_remat(preset, branch_norm, policies):
+    """Remat recomputes the same float32 operations in the backward pass: the loss (and the BatchNorm
+    running averages, updated inside the remat'ed block) are bit-identical, and the gradients agree up to
+    the order XLA sums in, which differs between the two programs (measured on CPU: up to 2 ulp of a
+    module's largest gradient entry; bit-identical for many leaves).
+
+    Bound, from the arithmetic: each gradient entry is a float32 sum over the n = B * T = 68 tokens (and
+    a contraction inside each layer) of cotangent terms, reached through ~4 chained sums (head, MLP,
+    attention, patch embedding); a reordered sum of n terms moves by at most gamma_n * sum |terms|
+    (tests/tolerances.py), and the terms of a module's gradients (the output cotangents, times inputs
+    that a LayerNorm keeps of size ~1) are bounded by its largest gradient entry M. So |delta| <=
+    4 * gamma_n * M per module (kernel and bias together: a bias whose exact gradient is 0, as the key
+    bias under the softmax's shift invariance, is rounding noise of the size of its module's terms)."""
+    from bvit_jax.models import drop_path_keys
+    from bvit_jax.param_groups import flatten_with_paths
+    from tests.tolerances import assert_within, gamma_n
+
+    keys = drop_path_keys(0, jnp.int32(1), jnp.arange(B))
+    overrides = {} if branch_norm is None else {"branch_norm": branch_norm}
+    _, _, v0, g0, s0 = _grads("none", preset, keys, **overrides)
+    ref = dict(flatten_with_paths(g0))
+    module = lambda path: path.rsplit("/", 1)[0]
+    scale: dict[str, float] = {}
+    for path, g in ref.items():
+        scale[module(path)] = max(scale.get(module(path), 0.0), float(np.max(np.abs(g))))
+    bound = 4 * gamma_n(B * 17)
+    for policy in policies:
+        _, _, v, g, s = _grads(policy, preset, keys, **overrides)
+        assert float(v) == float(v0), policy
+        for path, got in flatten_with_paths(g):
+            assert_within(got, ref[path], bound * scale[module(path)], f"{policy}: {path}")
+        assert len(jax.tree.leaves(s)) == (24 if branch_norm else 0)  # mean, var of 6 linears x 2 blocks
+        for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s0)):
+            np.testing.assert_array_equal(a, b, err_msg=policy)
+
+
+@pytest.mark.parametrize("preset", ["fp", "binaryvit"])
+def test_each_remat_policy_recomputes_what_it_does_not_save(preset):
+    """In the program JAX hands to XLA, each remat'ed block is fenced by an optimisation barrier and the
+    backward pass recomputes the block's matmuls the policy does not save: 'full' all of them,
+    'dots_with_no_batch_dims_saveable' the two attention matmuls (batched over heads), 'dots_saveable'
+    none. (Counted before XLA's passes: XLA:CPU drops the barriers and merges the recomputation back,
+    so on CPU remat saves no memory; see the memory test below.)"""
+    from bvit_jax.models import REMAT_POLICIES
+
+    depth = 2  # vit_nano
+    counts = {}
+    for policy in REMAT_POLICIES:
+        fn, args, *_ = _grads(policy, preset, run=False)
+        text = fn.lower(*args).as_text()
+        counts[policy] = (text.count("stablehlo.dot_general"), text.count("optimization_barrier"))
+    dots = {p: c[0] for p, c in counts.items()}
+    assert counts["none"][1] == 0 and all(counts[p][1] == depth for p in REMAT_POLICIES if p != "none")
+    assert dots["dots_saveable"] == dots["none"]
+    assert dots["dots_with_no_batch_dims_saveable"] == dots["none"] + 2 * depth  # Q K^T and P V per block
+    assert dots["full"] > dots["dots_with_no_batch_dims_saveable"]
+
+
+@pytest.mark.skipif(
+    jax.default_backend() == "cpu",
+    reason="XLA:CPU removes optimisation barriers and merges the recomputation back (measured: 'full' needs "
+    "more temp memory than 'none' there); remat saves memory on GPU and TPU",
+)
+def test_full_remat_lowers_the_compiled_train_step_temp_memory():
+    """A depth-4 ViT at batch 64: the gradient program's temp buffers (the saved activations) shrink with
+    'full' remat, which keeps only each block's input."""
+    from bvit_jax.models import training_view
+
+    x = jax.random.normal(jax.random.key(0), (64, 32, 32, 3))
+    y = jnp.arange(64) % 10
+    temp = {}
+    for policy in ("none", "full"):
+        model = training_view(
+            create("vit_nano", "binaryvit", image_size=32, embed_dim=64, depth=4, remat_policy=policy)
+        )
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p, graphdef=graphdef):
+            return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(x), y).mean()
+
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+        temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["full"] < temp["none"], temp
+
+
+def test_unknown_remat_policy_and_bad_drop_path_rate_are_clear_errors():
+    with pytest.raises(ValueError, match="remat_policy='ful' is not one of"):
+        create("vit_nano", "fp", remat_policy="ful")
+    with pytest.raises(ValueError, match=r"drop_path_rate=1.0 must be in \[0, 1\)"):
+        create("vit_nano", "fp", drop_path_rate=1.0)

@@ -114,17 +114,38 @@ def test_grs_moves_only_latent_weights_and_only_when_the_config_asks_for_it(pres
 
 # ----------------------------------------------------------------------------- learning rate
 def test_learning_rate_scales_with_the_batch_of_one_update_and_follows_warmup_then_cosine():
+    """Update t applies the schedule at t + 1: peak (t + 1) / W in the warm-up, then the cosine, min_lr at the
+    last update t = T - 1. (rel 1e-6 / 1e-5: a few float32 roundings of optax's schedule arithmetic.)"""
     o = ml_collections.ConfigDict(dict(base_lr=1e-3, lr_reference_batch=512, min_lr=1e-6))
     total, warm = 100, 10
     small = learning_rate_schedule(o, total, warm, global_batch_size=256)
     large = learning_rate_schedule(o, total, warm, global_batch_size=1024)
-    assert float(small(warm)) == pytest.approx(0.5e-3, rel=1e-6)
-    assert float(large(warm)) == pytest.approx(2e-3, rel=1e-6)
-    assert float(large(0)) == 0.0
-    assert float(large(warm // 2)) == pytest.approx(1e-3, rel=1e-6)  # linear warm-up
-    mid = warm + (total - warm) // 2  # cosine: half-way between peak and floor
+    assert float(small(warm - 1)) == pytest.approx(0.5e-3, rel=1e-6)
+    assert float(large(warm - 1)) == pytest.approx(2e-3, rel=1e-6)
+    assert float(large(0)) == pytest.approx(2e-3 / warm, rel=1e-6)  # the first update is not at lr 0
+    for t in range(warm):  # linear warm-up, one step in
+        assert float(large(t)) == pytest.approx(2e-3 * (t + 1) / warm, rel=1e-6)
+    mid = warm + (total - warm) // 2 - 1  # cosine: half-way between peak and floor
     assert float(large(mid)) == pytest.approx((2e-3 + 1e-6) / 2, rel=1e-5)
-    assert float(large(total)) == pytest.approx(1e-6, rel=1e-5)
+    assert float(large(total - 1)) == pytest.approx(1e-6, rel=1e-5)  # the last update applies min_lr
+    no_warm = 1e-6 + (2e-3 - 1e-6) * (1 + np.cos(np.pi / total)) / 2  # W = 0: the cosine at t + 1 = 1
+    assert float(learning_rate_schedule(o, total, 0, 1024)(0)) == pytest.approx(no_warm, rel=1e-5)
+
+
+def test_the_first_update_of_the_warm_up_moves_every_trainable_weight():
+    """With a warm-up the trainer's first update applies peak / W (logged as lr) and changes every parameter
+    that gets a nonzero gradient; the schedule at 0, as before this change, would have applied lr 0."""
+    params, latent = _tiny("fp")
+    cfg = tiny_config("fp")
+    tx = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=4, grs_warmup_steps=0)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(grads, state, params)
+    peak = cfg.optimizer.base_lr * cfg.global_batch_size / cfg.optimizer.lr_reference_batch
+    assert float(applied_learning_rate(state)) == pytest.approx(peak / 4, rel=1e-6)
+    new = optax.apply_updates(params, updates)
+    for (path, a), (_, b) in zip(flatten_with_paths(new), flatten_with_paths(params)):
+        assert np.all(np.asarray(a) != np.asarray(b)), path
 
 
 # ----------------------------------------------------------------------------- GRS schedules
@@ -331,3 +352,69 @@ def test_validate_config_accepts_the_grs_variants():
         dict(grs__freeze_threshold=0.02, grs__freeze_momentum=0.99),
     ):
         validate_config(tiny_config("fp", **fields), 1, 1)
+
+
+# ----------------------------------------------------------------------------- latent weight clip
+def _clip_chain_update(limit, scale=1.0):
+    """One update of the binaryvit chain with and without the latent clip, from latent weights set near +-1."""
+    params, latent = _tiny("binaryvit")
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda p, m: jnp.asarray(rng.uniform(-1.0, 1.0, p.shape), p.dtype) if m else p, params, latent
+    )
+    grads = jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), p.dtype), params)
+    out = {}
+    for c in (0.0, limit):
+        cfg = tiny_config("binaryvit", optimizer__latent_weight_clip=c, optimizer__base_lr=0.5)
+        tx = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        out[c] = optax.apply_updates(params, updates)
+    return params, latent, out[0.0], out[limit]
+
+
+def test_latent_weight_clip_projects_latent_weights_onto_the_box_and_leaves_the_rest():
+    """``optimizer.latent_weight_clip = c``: each latent weight ends at clip(W + u, -c, c) of the chain without
+    the clip: exactly c / -c where it crossed from within a factor 2 of the bound (Sterbenz: c - W exact),
+    one float32 spacing past c at worst otherwise; inside the box and on every other leaf, bit for bit."""
+    c = 0.8
+    params, latent, free, clipped = _clip_chain_update(c)
+    crossed = 0
+    for (path, w0), (_, f), (_, g), (_, m) in zip(
+        flatten_with_paths(params), flatten_with_paths(free), flatten_with_paths(clipped), flatten_with_paths(latent)
+    ):
+        w0, f, g = np.asarray(w0), np.asarray(f), np.asarray(g)
+        if not m:
+            np.testing.assert_array_equal(g, f, err_msg=path)
+            continue
+        inside = np.abs(f) <= c
+        np.testing.assert_array_equal(g[inside], f[inside], err_msg=path)
+        near = ~inside & (np.abs(w0) >= c / 2) & (np.sign(w0) == np.sign(f))
+        np.testing.assert_array_equal(g[near], np.sign(f[near]) * np.float32(c), err_msg=path)
+        assert np.all(np.abs(g) <= np.float32(c) * (1 + 2.0**-23)), path
+        crossed += int((~inside).sum())
+    assert crossed > 100  # lr 0.5 pushes many weights past c
+
+
+def test_latent_weight_clip_is_absent_by_default_and_not_added_without_latent_weights():
+    params, latent = _tiny("fp")
+    cfg = tiny_config("fp", optimizer__latent_weight_clip=1.0)
+    with_clip = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+    without = build_optimizer(tiny_config("fp"), params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+    assert jax.tree.structure(with_clip.init(params)) == jax.tree.structure(without.init(params))
+    assert tiny_config("binaryvit").optimizer.latent_weight_clip == 0.0  # off by default
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(optimizer__latent_weight_clip=-1.0), "config.optimizer.latent_weight_clip=-1.0 must be a finite number"),
+        (dict(optimizer__latent_weight_clip=float("inf")), "latent_weight_clip=inf must be a finite number"),
+        (dict(model__drop_path_rate=1.0), r"config.model.drop_path_rate=1.0 must be a number in \[0, 1\)"),
+        (dict(model__drop_path_rate=-0.1), r"config.model.drop_path_rate=-0.1 must be a number in \[0, 1\)"),
+        (dict(model__remat_policy="ful"), "config.model.remat_policy='ful' is unknown; choose one of"),
+    ],
+)
+def test_validate_config_rejects_bad_drop_path_remat_and_clip_fields(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(tiny_config("fp", **fields), 1, 1)
+    validate_config(tiny_config("fp", model__drop_path_rate=0.1, model__remat_policy="full"), 1, 1)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -47,3 +49,79 @@ def test_one_step_on_8_devices_matches_1_device_data_parallel_and_fsdp(tmp_path,
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         for k in ref_params:
             np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
+
+
+# ----------------------------------------------------------------------------- multislice meshes
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """What ``jax.experimental.mesh_utils`` reads of a device: id, slice, process, platform, kind, TPU coordinates."""
+
+    id: int
+    slice_index: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+    coords: tuple[int, int, int] = (0, 0, 0)
+    core_on_chip: int = 0
+
+
+def fake_slices(num_slices: int, per_slice: int, platform: str = "cpu") -> list[FakeDevice]:
+    """``num_slices`` slices of ``per_slice`` devices; TPU ones as v4 chips on a ``2 x (per_slice / 2)`` grid."""
+    devices = []
+    for s in range(num_slices):
+        for i in range(per_slice):
+            tpu = platform == "tpu"
+            devices.append(
+                FakeDevice(
+                    id=s * per_slice + i,
+                    slice_index=s,
+                    process_index=(s * per_slice + i) // 4,  # 4 chips per host, as a TPU VM
+                    platform=platform,
+                    device_kind="TPU v4" if tpu else "cpu",
+                    coords=(i % 2, i // 2, 0) if tpu else (0, 0, 0),
+                )
+            )
+    return devices
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+@pytest.mark.parametrize(("num_slices", "per_slice", "fsdp"), [(2, 4, 2), (2, 4, 4), (4, 8, 4), (4, 8, 1), (2, 8, 8)])
+def test_multislice_mesh_keeps_fsdp_groups_in_one_slice(platform, num_slices, per_slice, fsdp):
+    """Every fsdp group (a mesh row) lies in one slice; every data group (a column) spans all slices equally."""
+    devices = fake_slices(num_slices, per_slice, platform)
+    mesh = sharding.create_mesh(-1, fsdp, devices)
+    data = num_slices * per_slice // fsdp
+    assert dict(mesh.shape) == {"data": data, "fsdp": fsdp}
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2
+    grid = mesh.devices
+    assert sorted(d.id for d in grid.flat) == [d.id for d in devices]  # each device exactly once
+    for row in grid:  # fsdp group
+        assert len({d.slice_index for d in row}) == 1
+    for col in grid.T:  # data group: data / S devices of each slice
+        counts = [sum(d.slice_index == s for d in col) for s in range(num_slices)]
+        assert counts == [data // num_slices] * num_slices
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+@pytest.mark.parametrize(("data", "fsdp"), [(-1, 1), (4, 2), (2, 4), (1, 8)])
+def test_single_slice_mesh_is_jax_make_mesh(platform, data, fsdp):
+    """One slice (fake devices, and the 8 CPU devices, which have no slice_index): today's ``jax.make_mesh``."""
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    for devices in (fake_slices(1, 8, platform), jax.devices()):
+        mesh = sharding.create_mesh(data, fsdp, devices)
+        ref = jax.make_mesh((8 // fsdp, fsdp), ("data", "fsdp"), axis_types=auto, devices=devices)
+        assert mesh.axis_names == ref.axis_names and mesh.axis_types == ref.axis_types
+        assert [d.id for d in mesh.devices.flat] == [d.id for d in ref.devices.flat]
+        assert mesh.devices.shape == ref.devices.shape
+
+
+def test_multislice_mesh_errors_name_the_fix():
+    devices = fake_slices(2, 4)
+    with pytest.raises(ValueError, match=r"fsdp=8 does not fit within one slice of 4 devices"):
+        sharding.create_mesh(-1, 8, devices)
+    with pytest.raises(ValueError, match=r"fsdp=3 does not divide the 8 devices"):
+        sharding.create_mesh(-1, 3, devices)
+    with pytest.raises(ValueError, match=r"a multislice mesh covers every device"):
+        sharding.create_mesh(2, 2, devices)  # a sub-mesh is a single-host convenience only
+    with pytest.raises(ValueError, match=r"different numbers of devices"):
+        sharding.create_mesh(-1, 2, devices[:6])

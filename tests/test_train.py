@@ -16,7 +16,7 @@ from bvit_jax.metric_writers import read_metrics
 from bvit_jax.models import create
 from bvit_jax.train import ConfigError, load_teacher, train_and_evaluate
 from bvit_jax.workdir import restore_params
-from tests.train_helpers import eval_top1, flat, launch_two, run_train, tiny_config, wait_all
+from tests.train_helpers import eval_top1, flat, tiny_config
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -74,34 +74,7 @@ def test_the_teacher_forward_runs_in_the_configured_dtype(tmp_path, teacher):
 # ----------------------------------------------------------------------------- multi-process
 
 
-def test_two_processes_on_loopback_match_one_process(tmp_path):
-    # An eval and both checkpoint managers' saves at every step: with two
-    # processes, 'latest' and 'best' saving the same step must not share a
-    # barrier (each manager has its own barrier-key prefix).
-    flags = [
-        "--config.total_steps=4",
-        "--config.global_batch_size=16",
-        "--config.eval_batch_size=200",
-        "--config.data.train_crop=resize",
-        "--config.data.flip_prob=0.0",
-        "--config.mesh.data=-1",
-        "--config.diagnostics_every_steps=0",
-        "--config.eval_every_steps=1",
-        "--config.checkpoint_every_steps=1",
-    ]
-    run_train(tmp_path / "one", "fp,tiny", *flags, devices=2)
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    wait_all(launch_two(tmp_path / "two", "fp,tiny", flags, logs), logs)
-    a = flat(restore_params(tmp_path / "one", "latest")[1])
-    b = flat(restore_params(tmp_path / "two", "latest")[1])
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    la = [r["loss"] for r in read_metrics(tmp_path / "one", "train")]
-    lb = [r["loss"] for r in read_metrics(tmp_path / "two", "train")]
-    np.testing.assert_allclose(la, lb, rtol=1e-5)
-    ea, eb = read_metrics(tmp_path / "one", "eval")[-1], read_metrics(tmp_path / "two", "eval")[-1]
-    assert ea["examples"] == eb["examples"] == 400
-    assert ea["top1"] == pytest.approx(eb["top1"], abs=1e-6)
+# (The multi-process runs, a binary preset with its teacher on 2 processes, are in tests/test_multihost.py.)
 
 
 # ----------------------------------------------------------------------------- failures

@@ -117,8 +117,12 @@ def assert_same_run(full, resumed, steps: int) -> None:
     assert la == lb and len(la) == steps
 
 
-def launch_two(workdir, arg: str, flags: list[str], logs: list[Path]) -> list[subprocess.Popen]:
+def launch_two(
+    workdir, arg: str, flags: list[str], logs: list[Path], cwds: list[Path] | None = None
+) -> list[subprocess.Popen]:
+    """train.py on two processes over a loopback coordinator (1 CPU device each); ``cwds``: each one's directory."""
     port = free_port()
+    cwds = cwds or [ROOT, ROOT]
     return [
         subprocess.Popen(
             train_cmd(
@@ -130,11 +134,11 @@ def launch_two(workdir, arg: str, flags: list[str], logs: list[Path]) -> list[su
                 f"--process_id={i}",
             ),
             env=run_env(1),
-            cwd=ROOT,
+            cwd=cwd,
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
         )
-        for i, log in enumerate(logs)
+        for i, (log, cwd) in enumerate(zip(logs, cwds))
     ]  # files, not pipes: a full pipe would block one process and deadlock its peer
 
 

@@ -6,15 +6,19 @@ See docs/data.md. Main entry points::
   cfg = data.default_data_config('imagenet2012')
   info = data.dataset_info(cfg)
   it = data.create_train_iterator(cfg, local_batch_size=128, seed=0)
+  prep = data.DevicePreprocess.from_config(cfg, num_classes, seed=0)
+  batch = prep(next(it), prep.key(step))  # in the jitted step: uint8 -> float
   ev = data.create_eval_iterator(cfg, local_batch_size=128)
   x = data.eval_preprocess(open('img.jpg', 'rb').read(), cfg)  # one image
   names = data.class_names(cfg)
   data.verify_data(cfg)  # every shard exists, opens, holds its records
 """
 
-from bvit_jax.data.config import default_data_config
+from bvit_jax.data.config import default_data_config, resolve_num_workers
+from bvit_jax.data.device import DevicePreprocess
 from bvit_jax.data.pipeline import (
     DatasetInfo,
+    EvalPasses,
     EvalSettings,
     class_names,
     create_eval_iterator,
@@ -39,6 +43,8 @@ __all__ = [
     "DataIntegrityError",
     "DatasetInfo",
     "DatasetNotPreparedError",
+    "DevicePreprocess",
+    "EvalPasses",
     "EvalSettings",
     "RecordReadError",
     "class_names",
@@ -52,6 +58,7 @@ __all__ = [
     "eval_settings",
     "num_eval_batches",
     "reset_data_stats",
+    "resolve_num_workers",
     "steps_per_epoch",
     "verify_data",
 ]

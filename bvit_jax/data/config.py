@@ -80,7 +80,10 @@ Normalisation
                  ``x = (pixel / 255 - mean) / std``.
 
 Loading
-  num_workers    grain worker processes (``mp_prefetch``); 0 = in-process.
+  num_workers    grain worker processes (``mp_prefetch``); 0 = in-process;
+                 -1 = sized to the host (`resolve_num_workers`: the usable
+                 cores minus 2, at least 1). Presets: 0; the ImageNet
+                 training configs (``recipes.imagenet_deit_config``): -1.
   num_threads    grain reader threads per process (each builds whole batches).
   prefetch       Batches buffered per process / per worker.
   return_index   Also return ``'index'`` (int32, position in the split; -1 on
@@ -88,6 +91,8 @@ Loading
 """
 
 from __future__ import annotations
+
+import os
 
 import ml_collections
 
@@ -113,6 +118,30 @@ _SMALL_DATASETS = {
     "cifar10": (32, 3, CIFAR10_MEAN, CIFAR10_STD, "test"),
     "cifar100": (32, 3, CIFAR10_MEAN, CIFAR10_STD, "test"),
 }
+
+
+AUTO_WORKERS = -1
+
+
+def resolve_num_workers(num_workers: int) -> int:
+    """The grain worker-process count for ``config.num_workers``.
+
+    ``n >= 0``: ``n``. ``-1`` (`AUTO_WORKERS`): ``max(1, cores - 2)`` with
+    ``cores`` the CPUs this process may run on (``os.sched_getaffinity``,
+    else ``os.cpu_count()``): one worker per core, two cores left for the
+    trainer's own process (the step loop, transfers) and the eval workers'
+    bursts. Anything else raises ``ValueError``.
+    """
+    n = int(num_workers)
+    if n >= 0:
+        return n
+    if n != AUTO_WORKERS:
+        raise ValueError(f"data.num_workers must be >= 0 or -1 (auto), got {n}")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 2)
 
 
 def default_data_config(name: str = "imagenet2012") -> ml_collections.ConfigDict:

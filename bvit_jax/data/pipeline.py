@@ -4,7 +4,9 @@ Train (infinite, per process)::
 
   local position k --(train_index: epoch shuffle, process stride, repeats)-->
   source index --(decode, crop, flip, RandAugment; skip bad files)--> uint8
-  --batch--> normalise, random erasing, Mixup/CutMix, smoothing --> batch
+  --batch--> uint8 images + int labels
+  --(on device, `device.DevicePreprocess`: normalise, random erasing,
+     Mixup/CutMix, smoothing; keyed by the step)--> the model's batch
 
 Every stage before the iterator is a ``MapDataset`` indexed by position, with
 randomness from grain's per-index generators, so batch ``b`` is a pure
@@ -52,7 +54,8 @@ import numpy as np
 from grain.experimental import index_shuffle
 from PIL import Image
 
-from bvit_jax.data import augment, mixup, sources
+from bvit_jax.data import augment, sources
+from bvit_jax.data import config as config_lib
 from bvit_jax.data import decode as decode_lib
 
 log = logging.getLogger(__name__)
@@ -194,7 +197,7 @@ class _CountAndStrip(grain.transforms.Map):
         bad = int(np.sum(batch.pop("_bad")))
         unreadable = int(np.sum(batch.pop("_unreadable")))
         if self._prefix == "train":
-            n = len(batch["label_index"])
+            n = len(batch["label"])
             update = {"train_examples": n, "train_skipped": bad, "train_unreadable": unreadable}
         else:
             n = int(np.sum(batch["mask"]))
@@ -583,31 +586,13 @@ def eval_preprocess(data, settings) -> np.ndarray:
     return s.normalize(eval_image(data, s))
 
 
-class _TrainBatch(grain.transforms.RandomMap):
-    """Normalise, random erasing, Mixup / CutMix and label smoothing."""
+class _TrainBatch(grain.transforms.Map):
+    """The host end of a train batch: ``uint8`` images, int32 labels, the counts."""
 
-    def __init__(self, config, num_classes: int):
-        self._norm = Normalize(config.mean, config.std, config.channels)
-        self._erase = float(config.random_erase_prob)
-        self._mix = dict(
-            num_classes=num_classes,
-            mixup_alpha=float(config.mixup_alpha),
-            cutmix_alpha=float(config.cutmix_alpha),
-            mix_prob=float(config.mix_prob),
-            switch_prob=float(config.mix_switch_prob),
-            smoothing=float(config.label_smoothing),
-        )
-
-    def random_map(self, batch, rng: np.random.Generator):
-        x = self._norm(batch["image"])
-        if self._erase > 0:
-            for i in range(len(x)):
-                augment.random_erasing(x[i], rng, self._erase)
-        x, soft, hard = mixup.mix_batch(x, batch["label"], rng, **self._mix)
+    def map(self, batch):
         out = {
-            "image": np.ascontiguousarray(x, np.float32),
-            "label": soft,
-            "label_index": np.asarray(hard, np.int32),
+            "image": np.ascontiguousarray(batch["image"], np.uint8),
+            "label": np.asarray(batch["label"], np.int32),
             "_bad": batch["_bad"],
             "_unreadable": batch["_unreadable"],
         }
@@ -693,7 +678,8 @@ def _process(process_index, process_count) -> tuple[int, int]:
 def _finish(ds: grain.MapDataset, config, prefix: str) -> grain.DatasetIterator:
     read = grain.ReadOptions(num_threads=int(config.num_threads), prefetch_buffer_size=int(config.prefetch))
     it_ds = ds.to_iter_dataset(read)
-    if int(config.num_workers) > 0:
+    num_workers = config_lib.resolve_num_workers(config.num_workers)
+    if num_workers > 0:
         # grain's multiprocessing reads absl flags; outside an absl app (pytest,
         # Colab) they were never parsed: use their defaults.
         from absl import flags
@@ -701,9 +687,7 @@ def _finish(ds: grain.MapDataset, config, prefix: str) -> grain.DatasetIterator:
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=int(config.num_workers), per_worker_buffer_size=int(config.prefetch)
-            )
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=int(config.prefetch))
         )
     return iter(it_ds.map(_CountAndStrip(prefix)))
 
@@ -748,8 +732,9 @@ def create_train_dataset(
         _TrainExample(source, settings, int(config.max_decode_retries), bool(config.return_index)),
         seed=_seed32(seed, 1, p),
     )
+    del num_classes  # checked above; the soft targets are made on device
     ds = ds.batch(int(local_batch_size), drop_remainder=True)
-    return ds.random_map(_TrainBatch(config, num_classes), seed=_seed32(seed, 2, p))
+    return ds.map(_TrainBatch())
 
 
 def create_train_iterator(
@@ -759,13 +744,17 @@ def create_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     source=None,
+    start_step: int = 0,
 ) -> grain.DatasetIterator:
-    """Infinite iterator of this process's train batches.
+    """Infinite iterator of this process's train batches, from batch ``start_step`` on.
 
-    Each batch: ``image`` float32 ``[B, H, W, C]`` normalised; ``label``
-    float32 ``[B, K]`` soft targets (smoothing / Mixup / CutMix, rows sum to
-    1); ``label_index`` int32 ``[B]`` (hard label, the dominant one for mixed
-    batches); ``index`` int32 ``[B]`` if ``config.return_index``.
+    Each batch is the host half of the pipeline: ``image`` ``uint8 [B, H, W,
+    C]`` (decoded, cropped, flipped, RandAugment), ``label`` int32 ``[B]``,
+    ``index`` int32 ``[B]`` if ``config.return_index``. The rest runs on the
+    device, in the jitted step: ``device.DevicePreprocess.from_config(config,
+    num_classes, seed)(batch, prep.key(step))`` normalises, erases, mixes and
+    makes the soft targets (float32 images, ``label`` float32 ``[B, K]``,
+    ``label_index`` int32 ``[B]``).
 
     The result is a grain ``DatasetIterator``: ``get_state()`` /
     ``set_state()`` (JSON-serialisable dicts) resume the exact sequence, and
@@ -775,9 +764,30 @@ def create_train_iterator(
     `source`: optional grain ``RandomAccessDataSource`` of ``{'image': encoded
     bytes or uint8 array, 'label': int}`` records used instead of the config's
     data set (then ``config.num_classes`` must be set).
+
+    Batch ``k`` is a function of the seed, the process index and count, and
+    ``k`` alone (a random-access dataset), so ``start_step=k`` yields exactly
+    what the iterator yields after ``k`` batches: the trainer's resume on
+    another process count (``config.data_resume='from_step'``) starts there.
     """
     ds = create_train_dataset(config, local_batch_size, seed, process_index, process_count, source)
+    if start_step:
+        ds = ds[int(start_step) :]
     return _finish(ds, config, "train")
+
+
+def _eval_dataset(config, local_batch_size, process_index, process_count, split, source, normalize):
+    p, num_p = _process(process_index, process_count)
+    if source is None:
+        source = sources.get_source(config, split or config.eval_split)
+    start, stop, num_batches = eval_range(len(source), p, num_p, int(local_batch_size))
+    settings = eval_settings(config)
+    ds = grain.MapDataset.range(num_batches * int(local_batch_size))
+    ds = ds.map(_EvalExample(source, start, stop, settings, bool(config.return_index)))
+    ds = ds.batch(int(local_batch_size))
+    if normalize:
+        ds = ds.map(_EvalBatch(settings))
+    return ds, num_batches
 
 
 def create_eval_iterator(
@@ -787,6 +797,7 @@ def create_eval_iterator(
     process_count: int | None = None,
     split: str | None = None,
     source=None,
+    normalize: bool = True,
 ) -> grain.DatasetIterator:
     """One pass over `split` (default ``config.eval_split``), this process's share.
 
@@ -795,17 +806,60 @@ def create_eval_iterator(
     ``label`` int32 ``[B]``, ``mask`` bool ``[B]`` (False on padding and on
     undecodable images), ``index`` int32 ``[B]`` if ``config.return_index``
     (-1 on padding). Every process yields the same number of batches.
-    `source` as in `create_train_iterator`.
+    `source` as in `create_train_iterator`. ``normalize=False``: ``image``
+    stays ``uint8`` (`eval_image`, zeros where masked), for
+    ``device.DevicePreprocess`` to normalise on the device (the same float
+    images, bit for bit); the trainer uses `EvalPasses` for that.
     """
-    p, num_p = _process(process_index, process_count)
-    if source is None:
-        source = sources.get_source(config, split or config.eval_split)
-    start, stop, num_batches = eval_range(len(source), p, num_p, int(local_batch_size))
-    settings = eval_settings(config)
-    ds = grain.MapDataset.range(num_batches * int(local_batch_size))
-    ds = ds.map(_EvalExample(source, start, stop, settings, bool(config.return_index)))
-    ds = ds.batch(int(local_batch_size)).map(_EvalBatch(settings))
+    ds, _ = _eval_dataset(config, local_batch_size, process_index, process_count, split, source, normalize)
     return _finish(ds, config, "eval")
+
+
+class EvalPasses:
+    """One eval iterator for a whole run: ``for batch in passes.one_pass(): ...`` per evaluation.
+
+    The eval dataset of `create_eval_iterator` repeated without end and
+    opened once, so its grain worker processes (``config.num_workers``)
+    start once per run instead of once per evaluation. Every `one_pass`
+    yields the next ``num_batches`` batches, which are the whole share of
+    this process once: the same examples, in the same order, each once with
+    ``mask == True``, padding masked, every pass. A pass left unfinished
+    (an exception in the consumer) is completed, unseen, at the start of the
+    next one, so passes stay aligned. Between evaluations the workers fill
+    their prefetch buffers with the next pass and then wait. Arguments as
+    in `create_eval_iterator` (``normalize=False`` by default: ``uint8``
+    images for ``device.DevicePreprocess``).
+    """
+
+    def __init__(
+        self,
+        config,
+        local_batch_size: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        split: str | None = None,
+        source=None,
+        normalize: bool = False,
+    ):
+        ds, self.num_batches = _eval_dataset(
+            config, local_batch_size, process_index, process_count, split, source, normalize
+        )
+        self._config = config
+        self._ds = ds.repeat()
+        self._it = None
+        self._taken = 0  # batches taken so far, over all passes
+
+    def one_pass(self):
+        """Generator of the ``num_batches`` batches of one full pass."""
+        if self._it is None:
+            self._it = _finish(self._ds, self._config, "eval")
+        while self._taken % self.num_batches:  # the rest of an abandoned pass
+            next(self._it)
+            self._taken += 1
+        for _ in range(self.num_batches):
+            batch = next(self._it)
+            self._taken += 1
+            yield batch
 
 
 def num_eval_batches(config, local_batch_size: int, process_count: int | None = None) -> int:
