@@ -19,9 +19,9 @@ from bvit_jax.models import drop_path_keys
 from bvit_jax.optim import build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 from bvit_jax.train import init_train_state, make_train_step, split_for_training, train_and_evaluate
-from bvit_jax.workdir import build_model, restore_params
+from bvit_jax.workdir import build_model
 from tests.tolerances import gamma_n
-from tests.train_helpers import assert_same_run, flat, tiny_config
+from tests.train_helpers import assert_same_run, tiny_config
 
 B = 8
 
@@ -70,7 +70,6 @@ def test_the_train_step_drops_with_the_keys_of_seed_step_and_row_and_the_rate_ch
         )
     )
     assert abs(other - expected) > bound
-    print("loss error", abs(float(metrics["loss"]) - expected), "bound", bound)
 
 
 def test_a_drop_path_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_the_uninterrupted_one_does(tmp_path):
@@ -78,7 +77,7 @@ def test_a_drop_path_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_the_
     the run repeats every loss and ends with the same parameters, bit for bit: the drop keys are a function of
     (seed, step, row), nothing new in the checkpoint."""
     cfg = tiny_config(
-        "binaryvit",
+        "baseline",
         total_steps=8,
         warmup_steps=1,
         distill__enabled=False,
@@ -96,7 +95,5 @@ def test_a_drop_path_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_the_
         shutil.rmtree(step)
     assert train_and_evaluate(cfg, tmp_path / "resumed") == final
     assert_same_run(tmp_path / "full", tmp_path / "resumed", 8)
-    assert all(r["outside_window/all"] == 0.0 for r in read_metrics(tmp_path / "full", "train"))
-    # the eval forward never drops: the model the trainer evaluated gives the same top-1 at rate 0
-    params = flat(restore_params(tmp_path / "full", "latest")[1])
-    assert params  # restored
+    # the share of latent weights outside the STE window is logged every step (inside at init, lr ~1e-3)
+    assert [r["outside_window/all"] for r in read_metrics(tmp_path / "full", "train")] == [0.0] * 8
