@@ -50,6 +50,12 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(tmp_path, teacher):
     cfg = tiny_config("binaryvit", distill__teacher_workdir=str(teacher), data__image_size=21)  # 3x3 patches of 7 px
     with pytest.raises(ConfigError, match="data.image_size=28"):
         train_and_evaluate(cfg, tmp_path / "c")
+    # Normalisation and resize interpolation count too (the teacher is fed the student's batches); a
+    # per-channel list equal to the teacher's single value does not.
+    for field, value, named in (("mean", (0.5,), "data.mean"), ("interpolation", "nearest", "data.interpolation")):
+        cfg = tiny_config("binaryvit", distill__teacher_workdir=str(teacher), **{f"data__{field}": value})
+        with pytest.raises(ConfigError, match=f"{named}=.*the student uses {named}="):
+            train_and_evaluate(cfg, tmp_path / f"d_{field}")
 
 
 def test_the_teacher_forward_runs_in_the_configured_dtype(tmp_path, teacher):
