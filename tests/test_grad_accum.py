@@ -113,3 +113,35 @@ def test_gradient_accumulation_equals_one_large_batch_update_for_update(tmp_path
         assert np.all(np.abs(p4[name] - p1[name]) <= bound), name
     for a, b in zip(rows1, rows4):
         assert abs(a["loss"] - b["loss"]) <= delta * a["loss"]
+
+
+def test_drop_path_draws_do_not_depend_on_the_micro_batch_split():
+    """Rate 0.5 on a depth-2 fp ViT: one step with k = 4 micro-batches of 8 equals the step with one batch of
+    32 up to the summation bound of ``test_gradient_accumulation_equals_one_large_batch_update_for_update``
+    (each example keeps its drop keys, keyed by its row in the global batch), while the same step at rate 0
+    lands outside that bound (the drop is really on)."""
+    from bvit_jax.optim import build_optimizer
+    from bvit_jax.param_groups import latent_weight_mask
+    from bvit_jax.train import init_train_state, make_train_step, split_for_training
+    from bvit_jax.workdir import build_model
+
+    labels = jnp.arange(32) % 10
+    batch = {
+        "image": jax.random.normal(jax.random.key(0), (32, 28, 28, 1)),
+        "label": jax.nn.one_hot(labels, 10),
+        "label_index": labels,
+    }
+    out = {}
+    for k, rate in ((1, 0.5), (4, 0.5), (1, 0.0)):
+        cfg = tiny_config("fp", optimizer__grad_accum_steps=k, model__overrides__depth=2, model__drop_path_rate=rate)
+        model = build_model(cfg)
+        graphdef, params, stats = split_for_training(model)
+        latent = latent_weight_mask(model, params)
+        tx = build_optimizer(cfg, params, latent, total_steps=4, warmup_steps=1, grs_warmup_steps=0)
+        _, metrics = jax.jit(make_train_step(cfg, graphdef, latent, tx))(
+            init_train_state(params, tx, latent), batch, None
+        )
+        out[k, rate] = float(metrics["loss"])
+    delta = 4 * 32 * 50 * U32  # as above: ~4 chained reductions of at most B*T terms, reassociated
+    assert abs(out[4, 0.5] - out[1, 0.5]) <= delta * out[1, 0.5]
+    assert abs(out[1, 0.0] - out[1, 0.5]) > delta * out[1, 0.5]  # measured 2.3x the bound at init (loss ~ ln 10)

@@ -19,7 +19,11 @@ from tests.train_helpers import flat, tiny_config
 @pytest.mark.parametrize("branch_norm", ["layernorm", "batchnorm"])
 def test_one_step_on_8_devices_matches_1_device_data_parallel_and_fsdp(tmp_path, teacher, branch_norm):
     """With ``batchnorm`` the statistics of each channel are those of the global batch on every mesh (the
-    sharded mean is synchronised by the computation), so the running averages match too."""
+    sharded mean is synchronised by the computation), so the running averages match too. That case also
+    runs with stochastic depth (depth 2, ``drop_path_rate=0.5``): each example's drop keys are a function of
+    (seed, step, row) and the threefry PRNG is partitionable, so every mesh drops the same examples."""
+    assert jax.config.jax_threefry_partitionable  # random bits independent of the sharding
+    drop = {"model__drop_path_rate": 0.5, "model__overrides__depth": 2} if branch_norm == "batchnorm" else {}
     assert jax.device_count() == 8
     results = {}
     for name, (data, fsdp) in {"single": (1, 1), "dp": (8, 1), "fsdp": (2, 4)}.items():
@@ -32,6 +36,7 @@ def test_one_step_on_8_devices_matches_1_device_data_parallel_and_fsdp(tmp_path,
             distill__teacher_workdir=str(teacher),
             diagnostics_every_steps=0,
             model__overrides__branch_norm=branch_norm,
+            **drop,
         )
         train_and_evaluate(cfg, tmp_path / name)
         results[name] = (
