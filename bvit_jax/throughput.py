@@ -22,9 +22,16 @@ from the vendor's dense bfloat16 figure (:data:`PEAK_FLOPS`); an unknown device
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import jax
+
+from bvit_jax import storage
 
 __all__ = ["PEAK_FLOPS", "peak_flops", "train_flops_per_image", "StepTimer"]
 
@@ -128,10 +135,6 @@ class Profile:
     def before_step(self, step: int) -> None:
         """Start the trace before step ``first``."""
         if self._count and self._local is None and step == self._first:
-            import tempfile
-
-            import jax
-
             self._local = tempfile.mkdtemp(prefix="bvit-profile-")
             jax.profiler.start_trace(self._local)
 
@@ -144,13 +147,6 @@ class Profile:
         """Stop a running trace (after ``outputs`` are computed) and copy its files into the workdir."""
         if self._local is None:
             return
-        import os
-        import shutil
-
-        import jax
-
-        from bvit_jax import storage
-
         jax.block_until_ready(outputs)  # the traced steps have finished on the device
         jax.profiler.stop_trace()
         for root, _, files in os.walk(self._local):

@@ -563,10 +563,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
             pending.append(metrics)
 
             last = step == total_steps
-            if step == start + 1 and not (step % config.log_every_steps == 0 or last):
+            log_now = step % config.log_every_steps == 0 or last
+            if step == start + 1 and not log_now:
                 jax.block_until_ready(metrics)
                 timer.restart()  # the first step compiled: the step times start after it
-            if step % config.log_every_steps == 0 or last:
+            if log_now:
                 rows = jax.device_get(pending)
                 pending = []
                 _stop_if_nonfinite(rows, step, store)

@@ -95,6 +95,7 @@ from __future__ import annotations
 import os
 
 import ml_collections
+import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,6 +122,12 @@ _SMALL_DATASETS = {
 
 
 AUTO_WORKERS = -1
+
+
+def channel_vector(value, channels: int) -> np.ndarray:
+    """A config value given once or per channel (``mean``, ``std``) as a float32 vector of ``channels``."""
+    v = np.asarray(value, np.float32).reshape(-1)
+    return np.broadcast_to(v, (channels,)).astype(np.float32)
 
 
 def resolve_num_workers(num_workers: int) -> int:

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bvit_jax.data.config import channel_vector
+
 
 def normalize(images: jax.Array, scale, offset) -> jax.Array:
     """``uint8 [..., C]`` -> float32 ``x * scale + offset`` (``scale = 1 / (255 std)``,
@@ -175,11 +177,6 @@ def mix_batch(
     return out, soft, index
 
 
-def _per_channel(value, channels: int) -> np.ndarray:
-    v = np.asarray(value, np.float32).reshape(-1)
-    return np.broadcast_to(v, (channels,)).astype(np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class DevicePreprocess:
     """The device half of a data config's pipeline: ``prep(batch, key)`` (train) / ``prep(batch)`` (eval).
@@ -213,7 +210,7 @@ class DevicePreprocess:
         """From a data config (``mean``, ``std``, ``channels``, ``random_erase_prob``, ``mixup_alpha``,
         ``cutmix_alpha``, ``mix_prob``, ``mix_switch_prob``, ``label_smoothing``); `seed` is the run's."""
         channels = int(config.channels)
-        mean, std = _per_channel(config.mean, channels), _per_channel(config.std, channels)
+        mean, std = channel_vector(config.mean, channels), channel_vector(config.std, channels)
         # The same float32 constants as the host's pipeline.Normalize.
         scale = (1.0 / (255.0 * std)).astype(np.float32)
         offset = (-mean / std).astype(np.float32)

@@ -254,11 +254,6 @@ def eval_range(num_examples: int, process_index: int, process_count: int, batch_
 # ----------------------------------------------------------------------------
 
 
-def _as_channel_vector(v, channels: int) -> np.ndarray:
-    v = np.asarray(v, np.float32).reshape(-1)
-    return np.broadcast_to(v, (channels,)).astype(np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageSettings:
     """The per-image transforms of a data config, train and eval, in one value (:meth:`from_config`).
@@ -290,7 +285,7 @@ class ImageSettings:
             raise ValueError(f"unknown train_crop {c.train_crop!r}")
         if c.eval_crop not in ("center_crop", "resize"):
             raise ValueError(f"unknown eval_crop {c.eval_crop!r}")
-        fill = tuple(int(round(255 * m)) for m in _as_channel_vector(c.mean, 3))
+        fill = tuple(int(round(255 * m)) for m in config_lib.channel_vector(c.mean, 3))
         ra = augment.RandAugment.from_string(c.randaugment, fill, c.interpolation) if c.randaugment else None
         return cls(
             size=int(c.image_size),
@@ -442,8 +437,8 @@ class Normalize:
     """
 
     def __init__(self, mean, std, channels: int):
-        mean = _as_channel_vector(mean, channels)
-        std = _as_channel_vector(std, channels)
+        mean = config_lib.channel_vector(mean, channels)
+        std = config_lib.channel_vector(std, channels)
         self.scale = (1.0 / (255.0 * std)).astype(np.float32)
         self.offset = (-mean / std).astype(np.float32)
 
