@@ -32,7 +32,7 @@ from bvit_jax.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
 from bvit_jax.param_groups import latent_weight_mask
 from bvit_jax.precision import COMPUTE_DTYPES, compute_dtype
 from bvit_jax.preemption import PreemptionWatch
-from bvit_jax.summary import summary
+from bvit_jax.summary import print_summary, summary
 from bvit_jax.throughput import Profile, StepTimer, peak_flops, train_flops_per_image
 from bvit_jax.workdir import build_model, config_dict, has_config, restore, write_config
 
@@ -694,8 +694,6 @@ def _run(fv, args: list[str]) -> int:
         jax.distributed.initialize(fv["coordinator_address"].value, fv["num_processes"].value, fv["process_id"].value)
     elif fv["distributed"].value:
         jax.distributed.initialize()
-    from bvit_jax.summary import print_summary
-
     config = fv["config"].value
     if jax.process_index() == 0:
         print_summary(build_model(config))

@@ -62,7 +62,7 @@ class Restored(NamedTuple):
 
     config: dict  # the run's config.json
     model: VisionTransformer  # the model of ``config``, holding ``params``, in eval mode
-    params: Any  # its variables as a pure dict (host-local arrays): parameters (and BatchNorm statistics)
+    params: Any  # its variables as a pure dict (host-local, or as placed): parameters (and BatchNorm statistics)
 
 
 # ----------------------------------------------------------------------------- config.json
