@@ -27,7 +27,7 @@ from tests.train_helpers import eval_top1, flat, tiny_config
         (dict(model__variant="deit_huge"), "config.model.variant='deit_huge' is unknown"),
         (dict(global_batch_size=30, mesh__data=8), "not divisible by the 8 devices"),
         (dict(grs__strength=-1.0), "GRS strength must be >= 0"),
-        (dict(model__dtype="float16"), "use 'float32' or 'bfloat16'"),
+        (dict(model__dtype="float16"), "use 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'"),
         (dict(log_every_steps=0), "config.log_every_steps=0 must be an integer >= 1"),
         (dict(checkpoint_every_steps=0), "config.checkpoint_every_steps=0 must be an integer >= 1"),
         (dict(eval_every_steps=-5), "config.eval_every_steps=-5 must be an integer >= 0"),
