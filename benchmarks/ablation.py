@@ -126,7 +126,7 @@ def run_plan(flags: list[str]) -> dict:
     from ml_collections import config_flags
 
     from bvit_jax import data
-    from bvit_jax.train import steps_from
+    from bvit_jax.train.trainer import steps_from
 
     fv = absl_flags.FlagValues()
     argv = ["train.py", *flags]
@@ -141,8 +141,8 @@ def run_plan(flags: list[str]) -> dict:
 
 def step_seconds(out: Path) -> dict[str, float]:
     """Median seconds per train step by preset, from the ``img_per_s`` logged by this sweep's runs."""
-    from bvit_jax.metric_writers import read_metrics
-    from bvit_jax.workdir import load_config
+    from bvit_jax.runs.workdir import load_config
+    from bvit_jax.train.metric_writers import read_metrics
 
     rates: dict[str, list[float]] = {}
     for wd in out.glob("*/metrics.jsonl"):

@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bvit_jax.metric_writers import read_metrics  # noqa: E402
-from bvit_jax.workdir import load_config, restore_params  # noqa: E402
+from bvit_jax.runs.workdir import load_config, restore_params  # noqa: E402
+from bvit_jax.train.metric_writers import read_metrics  # noqa: E402
 
 
 def _name(preset: str, seed: int) -> str:
@@ -32,7 +32,7 @@ def _late_mean(rows: list[dict], key: str, frac: float = 0.2) -> float:
 
 def _latent_over_alpha(wd: Path) -> np.ndarray:
     """All latent binary weights of a run's final checkpoint, each divided by its channel's alpha."""
-    from bvit_jax.param_groups import flatten_with_paths
+    from bvit_jax.nn.param_groups import flatten_with_paths
 
     _, params = restore_params(wd, "latest")
     out = []
@@ -46,8 +46,8 @@ def _latent_over_alpha(wd: Path) -> np.ndarray:
 def _sizes(wd: Path) -> dict:
     from flax import nnx
 
-    from bvit_jax.models import from_config
-    from bvit_jax.summary import summary
+    from bvit_jax.nn.models import from_config
+    from bvit_jax.nn.summary import summary
 
     model = nnx.eval_shape(lambda: from_config(load_config(wd)))
     return summary(model).as_dict()

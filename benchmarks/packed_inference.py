@@ -10,7 +10,7 @@ Prints markdown tables (the ones in ``docs/export.md``):
 1. End to end, per variant and batch: the ``binaryvit`` model's training-time
    forward ``model(x)`` under ``jax.jit`` in float32 and in bfloat16 (latent
    float weights, binarized on the fly, float matmuls) vs
-   :func:`bvit_jax.packed.packed_forward` (XNOR-popcount linears and binary
+   :func:`bvit_jax.deploy.packed.packed_forward` (XNOR-popcount linears and binary
    attention; also with the attention matmuls left in float), with the max
    |logit| difference packed vs float32. ``--branch_norms`` (default
    ``layernorm``) lists the shortcut-branch normalisations to measure
@@ -18,7 +18,7 @@ Prints markdown tables (the ones in ``docs/export.md``):
    run; with more than one, a last table gives each one's packed time as a
    ratio to the first's.
 2. The linear layers alone at DeiT-S shapes: fp32 and bf16 ``x @ W`` vs the
-   popcount matmul on packed words (:func:`bvit_jax.bitops.packed_matmul`), and vs the whole packed
+   popcount matmul on packed words (:func:`bvit_jax.deploy.bitops.packed_matmul`), and vs the whole packed
    linear (sign + pack of the activation, popcount matmul, ``alpha``, bias).
 3. The file sizes vs the accounting (full count and paper convention).
 
@@ -41,13 +41,13 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bvit_jax import cli  # noqa: E402
-from bvit_jax.bitops import pack_planes, packed_matmul  # noqa: E402
+from bvit_jax.deploy.bitops import pack_planes, packed_matmul  # noqa: E402
+from bvit_jax.deploy.export import export_model, pack_model  # noqa: E402
+from bvit_jax.deploy.packed import packed_forward  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
-from bvit_jax.export import export_model, pack_model  # noqa: E402
-from bvit_jax.layers import BRANCH_NORMS  # noqa: E402
-from bvit_jax.models import create  # noqa: E402
-from bvit_jax.packed import packed_forward  # noqa: E402
-from bvit_jax.summary import size_accounting  # noqa: E402
+from bvit_jax.nn.models import create  # noqa: E402
+from bvit_jax.nn.options import BRANCH_NORMS  # noqa: E402
+from bvit_jax.nn.summary import size_accounting  # noqa: E402
 
 
 def time_interleaved(fns, min_time=1.0, min_reps=5, max_reps=200):

@@ -1,7 +1,7 @@
 r"""Train-step memory: XLA's buffer assignment of the compiled trainer step, per image, side by side.
 
-The step is the trainer's own (:func:`bvit_jax.train.make_train_step` with the
-optimizer of :func:`bvit_jax.optim.build_optimizer`, the state donated as the
+The step is the trainer's own (:func:`bvit_jax.train.trainer.make_train_step` with the
+optimizer of :func:`bvit_jax.train.optim.build_optimizer`, the state donated as the
 trainer donates it), for the real recipes (``configs/fashion_mnist.py`` for
 ``vit_micro_28``, ``configs/imagenet_deit.py`` for DeiT, as
 ``benchmarks/train_step.py``), with a uint8 image batch and integer labels
@@ -24,7 +24,7 @@ machine); XLA:GPU and XLA:TPU fuse and schedule differently, so their
 figures differ (compare rows of one backend only).
 
 ``--remat`` sets ``config.model.remat_policy`` (rematerialisation of each
-block, :data:`bvit_jax.models.REMAT_POLICIES`) when this version of the
+block, :data:`bvit_jax.nn.models.REMAT_POLICIES`) when this version of the
 library has it; ``PRESET:nokd`` turns distillation off (no teacher forward).
 
   python benchmarks/step_memory.py --variants deit_base --presets fp,binaryvit --dtypes float32,bfloat16 --batch 8
@@ -48,19 +48,19 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.train_step import get_config  # noqa: E402
 from bvit_jax import cli  # noqa: E402
-from bvit_jax import models as models_lib  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
-from bvit_jax.models import model_variables  # noqa: E402
-from bvit_jax.optim import build_optimizer  # noqa: E402
-from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
-from bvit_jax.train import init_train_state, make_train_step, split_for_training  # noqa: E402
-from bvit_jax.workdir import build_model  # noqa: E402
+from bvit_jax.nn import models as models_lib  # noqa: E402
+from bvit_jax.nn.models import model_variables  # noqa: E402
+from bvit_jax.nn.param_groups import latent_weight_mask  # noqa: E402
+from bvit_jax.runs.workdir import build_model  # noqa: E402
+from bvit_jax.train.optim import build_optimizer  # noqa: E402
+from bvit_jax.train.trainer import init_train_state, make_train_step, split_for_training  # noqa: E402
 
 MIB = 2.0**20
 
 
 def remat_policies() -> tuple[str, ...]:
-    """The names of ``bvit_jax.models.REMAT_POLICIES``, or ``()`` where this version has none."""
+    """The names of ``bvit_jax.nn.models.REMAT_POLICIES``, or ``()`` where this version has none."""
     return tuple(getattr(models_lib, "REMAT_POLICIES", {}))
 
 
@@ -75,7 +75,7 @@ def step_memory(variant: str, preset: str, batch: int, dtype: str, remat: str | 
         config.distill.enabled = False
     if remat is not None:
         if remat not in remat_policies():
-            known = ", ".join(remat_policies()) or "none in this version of bvit_jax.models"
+            known = ", ".join(remat_policies()) or "none in this version of bvit_jax.nn.models"
             raise UserError(f"--remat {remat!r}: not a model.remat_policy ({known})")
         config.model.remat_policy = remat
     model = build_model(config, abstract=True)

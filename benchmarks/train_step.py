@@ -1,6 +1,6 @@
 r"""Train-step throughput: ``fp`` vs ``binaryvit``, side by side, on the current backend.
 
-The step timed is the trainer's own (:func:`bvit_jax.train.make_train_step`):
+The step timed is the trainer's own (:func:`bvit_jax.train.trainer.make_train_step`):
 the same loss, optimizer chain (GRS -> clip -> AdamW with the config's masks),
 non-finite guard, flip-rate / oscillation statistics and, for ``binaryvit``,
 the KD teacher forward (an ``fp`` model of the same size, randomly
@@ -26,7 +26,7 @@ the shortcut branch of every block linear (``model.overrides.branch_norm``);
 suffixes combine, e.g. ``binaryvit:nokd:affine``.
 
 MFU = model FLOPs per second / peak. Model FLOPs per step
-``= 3 x 2 x forward MACs x batch`` with MACs from :func:`bvit_jax.summary.summary`
+``= 3 x 2 x forward MACs x batch`` with MACs from :func:`bvit_jax.nn.summary.summary`
 (binary and full-precision MACs both count: training runs the binary layers
 as float matmuls). ``MFU+T`` adds the teacher forward (``2 x teacher MACs x
 batch``) for presets that distil. Peak: CPU ``--peak_gflops`` (default
@@ -61,14 +61,14 @@ from flax import nnx  # noqa: E402
 
 from bvit_jax import cli  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
-from bvit_jax.layers import BRANCH_NORMS  # noqa: E402
-from bvit_jax.models import get_variant, model_variables  # noqa: E402
-from bvit_jax.optim import build_optimizer  # noqa: E402
-from bvit_jax.param_groups import latent_weight_mask  # noqa: E402
-from bvit_jax.recipes import base_config, imagenet_deit_config  # noqa: E402
-from bvit_jax.summary import summary  # noqa: E402
-from bvit_jax.train import init_train_state, make_train_step, split_for_training  # noqa: E402
-from bvit_jax.workdir import build_model  # noqa: E402
+from bvit_jax.nn.models import get_variant, model_variables  # noqa: E402
+from bvit_jax.nn.options import BRANCH_NORMS  # noqa: E402
+from bvit_jax.nn.param_groups import latent_weight_mask  # noqa: E402
+from bvit_jax.nn.summary import summary  # noqa: E402
+from bvit_jax.runs.workdir import build_model  # noqa: E402
+from bvit_jax.train.optim import build_optimizer  # noqa: E402
+from bvit_jax.train.recipes import base_config, imagenet_deit_config  # noqa: E402
+from bvit_jax.train.trainer import init_train_state, make_train_step, split_for_training  # noqa: E402
 
 # Dense peak TFLOP/s per chip: (bfloat16, float32). float32 on A100/H100 is TF32
 # (XLA's default matmul precision on those GPUs); TPUs run float32 matmuls as

@@ -18,7 +18,7 @@ scripts/quickstart.sh trains the teacher 7 epochs and the student 6: fp 86.06 %,
 binaryvit 82.49 % test top-1 (seed 0), 9.2 min for both on 2 cores.
 Those figures were measured with the warm-up's first update at lr 0; the
 schedule now starts one step in (the first update at ``peak / warmup_steps``,
-:func:`bvit_jax.optim.learning_rate_schedule`), which shifts every run by one
+:func:`bvit_jax.train.optim.learning_rate_schedule`), which shifts every run by one
 update of 469 per epoch: not re-measured. No stochastic depth
 (``model.drop_path_rate = 0``) and no latent weight clip in this recipe.
 
@@ -27,8 +27,8 @@ seconds-long smoke mode: a one-block, 32-wide model, 8 steps of 32 images,
 evaluation on 400 test images. The tests use it.
 """
 
-from bvit_jax.models import PRESETS
-from bvit_jax.recipes import base_config
+from bvit_jax.nn.models import PRESETS
+from bvit_jax.train.recipes import base_config
 
 
 def get_config(arg: str = "binaryvit"):

@@ -9,7 +9,7 @@ baseline+grs, baseline+asm, binaryvit), positional or by name:
         --workdir=workdirs/deit_small_binaryvit --config.data.data_dir=$TFDS_DATA_DIR \\
         --config.distill.teacher_workdir=workdirs/deit_small_fp
 
-Recipe (:func:`bvit_jax.recipes.imagenet_deit_config`), from DeiT (Touvron et
+Recipe (:func:`bvit_jax.train.recipes.imagenet_deit_config`), from DeiT (Touvron et
 al., ICML 2021, Table 9, and the released facebookresearch/deit main.py
 defaults): AdamW, lr 5e-4 x batch/512, cosine with 5 warm-up epochs, batch
 1024, 300 epochs, weight decay 0.05, label smoothing 0.1, Mixup/CutMix,
@@ -28,8 +28,8 @@ binary presets nothing is measured or published: the BinaryViT abstract
 (Xiao et al. 2023) reports only "a usable level" for binaryvit.
 """
 
-from bvit_jax.models import PRESETS, VARIANTS
-from bvit_jax.recipes import imagenet_deit_config
+from bvit_jax.nn.models import PRESETS, VARIANTS
+from bvit_jax.train.recipes import imagenet_deit_config
 
 DEIT_VARIANTS = sorted(v for v in VARIANTS if v.startswith("deit_"))
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bvit_jax.bvit_format import read_header
+from bvit_jax.deploy.bvit_format import read_header
 
 
 def sign(x):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from bvit_jax.binarize import (
+from bvit_jax.nn.binarize import (
     LEVEL_MIN,
     ApproxSign,
     ElasticBinarizer,

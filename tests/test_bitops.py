@@ -1,4 +1,4 @@
-"""Bit packing and XNOR-popcount ops (:mod:`bvit_jax.bitops`): bit order, plane order, exact integer dots."""
+"""Bit packing and XNOR-popcount ops (:mod:`bvit_jax.deploy.bitops`): bit order, plane order, exact integer dots."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bvit_jax.bitops import (
+from bvit_jax.deploy.bitops import (
     from_planes,
     masked_sign_sum,
     num_words,

@@ -1,4 +1,4 @@
-"""The ``.bvit`` file format (:mod:`bvit_jax.bvit_format`): truncated and corrupt files, versions, the reader."""
+"""The ``.bvit`` file format (:mod:`bvit_jax.deploy.bvit_format`): truncated and corrupt files, versions, the reader."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bvit_jax import bvit_format
-from bvit_jax.bvit_format import PackedFormatError, read_file, read_header, serialize
-from bvit_jax.export import export_model, load_packed
-from bvit_jax.models import create
-from bvit_jax.packed import packed_forward
+from bvit_jax.deploy import bvit_format
+from bvit_jax.deploy.bvit_format import PackedFormatError, read_file, read_header, serialize
+from bvit_jax.deploy.export import export_model, load_packed
+from bvit_jax.deploy.packed import packed_forward
+from bvit_jax.nn.models import create
 from tests.packed_helpers import file_tensors, perturb, random_images, with_header
 
 
@@ -117,7 +117,7 @@ def test_a_tensor_table_entry_outside_the_payload_is_refused():
 
 
 def test_the_format_does_not_know_the_models():
-    """``bvit_jax.bvit_format`` reads and writes the container only: no model, layer or export import."""
+    """``bvit_jax.deploy.bvit_format`` reads and writes the container only: no model, layer or export import."""
     path = Path(bvit_format.__file__)
     tree = ast.parse(path.read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -1,4 +1,4 @@
-"""The checkpoint store (:mod:`bvit_jax.checkpoint`), driven by the trainer: an intact checkpoint of
+"""The checkpoint store (:mod:`bvit_jax.runs.checkpoint`), driven by the trainer: an intact checkpoint of
 another config is a mismatch (not damage), a corrupt latest checkpoint falls back to the previous one,
 and when none restores the run refuses to start from scratch."""
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bvit_jax.checkpoint import CheckpointError, CheckpointMismatchError
-from bvit_jax.metric_writers import read_metrics
-from bvit_jax.train import train_and_evaluate
-from bvit_jax.workdir import restore_params
+from bvit_jax.runs.checkpoint import CheckpointError, CheckpointMismatchError
+from bvit_jax.runs.workdir import restore_params
+from bvit_jax.train.metric_writers import read_metrics
+from bvit_jax.train.trainer import train_and_evaluate
 from tests.train_helpers import flat, tiny_config
 
 

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from bvit_jax import cli, convert, export, predict, train
+from bvit_jax import cli
+from bvit_jax.deploy import export, predict
 from bvit_jax.errors import UserError
+from bvit_jax.interop import timm as convert
+from bvit_jax.train import trainer as train
 from tests.train_helpers import ROOT, run_env
 
 FMNIST = str(ROOT / "configs" / "fashion_mnist.py")

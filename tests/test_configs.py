@@ -1,9 +1,9 @@
 """Configs: every model field can be overridden from the command line and from Python.
 
 ``config.model.overrides`` holds one typed placeholder (None = not overridden)
-per :func:`bvit_jax.models.override_fields` entry; ``bvit_jax.workdir.build_model``
-passes the set ones to :func:`bvit_jax.models.create`; ``configs/imagenet_deit.py``
-takes its variant and preset by position or name. (The recipe, :mod:`bvit_jax.recipes`,
+per :func:`bvit_jax.nn.models.override_fields` entry; ``bvit_jax.runs.workdir.build_model``
+passes the set ones to :func:`bvit_jax.nn.models.create`; ``configs/imagenet_deit.py``
+takes its variant and preset by position or name. (The recipe, :mod:`bvit_jax.train.recipes`,
 is tested in ``tests/test_recipes.py``.)
 """
 
@@ -14,10 +14,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from bvit_jax import recipes
 from bvit_jax.errors import ConfigError
-from bvit_jax.models import PRESETS, VARIANTS, create, override_fields
-from bvit_jax.workdir import build_model
+from bvit_jax.nn.models import PRESETS, VARIANTS, create, override_fields
+from bvit_jax.runs.workdir import build_model
+from bvit_jax.train import recipes
 from configs import fashion_mnist, imagenet_deit
 
 ROOT = Path(__file__).resolve().parents[1]

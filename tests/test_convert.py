@@ -21,7 +21,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx
 
-from bvit_jax.convert import (
+from bvit_jax.interop.timm import (
     SHARED_PATH,
     UnsupportedCheckpointError,
     from_timm,
@@ -29,9 +29,9 @@ from bvit_jax.convert import (
     load_timm_state_dict,
     parse_timm_name,
 )
-from bvit_jax.models import create
-from bvit_jax.param_groups import flatten_with_paths
-from bvit_jax.workdir import restore_params
+from bvit_jax.nn.models import create
+from bvit_jax.nn.param_groups import flatten_with_paths
+from bvit_jax.runs.workdir import restore_params
 from tests.train_helpers import ROOT
 
 torch.set_num_threads(1)
@@ -189,7 +189,7 @@ def test_command_line_writes_a_teacher_workdir_the_trainer_accepts(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "bvit_jax.convert",
+        "bvit_jax.interop.timm",
         "--timm_model=deit_tiny_patch16_224",
         f"--checkpoint={tmp_path / 'deit_tiny.pth'}",
         f"--workdir={wd}",
@@ -205,7 +205,7 @@ def test_command_line_writes_a_teacher_workdir_the_trainer_accepts(tmp_path):
     assert json.loads((wd / "import_report.json").read_text())["left_at_init"] == {}
 
     # Restored through the trainer's own path, the teacher gives timm's logits.
-    from bvit_jax.train import load_teacher
+    from bvit_jax.train.trainer import load_teacher
     from configs import imagenet_deit
 
     student = imagenet_deit.get_config("deit_tiny,binaryvit")

@@ -164,7 +164,7 @@ def test_auto_worker_count():
     with pytest.raises(ValueError, match="num_workers"):
         data.resolve_num_workers(-2)
     # The ImageNet training configs default to it; Fashion-MNIST stays in-process.
-    from bvit_jax import recipes
+    from bvit_jax.train import recipes
 
     assert recipes.imagenet_deit_config("deit_small", "binaryvit").data.num_workers == -1
     assert data.default_data_config("fashion_mnist").num_workers == 0

@@ -89,7 +89,7 @@ def test_truncated_shard_stops_the_trainer_before_compiling(build_copy, capsys, 
     assert code == 1 and str(path) in err and "truncated or unreadable" in err
 
     # The trainer stops with it before building or compiling anything.
-    from bvit_jax.train import train_and_evaluate
+    from bvit_jax.train.trainer import train_and_evaluate
     from tests.train_helpers import tiny_config
 
     cfg = tiny_config("fp")
@@ -213,7 +213,7 @@ def test_corrupted_chunk_is_skipped_counted_and_stops_past_the_limit(build_copy,
 
 
 def test_trainer_finishes_with_the_skip_counted_and_keeps_checkpoints(build_copy, tmp_path):
-    from bvit_jax.train import train_and_evaluate
+    from bvit_jax.train.trainer import train_and_evaluate
     from tests.train_helpers import tiny_config
 
     path = shard_file(build_copy["data_dir"], "validation")

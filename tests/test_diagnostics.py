@@ -1,4 +1,4 @@
-"""Diagnostics (:mod:`bvit_jax.diagnostics`): flip rate, weight and activation metrics under jit,
+"""Diagnostics (:mod:`bvit_jax.train.diagnostics`): flip rate, weight and activation metrics under jit,
 the activation metrics against their formula, the oscillation EMA.
 
 Float comparisons of the EMA use bounds derived from float32 arithmetic (``gamma_n``,
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bvit_jax import diagnostics as D
-from bvit_jax.models import create
-from bvit_jax.param_groups import latent_weight_mask
+from bvit_jax.nn.models import create
+from bvit_jax.nn.param_groups import latent_weight_mask
+from bvit_jax.train import diagnostics as D
 from tests.tolerances import assert_within, gamma_n
 from tests.train_helpers import nano_batch
 

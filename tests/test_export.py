@@ -1,4 +1,4 @@
-"""1-bit export (:mod:`bvit_jax.export`): what the file stores, loading it, the data settings, the command line."""
+"""1-bit export (:mod:`bvit_jax.deploy.export`): what the file stores, loading, the data settings, the command line."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from bvit_jax import bvit_format, data, export, predict
-from bvit_jax.binarize import channel_alpha
-from bvit_jax.bitops import from_planes, pack_signs, unpack_signs
-from bvit_jax.bvit_format import PackedFormatError, read_header
-from bvit_jax.export import export_model, load_packed, pack_model
-from bvit_jax.layers import ASM_MODES, BRANCH_BN_EPSILON, branch_norm_affine, fold_branch_affine
-from bvit_jax.models import VisionTransformer, create, get_preset, get_variant, model_variables
-from bvit_jax.packed import packed_forward
-from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
-from bvit_jax.summary import size_accounting
+from bvit_jax import data
+from bvit_jax.deploy import bvit_format, export, predict
+from bvit_jax.deploy.bitops import from_planes, pack_signs, unpack_signs
+from bvit_jax.deploy.bvit_format import PackedFormatError, read_header
+from bvit_jax.deploy.export import export_model, load_packed, pack_model
+from bvit_jax.deploy.packed import packed_forward
+from bvit_jax.nn.binarize import channel_alpha
+from bvit_jax.nn.folding import branch_norm_affine, fold_branch_affine
+from bvit_jax.nn.models import VisionTransformer, create, get_preset, get_variant, model_variables
+from bvit_jax.nn.options import ASM_MODES, BRANCH_BN_EPSILON
+from bvit_jax.nn.param_groups import flatten_with_paths, latent_weight_paths
+from bvit_jax.nn.summary import size_accounting
 from tests.packed_helpers import file_tensors, model_forward, perturb, random_images, sign, with_header
 from tests.tolerances import assert_within, gamma_n
 
@@ -140,7 +142,7 @@ def test_deit_small_file_size_vs_accounting():
     blob = export_model(model, data=None, variant="deit_small", preset="binaryvit")
     acc = size_accounting(model)
     assert acc["binary_params"] == 21_233_664  # the 48 encoder linears (docs/method.md, "Accounting")
-    # bvit_jax.summary's full count (every parameter + the alpha scales): the file
+    # bvit_jax.nn.summary's full count (every parameter + the alpha scales): the file
     # adds only its compressed header and alignment.
     assert 1.0 < len(blob) / acc["full_bytes"] < 1.01
     # The paper convention leaves out pos-embed, biases, shifts, extra norms: 5.45 MB.
@@ -266,8 +268,8 @@ def test_export_needs_a_data_config_that_fits_the_model():
 
 
 def test_export_and_predict_command_lines(tmp_path, capsys):
-    from bvit_jax.train import train_and_evaluate
-    from bvit_jax.workdir import restore
+    from bvit_jax.runs.workdir import restore
+    from bvit_jax.train.trainer import train_and_evaluate
     from tests.train_helpers import tiny_config
 
     cfg = tiny_config("binaryvit", total_steps=2, checkpoint_every_steps=2, distill__enabled=False)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bvit_jax.fused_ops import layer_norm, rprelu
+from bvit_jax.nn.fused_ops import layer_norm, rprelu
 from tests.tolerances import U32, assert_within, gamma_n
 
 
@@ -69,8 +69,8 @@ def test_layer_norm_backward_equals_autodiff_of_the_formula():
 
 
 def test_layer_norm_module_backward_equals_autodiff():
-    """The module's fast path (bvit_jax.layers.LayerNorm) gives the formula's parameter gradients."""
-    from bvit_jax.layers import LayerNorm
+    """The module's fast path (bvit_jax.nn.norms.LayerNorm) gives the formula's parameter gradients."""
+    from bvit_jax.nn.norms import LayerNorm
 
     ln = LayerNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
     ln.scale[...] = 1 + 0.1 * jax.random.normal(jax.random.key(1), (16,))

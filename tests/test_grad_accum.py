@@ -1,4 +1,4 @@
-"""Gradient accumulation (:mod:`bvit_jax.grad_accum`): strided micro-batches, the accumulated loss and
+"""Gradient accumulation (:mod:`bvit_jax.train.grad_accum`): strided micro-batches, the accumulated loss and
 gradient against the full batch, and the trainer's k micro-batches against one large batch.
 
 Float comparisons use bounds derived from float32 summation error (each test states its derivation;
@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bvit_jax.grad_accum import accumulated_value_and_grad, split_micro_batches
-from bvit_jax.metric_writers import read_metrics
-from bvit_jax.train import train_and_evaluate
-from bvit_jax.workdir import restore_params
+from bvit_jax.runs.workdir import restore_params
+from bvit_jax.train.grad_accum import accumulated_value_and_grad, split_micro_batches
+from bvit_jax.train.metric_writers import read_metrics
+from bvit_jax.train.trainer import train_and_evaluate
 from tests.tolerances import U32
 from tests.train_helpers import flat, tiny_config
 
@@ -120,10 +120,10 @@ def test_drop_path_draws_do_not_depend_on_the_micro_batch_split():
     32 up to the summation bound of ``test_gradient_accumulation_equals_one_large_batch_update_for_update``
     (each example keeps its drop keys, keyed by its row in the global batch), while the same step at rate 0
     lands outside that bound (the drop is really on)."""
-    from bvit_jax.optim import build_optimizer
-    from bvit_jax.param_groups import latent_weight_mask
-    from bvit_jax.train import init_train_state, make_train_step, split_for_training
-    from bvit_jax.workdir import build_model
+    from bvit_jax.nn.param_groups import latent_weight_mask
+    from bvit_jax.runs.workdir import build_model
+    from bvit_jax.train.optim import build_optimizer
+    from bvit_jax.train.trainer import init_train_state, make_train_step, split_for_training
 
     labels = jnp.arange(32) % 10
     batch = {

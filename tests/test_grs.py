@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from bvit_jax import diagnostics
-from bvit_jax.grs import freeze_oscillating, frozen_share, grs, grs_penalty
+from bvit_jax.train import diagnostics
+from bvit_jax.train.grs import freeze_oscillating, frozen_share, grs, grs_penalty
 from tests.tolerances import U32, assert_within, gamma_n
 
 

@@ -4,8 +4,8 @@
   leading underscore) of another of this project's modules: what is shared is
   public and documented.
 * The library never touches ``sys.path`` and never imports ``configs``.
-* ``bvit_jax.checkpoint`` is plain orbax: it does not know the models
-  (``bvit_jax.workdir`` joins the two).
+* ``bvit_jax.runs.checkpoint`` is plain orbax: it does not know the models
+  (``bvit_jax.runs.workdir`` joins the two).
 """
 
 from __future__ import annotations
@@ -71,15 +71,73 @@ def test_the_library_touches_no_sys_path_and_imports_no_configs(path):
         assert not [n for n in names if n.split(".")[0] in ("configs", "tests", "benchmarks")], path
 
 
-def test_checkpoint_does_not_import_the_models():
-    tree = ast.parse((ROOT / "bvit_jax" / "checkpoint.py").read_text())
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module != "bvit_jax"}
-    imported |= {
-        f"bvit_jax.{a.name}"
-        for n in ast.walk(tree)
-        if isinstance(n, ast.ImportFrom) and n.module == "bvit_jax"
-        for a in n.names
-    }
-    # bvit_jax.storage (paths local or in a bucket) imports only bvit_jax.errors of the project.
-    assert not {m for m in imported if m.startswith("bvit_jax") and m not in ("bvit_jax.errors", "bvit_jax.storage")}
+def _project_imports(path: Path) -> set[str]:
+    """The project modules ``path`` imports (``from a import x`` counts as ``a.x``), lazy ones too."""
+    tree = ast.parse(path.read_text(), str(path))
+    out = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            out |= {f"{n.module}.{a.name}" for a in n.names}  # module.name: a submodule or a name in it
+    return {m for m in out if m.split(".")[0] == "bvit_jax"}
+
+
+# What each part of the package may import of the project (itself always): the layering of
+# docs/architecture.md and of each subpackage's docstring. The most specific entry wins.
+CONTRACTS = {
+    "bvit_jax/__init__.py": (),  # imports nothing: importing a subpackage stays cheap
+    "bvit_jax/errors.py": (),
+    "bvit_jax/cli.py": ("bvit_jax.errors",),
+    "bvit_jax/nn": ("bvit_jax.errors",),
+    "bvit_jax/data": ("bvit_jax.errors", "bvit_jax.cli"),
+    "bvit_jax/runs": ("bvit_jax.errors", "bvit_jax.nn"),
+    # plain orbax: it does not know the models (bvit_jax.runs.workdir joins the two)
+    "bvit_jax/runs/checkpoint.py": ("bvit_jax.errors", "bvit_jax.runs.storage"),
+    "bvit_jax/runs/storage.py": ("bvit_jax.errors",),
+    "bvit_jax/train": ("bvit_jax.errors", "bvit_jax.cli", "bvit_jax.nn", "bvit_jax.runs", "bvit_jax.data"),
+    # the config schema: what configs/ and the timm import read, without the trainer
+    "bvit_jax/train/recipes.py": ("bvit_jax.nn", "bvit_jax.data"),
+    "bvit_jax/deploy": ("bvit_jax.errors", "bvit_jax.cli", "bvit_jax.nn", "bvit_jax.runs", "bvit_jax.data"),
+    "bvit_jax/interop": (
+        "bvit_jax.errors",
+        "bvit_jax.cli",
+        "bvit_jax.nn",
+        "bvit_jax.runs",
+        "bvit_jax.train.recipes",
+    ),
+}
+
+
+def _contract(rel: str) -> tuple[str, tuple[str, ...]]:
+    key = max((k for k in CONTRACTS if rel == k or rel.startswith(k + "/")), key=len)
+    own = key.removesuffix(".py").replace("/", ".")
+    return key, CONTRACTS[key] + (own,)
+
+
+def _breaches(path: Path) -> list[str]:
+    rel = str(path.relative_to(ROOT))
+    _, allowed = _contract(rel)
+    return sorted(m for m in _project_imports(path) if not any(m == a or m.startswith(a + ".") for a in allowed))
+
+
+LIBRARY = sorted((ROOT / "bvit_jax").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT / "bvit_jax")))
+def test_each_module_imports_only_what_its_subpackage_may(path):
+    assert _breaches(path) == []
+
+
+def test_every_library_module_is_under_a_contract():
+    uncovered = [p for p in LIBRARY if not any(str(p.relative_to(ROOT)).startswith(k) for k in CONTRACTS)]
+    assert uncovered == []
+
+
+def test_the_contract_checker_finds_a_breach(tmp_path, monkeypatch):
+    probe = ROOT / "bvit_jax" / "nn" / "probe_for_the_contract_test.py"
+    monkeypatch.setattr(
+        Path, "read_text", lambda self: "from bvit_jax.train import trainer\nimport bvit_jax.nn.models\n"
+    )
+    assert _breaches(probe) == ["bvit_jax.train.trainer"]
+    probe = ROOT / "bvit_jax" / "deploy" / "probe.py"
+    monkeypatch.setattr(Path, "read_text", lambda self: "from bvit_jax import runs, train\n")
+    assert _breaches(probe) == ["bvit_jax.train"]

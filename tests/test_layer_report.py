@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from bvit_jax import summary as S
-from bvit_jax.layer_report import LayerReport, ParamReport
-from bvit_jax.models import create
-from bvit_jax.param_groups import latent_weight_paths
+from bvit_jax.nn import summary as S
+from bvit_jax.nn.layer_report import LayerReport, ParamReport
+from bvit_jax.nn.models import create
+from bvit_jax.nn.param_groups import latent_weight_paths
 
 
 def test_param_report_is_validated():

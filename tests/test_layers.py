@@ -14,27 +14,15 @@ import optax
 import pytest
 from flax import nnx
 
-from bvit_jax import diagnostics
-from bvit_jax.binarize import LEVEL_MIN, lsq_grad_scale
-from bvit_jax.layers import (
-    ASM_MODES,
-    BRANCH_BN_EPSILON,
-    BRANCH_BN_MOMENTUM,
-    BRANCH_NORMS,
-    Attention,
-    BinaryLinear,
-    BinaryOptions,
-    BranchAffine,
-    BranchBatchNorm,
-    LayerNorm,
-    LinearBlock,
-    RPReLU,
-    SignActivation,
-    asm_statistic,
-    match_width,
-)
-from bvit_jax.models import training_view
-from bvit_jax.param_groups import flatten_with_paths
+from bvit_jax.nn.activations import RPReLU, SignActivation, asm_statistic
+from bvit_jax.nn.attention import Attention
+from bvit_jax.nn.binarize import LEVEL_MIN, lsq_grad_scale
+from bvit_jax.nn.linear import BinaryLinear, LinearBlock, match_width
+from bvit_jax.nn.models import training_view
+from bvit_jax.nn.norms import BranchAffine, BranchBatchNorm, LayerNorm
+from bvit_jax.nn.options import ASM_MODES, BRANCH_BN_EPSILON, BRANCH_BN_MOMENTUM, BRANCH_NORMS, BinaryOptions
+from bvit_jax.nn.param_groups import flatten_with_paths
+from bvit_jax.train import diagnostics
 from tests.tolerances import U32, assert_within, gamma_n
 
 BIN = BinaryOptions(binarize_weights=True, binarize_acts=True, learnable_shift=True)
@@ -122,7 +110,7 @@ def test_asm_mode_forward_equals_numpy_formula(mode, heads):
 def test_asm_mode_gradients_reach_beta_and_gamma(mode):
     """``d/d beta_c = -sum g_c`` and ``d/d gamma_c = -sum g_c * m_c`` (``g`` the surrogate gradient at
     the sign input, sums over images and tokens): finite, non-zero, and equal to those sums."""
-    from bvit_jax.binarize import get_activation_binarizer
+    from bvit_jax.nn.binarize import get_activation_binarizer
 
     c, heads = 8, 2
     kx, kw, kb, kg = jax.random.split(jax.random.key(12), 4)
@@ -235,9 +223,9 @@ def test_binary_linear_equals_packed_layer_bit_for_bit(din):
     """``y = (x_b @ sign(W)) * alpha + b``: the exact integer, then the scale and bias in float32 --
     the packed layer's arithmetic, so the two agree exactly (summing ``+-alpha`` terms in float,
     ``x_b @ (alpha * sign(W))``, does not)."""
-    from bvit_jax.binarize import channel_alpha
-    from bvit_jax.bitops import pack_signs, to_planes
-    from bvit_jax.packed import packed_linear_block
+    from bvit_jax.deploy.bitops import pack_signs, to_planes
+    from bvit_jax.deploy.packed import packed_linear_block
+    from bvit_jax.nn.binarize import channel_alpha
 
     dout = 40
     layer = BinaryLinear(din, dout, BIN, rngs=nnx.Rngs(din))
@@ -249,7 +237,7 @@ def test_binary_linear_equals_packed_layer_bit_for_bit(din):
     y = np.asarray(nnx.jit(lambda m, x: m(x))(layer, x))
 
     kernel = np.asarray(layer.kernel[...])
-    tensors = {  # the exported layer (bvit_jax.export): plane-order sign bits, alpha, bias, shift
+    tensors = {  # the exported layer (bvit_jax.deploy.export): plane-order sign bits, alpha, bias, shift
         "l/linear/kernel_bits": jnp.asarray(to_planes(pack_signs(kernel, axis=0), din, axis=0)),
         "l/linear/alpha": channel_alpha(layer.kernel[...])[0],
         "l/linear/bias": layer.bias[...],
@@ -556,7 +544,7 @@ def test_drop_path_keeps_or_zeroes_each_example_whole_with_the_rate_and_rescales
     over B = 4096 examples is 1 - r within 5 binomial standard deviations (sqrt(B r (1 - r)) / B = 0.72 %
     for r = 0.3: the keys are fixed, so the test is deterministic; a biased draw, e.g. r applied per
     element or a keep rate of r instead of 1 - r, lands tens of deviations away). No keys: the identity."""
-    from bvit_jax.layers import drop_path
+    from bvit_jax.nn.blocks import drop_path
 
     b, r = 4096, 0.3
     x = jax.random.normal(jax.random.key(0), (b, 3, 5)) + 3.0  # nonzero everywhere
@@ -581,7 +569,7 @@ def test_block_drop_path_is_the_residual_form_with_each_branch_s_own_mask():
     D_1(mlp(norm2(h)))`` with ``D_i`` the drop of key ``fold_in(key_b, i)`` (written out here with
     ``bernoulli``), bit for bit (the same float32 operations, eagerly); without keys the block equals the
     same block built with rate 0 bit for bit."""
-    from bvit_jax.layers import Block
+    from bvit_jax.nn.blocks import Block
 
     r, b = 0.5, 16
     blk = Block(16, 2, 2.0, 5, BIN, rngs=nnx.Rngs(0), drop_path_rate=r)
@@ -607,7 +595,7 @@ def test_block_drop_path_is_the_residual_form_with_each_branch_s_own_mask():
 
 
 def test_drop_path_rate_outside_0_1_is_refused():
-    from bvit_jax.layers import Block
+    from bvit_jax.nn.blocks import Block
 
     for r in (-0.1, 1.0):
         with pytest.raises(ValueError, match="drop path rate must be in"):

@@ -1,4 +1,4 @@
-"""Losses (:mod:`bvit_jax.losses`): the distillation KL, its value and its gradient.
+"""Losses (:mod:`bvit_jax.train.losses`): the distillation KL, its value and its gradient.
 
 References are computed in float64. Bounds are the first-order float32 error
 of the arithmetic (``tests/tolerances.py``: ``gamma_n(n) = n u / (1 - n u)``
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bvit_jax.losses import distillation_kl
+from bvit_jax.train.losses import distillation_kl
 from tests.tolerances import assert_within, gamma_n
 
 

@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from bvit_jax import diagnostics as D
-from bvit_jax.layers import SignActivation
-from bvit_jax.models import PRESETS, config_overrides, create, override_fields
+from bvit_jax.nn.activations import SignActivation
+from bvit_jax.nn.models import PRESETS, config_overrides, create, override_fields
+from bvit_jax.train import diagnostics as D
 from tests.train_helpers import NANO_BATCH, nano_batch
 
 B = NANO_BATCH
@@ -113,7 +113,7 @@ def test_capture_returns_every_sign_input(preset):
 def test_asm_mode_is_a_config_override():
     """``config.model.overrides.asm_mode`` (a typed placeholder generated from ``BinaryOptions``) reaches
     every sign's shift; the default is today's form, and per_head reads the attention's heads."""
-    from bvit_jax import recipes
+    from bvit_jax.train import recipes
 
     assert override_fields()["asm_mode"] is str
     overrides = recipes.model_overrides()
@@ -157,7 +157,7 @@ def test_unknown_names_are_clear_errors():
 
 # ----------------------------------------------------------------------------- drop path and remat
 def test_drop_path_rates_are_linear_in_depth_from_0_to_the_rate():
-    from bvit_jax.models import drop_path_rates
+    from bvit_jax.nn.models import drop_path_rates
 
     rates = drop_path_rates(0.1, 12)
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1, abs=1e-15) and len(rates) == 12
@@ -171,7 +171,7 @@ def test_drop_path_rates_are_linear_in_depth_from_0_to_the_rate():
 def test_the_forward_without_keys_is_unchanged_by_the_drop_path_rate(preset):
     """Eval, diagnostics, export and the teacher call the model without keys: the rate changes nothing
     there (bit for bit, same parameters); with keys, the rate 0.5 forward differs."""
-    from bvit_jax.models import drop_path_keys
+    from bvit_jax.nn.models import drop_path_keys
 
     x, _ = nano_batch()
     plain, dropping = create("vit_nano", preset), create("vit_nano", preset, drop_path_rate=0.5)
@@ -189,7 +189,7 @@ def test_the_forward_without_keys_is_unchanged_by_the_drop_path_rate(preset):
 def _grads(policy, preset="binaryvit", keys=None, run=True, **overrides):
     """Jitted loss, gradients and new BatchNorm statistics of vit_nano in its training view
     (``run=False``: only the jitted function and its arguments)."""
-    from bvit_jax.models import training_view
+    from bvit_jax.nn.models import training_view
 
     x, y = nano_batch()
     model = training_view(create("vit_nano", preset, remat_policy=policy, drop_path_rate=0.5, **overrides))
@@ -231,8 +231,8 @@ def test_every_remat_policy_gives_the_gradients_of_no_remat(preset, branch_norm,
     that a LayerNorm keeps of size ~1) are bounded by its largest gradient entry M. So |delta| <=
     4 * gamma_n * M per module (kernel and bias together: a bias whose exact gradient is 0, as the key
     bias under the softmax's shift invariance, is rounding noise of the size of its module's terms)."""
-    from bvit_jax.models import drop_path_keys
-    from bvit_jax.param_groups import flatten_with_paths
+    from bvit_jax.nn.models import drop_path_keys
+    from bvit_jax.nn.param_groups import flatten_with_paths
     from tests.tolerances import assert_within, gamma_n
 
     keys = drop_path_keys(0, jnp.int32(1), jnp.arange(B))
@@ -261,7 +261,7 @@ def test_each_remat_policy_recomputes_what_it_does_not_save(preset):
     'dots_with_no_batch_dims_saveable' the two attention matmuls (batched over heads), 'dots_saveable'
     none. (Counted before XLA's passes: XLA:CPU drops the barriers and merges the recomputation back,
     so on CPU remat saves no memory; see the memory test below.)"""
-    from bvit_jax.models import REMAT_POLICIES
+    from bvit_jax.nn.models import REMAT_POLICIES
 
     depth = 2  # vit_nano
     counts = {}
@@ -284,7 +284,7 @@ def test_each_remat_policy_recomputes_what_it_does_not_save(preset):
 def test_full_remat_lowers_the_compiled_train_step_temp_memory():
     """A depth-4 ViT at batch 64: the gradient program's temp buffers (the saved activations) shrink with
     'full' remat, which keeps only each block's input."""
-    from bvit_jax.models import training_view
+    from bvit_jax.nn.models import training_view
 
     x = jax.random.normal(jax.random.key(0), (64, 32, 32, 3))
     y = jnp.arange(64) % 10

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bvit_jax.metric_writers import read_metrics
-from bvit_jax.workdir import restore_params
+from bvit_jax.runs.workdir import restore_params
+from bvit_jax.train.metric_writers import read_metrics
 from tests.tolerances import gamma_n
 from tests.train_helpers import ROOT, assert_same_run, flat, launch_two, run_env, run_train, train_cmd, wait_all
 

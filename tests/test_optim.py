@@ -11,17 +11,17 @@ import optax
 import pytest
 from flax import nnx
 
-from bvit_jax.grs import frozen_share, grs
-from bvit_jax.models import create
-from bvit_jax.optim import (
+from bvit_jax.nn.models import create
+from bvit_jax.nn.param_groups import flatten_with_paths, latent_weight_mask
+from bvit_jax.train.grs import frozen_share, grs
+from bvit_jax.train.optim import (
     applied_learning_rate,
     build_optimizer,
     grs_schedule,
     learning_rate_schedule,
     weight_decay_mask,
 )
-from bvit_jax.param_groups import flatten_with_paths, latent_weight_mask
-from bvit_jax.train import ConfigError, validate_config
+from bvit_jax.train.trainer import ConfigError, validate_config
 from tests.tolerances import U32, assert_within
 from tests.train_helpers import tiny_config
 

@@ -1,4 +1,4 @@
-"""The packed forward (:mod:`bvit_jax.packed`) against the training-time model: every preset and ASM form."""
+"""The packed forward (:mod:`bvit_jax.deploy.packed`) against the training-time model: every preset and ASM form."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bvit_jax.bitops import pack_planes, packed_matmul
-from bvit_jax.export import export_model, load_packed, pack_model
-from bvit_jax.layers import ASM_MODES, BRANCH_NORMS
-from bvit_jax.models import VisionTransformer, create, get_preset, get_variant
-from bvit_jax.packed import packed_forward
-from bvit_jax.param_groups import flatten_with_paths
+from bvit_jax.deploy.bitops import pack_planes, packed_matmul
+from bvit_jax.deploy.export import export_model, load_packed, pack_model
+from bvit_jax.deploy.packed import packed_forward
+from bvit_jax.nn.models import VisionTransformer, create, get_preset, get_variant
+from bvit_jax.nn.options import ASM_MODES, BRANCH_NORMS
+from bvit_jax.nn.param_groups import flatten_with_paths
 from tests.packed_helpers import model_forward, perturb, random_images, sign
 
 BINARY_PRESETS = ["baseline", "baseline+grs", "baseline+asm", "binaryvit"]
@@ -53,7 +53,7 @@ def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm):
     """Depth 4, odd widths: both forwards binarize every activation identically and give the same logits.
 
     Every ``asm_mode``: the packed forward computes the shift's statistic with the
-    model's own function (:func:`bvit_jax.layers.asm_statistic`), in the same order.
+    model's own function (:func:`bvit_jax.nn.activations.asm_statistic`), in the same order.
 
     The model computes its binary matmuls as exact integers scaled afterwards
     and its LayerNorms with the packed forward's function, so every sign input
@@ -61,7 +61,7 @@ def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm):
     rounded differently near 0). Under jit on CPU the logits are bit-identical.
     With ``branch_norm='affine'`` the file holds the affine folded into each
     linear's scale and bias and the model computes that folded form itself
-    (:func:`bvit_jax.layers.fold_branch_affine`), so the same holds.
+    (:func:`bvit_jax.nn.folding.fold_branch_affine`), so the same holds.
     """
     cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3, depth=4)
     opts = dataclasses.replace(get_preset(preset).options, asm_mode=asm_mode, branch_norm=branch_norm)

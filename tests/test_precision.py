@@ -1,4 +1,4 @@
-"""Compute dtypes (:mod:`bvit_jax.precision`): ``"auto"`` by backend, the recipes' defaults, the model it builds."""
+"""Compute dtypes (:mod:`bvit_jax.nn.precision`): ``"auto"`` by backend, the recipes' defaults, the model it builds."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from bvit_jax.precision import compute_dtype
-from bvit_jax.recipes import base_config, imagenet_deit_config
-from bvit_jax.workdir import build_model
+from bvit_jax.nn.precision import compute_dtype
+from bvit_jax.runs.workdir import build_model
+from bvit_jax.train.recipes import base_config, imagenet_deit_config
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_build_model_resolves_auto_for_this_backend():
 
 def test_validate_config_accepts_auto_and_names_the_choices_otherwise():
     from bvit_jax.errors import ConfigError
-    from bvit_jax.train import validate_config
+    from bvit_jax.train.trainer import validate_config
 
     c = imagenet_deit_config("deit_tiny", "fp")
     validate_config(c, num_devices=8, process_count=1)  # "auto" is a valid model.dtype

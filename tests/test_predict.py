@@ -1,4 +1,4 @@
-"""``python -m bvit_jax.predict``: the trainer's eval transform, class names, exit status.
+"""``python -m bvit_jax.deploy.predict``: the trainer's eval transform, class names, exit status.
 
 Real image files written with PIL; the reference is the real eval iterator
 (``bvit_jax.data.create_eval_iterator``) over the same encoded bytes.
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bvit_jax import data, predict
+from bvit_jax import data
 from bvit_jax.data.pipeline import FASHION_MNIST_CLASSES
-from bvit_jax.export import export_model, load_packed, pack_model
-from bvit_jax.models import create
-from bvit_jax.packed import packed_forward
+from bvit_jax.deploy import predict
+from bvit_jax.deploy.export import export_model, load_packed, pack_model
+from bvit_jax.deploy.packed import packed_forward
+from bvit_jax.nn.models import create
 from tests.tolerances import assert_within, gamma_n
 
 

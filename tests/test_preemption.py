@@ -1,4 +1,4 @@
-"""Preemption (:mod:`bvit_jax.preemption`): a SIGTERM stops the run at a saved step, with one process or
+"""Preemption (:mod:`bvit_jax.train.preemption`): a SIGTERM stops the run at a saved step, with one process or
 reaching only one of two, and the resumed run equals the uninterrupted one bitwise."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The recipe (:mod:`bvit_jax.recipes`): the training defaults of each preset (GRS for the GRS presets,
+"""The recipe (:mod:`bvit_jax.train.recipes`): the training defaults of each preset (GRS for the GRS presets,
 distillation for the binary ones), and unknown presets are clear errors."""
 
 import pytest
 
-from bvit_jax import recipes
-from bvit_jax.models import PRESETS
+from bvit_jax.nn.models import PRESETS
+from bvit_jax.train import recipes
 from configs import fashion_mnist
 
 GRS_PRESETS = {"baseline+grs", "binaryvit"}

@@ -1,4 +1,4 @@
-"""Sharding (:mod:`bvit_jax.sharding`): one training step on 8 fake CPU devices (``XLA_FLAGS`` set in
+"""Sharding (:mod:`bvit_jax.train.sharding`): one training step on 8 fake CPU devices (``XLA_FLAGS`` set in
 ``tests/conftest.py``), data-parallel and FSDP, matches the step on one device."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from bvit_jax import sharding
-from bvit_jax.metric_writers import read_metrics
-from bvit_jax.train import train_and_evaluate
-from bvit_jax.workdir import restore_params
+from bvit_jax.runs.workdir import restore_params
+from bvit_jax.train import sharding
+from bvit_jax.train.metric_writers import read_metrics
+from bvit_jax.train.trainer import train_and_evaluate
 from tests.train_helpers import flat, tiny_config
 
 

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bvit_jax.losses import cross_entropy
-from bvit_jax.metric_writers import read_metrics
-from bvit_jax.models import drop_path_keys
-from bvit_jax.optim import build_optimizer
-from bvit_jax.param_groups import latent_weight_mask
-from bvit_jax.train import init_train_state, make_train_step, split_for_training, train_and_evaluate
-from bvit_jax.workdir import build_model
+from bvit_jax.nn.models import drop_path_keys
+from bvit_jax.nn.param_groups import latent_weight_mask
+from bvit_jax.runs.workdir import build_model
+from bvit_jax.train.losses import cross_entropy
+from bvit_jax.train.metric_writers import read_metrics
+from bvit_jax.train.optim import build_optimizer
+from bvit_jax.train.trainer import init_train_state, make_train_step, split_for_training, train_and_evaluate
 from tests.tolerances import gamma_n
 from tests.train_helpers import assert_same_run, tiny_config
 

@@ -1,4 +1,4 @@
-"""Run folders in a bucket (:mod:`bvit_jax.storage`), against a real GCS emulator on loopback: atomic
+"""Run folders in a bucket (:mod:`bvit_jax.runs.storage`), against a real GCS emulator on loopback: atomic
 small files, and metrics and TensorBoard in the bucket.
 
 Not covered here: training runs in the bucket. In a train.py subprocess against fake-gcs-server an orbax
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from bvit_jax import storage
-from bvit_jax.metric_writers import MetricWriter, read_metrics
+from bvit_jax.runs import storage
+from bvit_jax.train.metric_writers import MetricWriter, read_metrics
 
 STEPS = 8
 FLAGS = [

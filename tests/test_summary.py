@@ -10,9 +10,9 @@ import jax
 import pytest
 from flax import nnx
 
-from bvit_jax import summary as S
-from bvit_jax.models import create
-from bvit_jax.param_groups import latent_weight_mask
+from bvit_jax.nn import summary as S
+from bvit_jax.nn.models import create
+from bvit_jax.nn.param_groups import latent_weight_mask
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""bvit_jax.throughput: the MFU arithmetic, the step timer's exclusions, the profile written into a workdir."""
+"""bvit_jax.train.throughput: the MFU arithmetic, the step timer's exclusions, the profile written into a workdir."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bvit_jax import storage
-from bvit_jax.throughput import Profile, StepTimer, peak_flops, train_flops_per_image
+from bvit_jax.runs import storage
+from bvit_jax.train.throughput import Profile, StepTimer, peak_flops, train_flops_per_image
 
 
 def test_peak_flops_takes_the_longest_known_prefix_and_knows_no_cpu():
@@ -22,7 +22,7 @@ def test_train_flops_count_forward_and_backward_of_the_student_and_the_teacher_f
 
 def test_the_step_timer_counts_steps_and_input_wait_and_leaves_out_excluded_work(monkeypatch):
     clock = iter([0.0, 1.0, 1.5, 2.0, 2.25, 10.0, 30.0, 34.0, 34.0])  # a fake perf_counter, one value a call
-    monkeypatch.setattr("bvit_jax.throughput.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("bvit_jax.train.throughput.time.perf_counter", lambda: next(clock))
     timer = StepTimer()  # t = 0
     batches = iter(range(2))
     timer.next_batch(batches)  # waits 1.0 -> 1.5

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bvit_jax.metric_writers import read_metrics
-from bvit_jax.models import create
-from bvit_jax.train import ConfigError, load_teacher, train_and_evaluate
-from bvit_jax.workdir import restore_params
+from bvit_jax.nn.models import create
+from bvit_jax.runs.workdir import restore_params
+from bvit_jax.train.metric_writers import read_metrics
+from bvit_jax.train.trainer import ConfigError, load_teacher, train_and_evaluate
 from tests.train_helpers import eval_top1, flat, tiny_config
 
 
@@ -105,10 +105,10 @@ def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_restores(tmp_path):
 def test_a_non_finite_step_leaves_the_batchnorm_statistics_as_they_were():
     """The non-finite guard covers ``batch_stats``: a NaN batch changes neither parameters nor running averages
     (a finite one moves both), and the step reports itself non-finite."""
-    from bvit_jax.optim import build_optimizer
-    from bvit_jax.param_groups import latent_weight_mask
-    from bvit_jax.train import init_train_state, make_train_step, split_for_training
-    from bvit_jax.workdir import build_model
+    from bvit_jax.nn.param_groups import latent_weight_mask
+    from bvit_jax.runs.workdir import build_model
+    from bvit_jax.train.optim import build_optimizer
+    from bvit_jax.train.trainer import init_train_state, make_train_step, split_for_training
 
     cfg = tiny_config("binaryvit", total_steps=4, distill__enabled=False, model__overrides__branch_norm="batchnorm")
     model = build_model(cfg)
@@ -201,9 +201,9 @@ def test_foldable_branch_norm_trains_resumes_and_exports_bit_exact(tmp_path, bra
     one does; the trained run's ``.bvit`` file gives the model's eval logits bit for bit on CPU."""
     import shutil
 
-    from bvit_jax.export import export_workdir, load_packed
-    from bvit_jax.packed import packed_forward
-    from bvit_jax.workdir import restore
+    from bvit_jax.deploy.export import export_workdir, load_packed
+    from bvit_jax.deploy.packed import packed_forward
+    from bvit_jax.runs.workdir import restore
 
     cfg = tiny_config(
         "binaryvit",

@@ -1,4 +1,4 @@
-"""The run folder (bvit_jax.workdir): config.json, the model of a config, and restoring a trained model."""
+"""The run folder (bvit_jax.runs.workdir): config.json, the model of a config, and restoring a trained model."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from bvit_jax.checkpoint import CheckpointError
 from bvit_jax.errors import ConfigError
-from bvit_jax.train import train_and_evaluate
-from bvit_jax.workdir import (
+from bvit_jax.runs.checkpoint import CheckpointError
+from bvit_jax.runs.workdir import (
     abstract_params,
     build_model,
     config_dict,
@@ -29,6 +28,7 @@ from bvit_jax.workdir import (
     save_model,
     write_config,
 )
+from bvit_jax.train.trainer import train_and_evaluate
 from tests.train_helpers import ROOT, eval_top1, flat, tiny_config
 
 

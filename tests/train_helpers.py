@@ -67,7 +67,7 @@ def free_port() -> int:
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    from bvit_jax.param_groups import flatten_with_paths
+    from bvit_jax.nn.param_groups import flatten_with_paths
 
     return {k: np.asarray(v) for k, v in flatten_with_paths(jax.device_get(tree))}
 
@@ -85,7 +85,7 @@ def nano_batch(seed=0):
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory) -> Path:
     """A tiny fp teacher trained for a few steps (for the distillation paths), once per test session; read-only."""
-    from bvit_jax.train import train_and_evaluate
+    from bvit_jax.train.trainer import train_and_evaluate
 
     wd = tmp_path_factory.mktemp("teacher")
     train_and_evaluate(tiny_config("fp", total_steps=6), wd)
@@ -105,8 +105,8 @@ def eval_top1(model, config) -> float:
 
 def assert_same_run(full, resumed, steps: int) -> None:
     """The interrupted-and-resumed run equals the uninterrupted one: final params bitwise, every step's loss."""
-    from bvit_jax.metric_writers import read_metrics
-    from bvit_jax.workdir import restore_params
+    from bvit_jax.runs.workdir import restore_params
+    from bvit_jax.train.metric_writers import read_metrics
 
     a = flat(restore_params(full, "latest")[1])
     b = flat(restore_params(resumed, "latest")[1])

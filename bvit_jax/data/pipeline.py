@@ -28,7 +28,7 @@ Eval (finite, one pass): process ``p`` reads the contiguous range
 ``ceil(ceil(N / P) / B)`` batches, so all processes yield the same number of
 batches and each example appears exactly once with ``mask == True``.
 Each eval image is `eval_preprocess` of its record (settings from
-`eval_settings(config)`), the same function ``bvit_jax.predict`` applies to
+`eval_settings(config)`), the same function ``bvit_jax.deploy.predict`` applies to
 image files, computed in two stages: `eval_image` per example, the
 normalisation per batch.
 
@@ -573,7 +573,7 @@ def eval_preprocess(data, settings) -> np.ndarray:
 
     `create_eval_iterator` runs exactly this: steps 1-2 (`eval_image`) per
     example and step 3 per batch, so its batches equal ``eval_preprocess`` of
-    each image bit for bit; ``python -m bvit_jax.predict`` calls this
+    each image bit for bit; ``python -m bvit_jax.deploy.predict`` calls this
     function with the settings stored in the model file. Raises
     `decode.DecodeError` for data PIL cannot decode.
     """

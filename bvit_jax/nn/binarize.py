@@ -15,14 +15,14 @@ probabilities). The layers hold them as small named objects,
 :class:`ElasticBinarizer` (as larq's quantizer classes): each carries its
 ``name``, its output ``precision`` in bits (from which each layer's
 ``report()`` gives its parameters' bit widths and its MACs' precision, what
-:mod:`bvit_jax.summary` adds up) and its custom gradient (its ``__call__``).
+:mod:`bvit_jax.nn.summary` adds up) and its custom gradient (its ``__call__``).
 
 The layers use the fused forms :func:`binary_matmul` (``x @ weight_binarize(W)``)
 and :func:`elastic_matmul` (``elastic_binarize(P, c) @ V``): the same values and
 the same gradients, but the forward computes the exact integer matmul of the
 +-1 (and {0, 1}) operands first and applies the scale ``alpha`` (or ``c``) to
 the result with one multiply, the order of operations of the packed 1-bit
-inference in :mod:`bvit_jax.packed`. Summing ``+-alpha`` terms in float instead
+inference in :mod:`bvit_jax.deploy.packed`. Summing ``+-alpha`` terms in float instead
 rounds differently, and in a deep binary network an occasional value within
 rounding distance of a sign threshold then flips (``docs/export.md``,
 "Exactness").

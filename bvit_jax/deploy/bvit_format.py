@@ -3,9 +3,9 @@
 This module only reads and writes the container (header dict plus named
 ``float32`` / ``uint32`` arrays); it does not know the models. Which tensors a
 file of a given architecture holds, and how a model is packed into them, is
-:mod:`bvit_jax.export`; the bit operations, :mod:`bvit_jax.bitops`.
+:mod:`bvit_jax.deploy.export`; the bit operations, :mod:`bvit_jax.deploy.bitops`.
 
-Bits (see :mod:`bvit_jax.bitops`): bit ``1`` is ``+1`` (``W >= 0``, so
+Bits (see :mod:`bvit_jax.deploy.bitops`): bit ``1`` is ``+1`` (``W >= 0``, so
 ``sign(0) = +1``), bit ``0`` is ``-1``; element ``k`` of the input axis is bit
 ``k % 32`` (LSB-first) of word ``k // 32``, i.e. ``numpy.packbits(...,
 bitorder="little")`` read as little-endian ``uint32``; padding bits are 0
@@ -77,7 +77,7 @@ MAGIC = b"BVITPK\r\n"
 # Version 2 files (no branch_norm: 'layernorm', the same tensors) and version 3 files still load.
 FORMAT_VERSION = 4
 _OLDEST_READABLE = 2
-FORMAT_NAME = "bvit_jax.packed"
+FORMAT_NAME = "bvit_jax.deploy.packed"
 _PREFIX = struct.Struct("<8sI")
 _PAYLOAD_ALIGN = 64
 _TENSOR_ALIGN = 16
@@ -222,7 +222,7 @@ def read_file(source, *, where: str | None = None) -> tuple[dict[str, Any], dict
     :class:`PackedFormatError` with the reason otherwise (e.g. ``truncated
     .bvit file: expected N bytes, the file has M``). Whether the tensors are
     those of the recorded architecture is the reader of the model's check
-    (:func:`bvit_jax.export.load_packed`).
+    (:func:`bvit_jax.deploy.export.load_packed`).
     """
     blob, name = read_bytes(source)
     where = name if where is None else where

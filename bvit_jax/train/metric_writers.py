@@ -6,7 +6,7 @@ event files go to ``workdir/tensorboard`` through tensorboardX. Only process
 0 writes. When a run resumes from step ``s``, lines after ``s`` (written by an
 attempt that died before its next checkpoint) are dropped so the file reads
 as one uninterrupted run. The workdir may be a local folder or a ``gs://``
-URL (:mod:`bvit_jax.storage`); ``metrics.jsonl`` is replaced atomically at
+URL (:mod:`bvit_jax.runs.storage`); ``metrics.jsonl`` is replaced atomically at
 every write (a preemption mid-write leaves the previous version whole, and a
 bucket has no append), event files in a bucket are uploaded at each flush.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bvit_jax import storage
+from bvit_jax.runs import storage
 
 __all__ = ["MetricWriter", "read_metrics"]
 

@@ -11,7 +11,7 @@
 The chain runs once per optimizer update, and every schedule (learning rate,
 warm-up, GRS strength) counts optimizer updates. ``global_batch_size`` is the
 batch of one update; with ``grad_accum_steps = k`` the trainer computes its
-gradient from ``k`` micro-batches (:mod:`bvit_jax.grad_accum`) before calling
+gradient from ``k`` micro-batches (:mod:`bvit_jax.train.grad_accum`) before calling
 the chain, so accumulation changes memory, never the schedules.
 The learning rate follows DeiT's linear scaling,
 ``lr = base_lr * global_batch_size / lr_reference_batch``, with linear warm-up
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bvit_jax.grs import freeze_oscillating, grs
-from bvit_jax.param_groups import path_mask
+from bvit_jax.nn.param_groups import path_mask
+from bvit_jax.train.grs import freeze_oscillating, grs
 
 __all__ = [
     "learning_rate_schedule",
@@ -142,9 +142,9 @@ def build_optimizer(
     """The full chain from ``config.optimizer`` / ``config.grs``.
 
     GRS (when ``grs.strength > 0``: the config alone decides; the recipe
-    sets it for the GRS presets, :data:`bvit_jax.recipes.PRESET_TRAINING`) follows
+    sets it for the GRS presets, :data:`bvit_jax.train.recipes.PRESET_TRAINING`) follows
     :func:`grs_schedule` with ``grs.schedule``; iterative freezing
-    (:func:`bvit_jax.grs.freeze_oscillating`, ``grs.freeze_threshold > 0``,
+    (:func:`bvit_jax.train.grs.freeze_oscillating`, ``grs.freeze_threshold > 0``,
     only if ``latent_mask`` marks any weight) is independent of GRS and goes
     last, after AdamW; then, with ``optimizer.latent_weight_clip = c > 0``,
     :func:`clip_latent_weights` projects the latent weights onto ``[-c, c]``.
@@ -185,7 +185,7 @@ def clip_latent_weights(limit: float, mask: Any) -> optax.GradientTransformation
     Applied last in the chain, so ``W + u'`` (what ``optax.apply_updates``
     computes) is the projection of the updated weight onto the box; leaves
     where ``mask`` is False pass unchanged. The straight-through gradient of a
-    binary weight is ``alpha * dL/dW_b * 1{|W| <= 1}`` (:mod:`bvit_jax.binarize`),
+    binary weight is ``alpha * dL/dW_b * 1{|W| <= 1}`` (:mod:`bvit_jax.nn.binarize`),
     so a latent weight past ``|W| = 1`` gets no gradient again and keeps its
     sign for good (GRS still pulls it towards ``alpha``); with ``c <= 1``
     every latent weight stays where it is trained. This is larq's

@@ -1,15 +1,15 @@
-"""Classify image files with an exported 1-bit model (``.bvit``, see :mod:`bvit_jax.export`).
+"""Classify image files with an exported 1-bit model (``.bvit``, see :mod:`bvit_jax.deploy.export`).
 
 Command line::
 
     bvit-predict --model=model.bvit img1.jpg img2.png ... [--top_k=5] [--batch_size=16] [--json]
-    python -m bvit_jax.predict ...   (the same)
+    python -m bvit_jax.deploy.predict ...   (the same)
 
 prints, per image, the ``top_k`` classes with their softmax probabilities:
 class names when the file has them (``class_names`` in its header, stored at
 export from :func:`bvit_jax.data.class_names`: Fashion-MNIST's names,
 ImageNet's synset ids, ...), else class indices. Inference is
-:func:`bvit_jax.packed.packed_forward` (XNOR-popcount, float32 elsewhere).
+:func:`bvit_jax.deploy.packed.packed_forward` (XNOR-popcount, float32 elsewhere).
 
 Preprocessing is the trainer's eval transform, :func:`bvit_jax.data.eval_preprocess`,
 with the settings stored in the file's header (``preprocess``, written at
@@ -38,11 +38,11 @@ import numpy as np
 
 from bvit_jax import cli
 from bvit_jax import data as data_lib
-from bvit_jax.bvit_format import PackedFormatError
 from bvit_jax.data.decode import DecodeError
+from bvit_jax.deploy.bvit_format import PackedFormatError
+from bvit_jax.deploy.export import load_packed
+from bvit_jax.deploy.packed import PackedModel, packed_forward
 from bvit_jax.errors import UserError
-from bvit_jax.export import load_packed
-from bvit_jax.packed import PackedModel, packed_forward
 
 __all__ = ["model_settings", "load_images", "classify", "main"]
 
@@ -50,7 +50,7 @@ __all__ = ["model_settings", "load_images", "classify", "main"]
 def model_settings(packed: PackedModel) -> data_lib.EvalSettings:
     """The eval transform stored in a packed model's header, checked against its architecture.
 
-    Raises :class:`~bvit_jax.bvit_format.PackedFormatError` (a ``ValueError``) when
+    Raises :class:`~bvit_jax.deploy.bvit_format.PackedFormatError` (a ``ValueError``) when
     the header has no ``preprocess`` (exported with ``data=None``) or its size /
     channels do not fit the model.
     """

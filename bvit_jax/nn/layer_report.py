@@ -2,7 +2,7 @@
 
 Every layer of the library that owns parameters or does multiply-accumulates
 has a ``report(num_tokens)`` method returning a :class:`LayerReport`;
-:mod:`bvit_jax.summary` walks the modules of a model and adds the reports up,
+:mod:`bvit_jax.nn.summary` walks the modules of a model and adds the reports up,
 without knowing the layer classes (as larq's summary reads each layer's
 quantizer precision). A module without ``report`` (a plain flax layer someone
 added) is counted conservatively: its parameters at 32 bits in the category

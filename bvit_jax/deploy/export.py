@@ -11,29 +11,29 @@ what inference needs:
   with ``options.branch_norm = 'affine'`` or ``'batchnorm'`` (a normalisation
   of the shortcut branch that is a per-channel map ``y * scale + shift`` at
   inference; a BatchNorm's from its running statistics,
-  :func:`bvit_jax.layers.branch_norm_affine`) that map is folded into them:
+  :func:`bvit_jax.nn.folding.branch_norm_affine`) that map is folded into them:
   ``P/alpha = alpha * scale``, ``P/bias = b * scale + shift``
-  (:func:`bvit_jax.layers.fold_branch_affine`), and the ``norm`` is not stored;
+  (:func:`bvit_jax.nn.folding.fold_branch_affine`), and the ``norm`` is not stored;
 * every other parameter (patch embedding, class token, position embedding,
   LayerNorms, shifts ``beta``/``gamma``, RPReLU, attention levels (their raw parameter
   ``attn_level_raw``, ``c = c_min + softplus(raw)``),
   head) unchanged in float32.
 
-Bits: the file's bit convention (:data:`bvit_jax.bvit_format.BIT_CONVENTION`,
-the standard order of :mod:`bvit_jax.bitops`); the container, its header and
-its checks (magic, version, sizes, CRC-32): :mod:`bvit_jax.bvit_format`. This
+Bits: the file's bit convention (:data:`bvit_jax.deploy.bvit_format.BIT_CONVENTION`,
+the standard order of :mod:`bvit_jax.deploy.bitops`); the container, its header and
+its checks (magic, version, sizes, CRC-32): :mod:`bvit_jax.deploy.bvit_format`. This
 module knows which tensors a model of a given architecture and options
 stores (and checks a file against them on loading).
 
 Python API::
 
     blob = export_model(model, "model.bvit", data=config.data, variant="deit_small", preset="binaryvit")
-    packed = load_packed("model.bvit")  # a bvit_jax.packed.PackedModel
-    logits = bvit_jax.packed.packed_forward(packed, images)
+    packed = load_packed("model.bvit")  # a bvit_jax.deploy.packed.PackedModel
+    logits = bvit_jax.deploy.packed.packed_forward(packed, images)
 
 Command line (a trainer workdir's best checkpoint -> file)::
 
-    python -m bvit_jax.export --workdir=/tmp/run --out=model.bvit [--which=best|latest] [--labels=names.txt]
+    python -m bvit_jax.deploy.export --workdir=/tmp/run --out=model.bvit [--which=best|latest] [--labels=names.txt]
 """
 
 from __future__ import annotations
@@ -49,17 +49,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bvit_jax import bvit_format, cli
+from bvit_jax import cli
 from bvit_jax import data as data_lib
-from bvit_jax.binarize import WeightBinarizer
-from bvit_jax.bitops import num_words, pack_signs, to_planes
-from bvit_jax.bvit_format import PackedFormatError
+from bvit_jax.deploy import bvit_format
+from bvit_jax.deploy.bitops import num_words, pack_signs, to_planes
+from bvit_jax.deploy.bvit_format import PackedFormatError
+from bvit_jax.deploy.packed import PackedModel, check_packable
 from bvit_jax.errors import UserError
-from bvit_jax.layers import BinaryOptions, branch_norm_affine, fold_branch_affine
-from bvit_jax.models import VisionTransformer, ViTConfig, model_variables
-from bvit_jax.packed import PackedModel, check_packable
-from bvit_jax.param_groups import flatten_with_paths, latent_weight_paths
-from bvit_jax.summary import size_accounting
+from bvit_jax.nn.binarize import WeightBinarizer
+from bvit_jax.nn.folding import branch_norm_affine, fold_branch_affine
+from bvit_jax.nn.models import VisionTransformer, ViTConfig, model_variables
+from bvit_jax.nn.options import BinaryOptions
+from bvit_jax.nn.param_groups import flatten_with_paths, latent_weight_paths
+from bvit_jax.nn.summary import size_accounting
 
 __all__ = [
     "export_model",
@@ -87,14 +89,14 @@ def resolve_data(data, cfg: ViTConfig | None = None) -> tuple[dict[str, Any] | N
 
     * a data config: a trainer's ``config.data`` (ConfigDict) or the ``data``
       entry of a workdir's ``config.json`` (dict), e.g.
-      ``bvit_jax.workdir.load_config(workdir)["data"]``;
+      ``bvit_jax.runs.workdir.load_config(workdir)["data"]``;
     * a data set name: that data set's own defaults,
       ``bvit_jax.data.default_data_config(name)`` (``"fashion_mnist"``: 28 px,
       1 channel, mean 0.286, std 0.353). Right only if training used them;
     * a :class:`bvit_jax.data.EvalSettings`, or a header's ``preprocess``
       dict (no class names then);
-    * ``None``: nothing is stored; :func:`bvit_jax.packed.packed_forward` runs the file on
-      tensors you preprocess yourself, and ``python -m bvit_jax.predict``
+    * ``None``: nothing is stored; :func:`bvit_jax.deploy.packed.packed_forward` runs the file on
+      tensors you preprocess yourself, and ``python -m bvit_jax.deploy.predict``
       refuses it.
 
     Raises ``ValueError`` when the settings' ``image_size`` / ``channels``
@@ -121,9 +123,9 @@ def resolve_data(data, cfg: ViTConfig | None = None) -> tuple[dict[str, Any] | N
 def _missing_data(fn: str) -> TypeError:
     return TypeError(
         f"{fn}() needs data=: the data config the model was trained with (a trainer's config.data, or "
-        "bvit_jax.workdir.load_config(workdir)['data']), or a data set name for that data set's defaults "
+        "bvit_jax.runs.workdir.load_config(workdir)['data']), or a data set name for that data set's defaults "
         "(data='fashion_mnist' means bvit_jax.data.default_data_config('fashion_mnist')), so that the file "
-        "records the trainer's eval preprocessing; or data=None to record none (python -m bvit_jax.predict "
+        "records the trainer's eval preprocessing; or data=None to record none (python -m bvit_jax.deploy.predict "
         "then refuses the file)"
     )
 
@@ -233,7 +235,7 @@ def _pack_flat(
             base = path[: -len("/kernel")]
             tensors[base + "/kernel_bits"] = pack_signs(value, axis=0)
             # alpha exactly as the training forward computes it (XLA's float32 reduction,
-            # bvit_jax.binarize.WeightBinarizer.alpha), not numpy's pairwise sum: a few ulp matter
+            # bvit_jax.nn.binarize.WeightBinarizer.alpha), not numpy's pairwise sum: a few ulp matter
             # at the sign thresholds of later layers.
             alpha = np.asarray(WeightBinarizer(scale=opts.weight_scale).alpha(jnp.asarray(value)))
             tensors[base + "/alpha"] = alpha.astype(np.float32)
@@ -243,7 +245,7 @@ def _pack_flat(
     for norm, base in folded.items():
         # The normalisation as its inference map y * scale + shift (a BatchNorm: from its running
         # statistics), then alpha' = alpha * scale, b' = b * scale + shift: by the functions the
-        # model's eval forward uses (bvit_jax.layers.branch_norm_affine, fold_branch_affine, which
+        # model's eval forward uses (bvit_jax.nn.folding.branch_norm_affine, fold_branch_affine, which
         # round every product before its add), so the same values.
         names = [p.rsplit("/", 1)[1] for p in shapes if p.rsplit("/", 1)[0] == norm]
         scale, shift = branch_norm_affine(opts.branch_norm, {n: jnp.asarray(f32(f"{norm}/{n}")) for n in names})
@@ -284,7 +286,7 @@ def export_params(
     take precedence). Returns the file's bytes; also writes them to ``path``
     when given. Raises ``ValueError`` if the parameters do not fit
     ``cfg``/``opts``, the model has no binary linears (see
-    :func:`bvit_jax.packed.check_packable`) or ``data`` does not fit the
+    :func:`bvit_jax.deploy.packed.check_packable`) or ``data`` does not fit the
     model, ``TypeError`` without ``data``.
     """
     if data is _REQUIRED:
@@ -325,7 +327,7 @@ def export_model(
     class_names: list[str] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """Export a binary :class:`~bvit_jax.models.VisionTransformer` to the 1-bit ``.bvit`` format.
+    """Export a binary :class:`~bvit_jax.nn.models.VisionTransformer` to the 1-bit ``.bvit`` format.
 
     Returns the file's bytes and writes them to ``path`` when given.
 
@@ -357,7 +359,7 @@ def export_model(
 
 
 def _runtime(tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> dict[str, jax.Array]:
-    """File tensors -> device arrays for :func:`bvit_jax.packed.packed_forward` (kernels re-ordered to plane order)."""
+    """File tensors -> device arrays for :func:`bvit_jax.deploy.packed.packed_forward` (kernels in plane order)."""
     out = {}
     for name, arr in tensors.items():
         if name in bits:
@@ -367,10 +369,10 @@ def _runtime(tensors: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> dict
 
 
 def pack_model(model: VisionTransformer, *, data: Any = None, class_names: list[str] | None = None) -> PackedModel:
-    """The :class:`~bvit_jax.packed.PackedModel` of a model, in memory (no file).
+    """The :class:`~bvit_jax.deploy.packed.PackedModel` of a model, in memory (no file).
 
-    For :func:`bvit_jax.packed.packed_forward` on tensors no ``data`` is needed. To classify
-    image files with it (:func:`bvit_jax.predict.classify`), pass the training
+    For :func:`bvit_jax.deploy.packed.packed_forward` on tensors no ``data`` is needed. To classify
+    image files with it (:func:`bvit_jax.deploy.predict.classify`), pass the training
     data config or a data set name as ``data``; the header then gets the same
     ``preprocess`` and ``class_names`` as :func:`export_model` would store
     (:func:`resolve_data`). With ``data=None`` the header has
@@ -397,12 +399,12 @@ def pack_model(model: VisionTransformer, *, data: Any = None, class_names: list[
 
 
 def load_packed(source) -> PackedModel:
-    """Read a ``.bvit`` file (path, bytes or binary file object) into a :class:`~bvit_jax.packed.PackedModel`.
+    """Read a ``.bvit`` file (path, bytes or binary file object) into a :class:`~bvit_jax.deploy.packed.PackedModel`.
 
     Checks the magic, version, sizes and CRC-32
-    (:func:`bvit_jax.bvit_format.read_file`) and that the tensors are exactly
+    (:func:`bvit_jax.deploy.bvit_format.read_file`) and that the tensors are exactly
     those of the recorded architecture; raises
-    :class:`~bvit_jax.bvit_format.PackedFormatError` with the reason otherwise
+    :class:`~bvit_jax.deploy.bvit_format.PackedFormatError` with the reason otherwise
     (e.g. ``truncated .bvit file: expected N bytes, the file has M``).
     """
     blob, where = bvit_format.read_bytes(source)
@@ -444,15 +446,15 @@ def export_workdir(
 ) -> dict[str, Any]:
     """Export a trainer workdir's checkpoint (``which``: ``best`` or ``latest``) to ``out``.
 
-    Reads ``(config, model, params)`` through :func:`bvit_jax.workdir.restore`
+    Reads ``(config, model, params)`` through :func:`bvit_jax.runs.workdir.restore`
     (the model of ``config.json``: ``config.model.{variant, preset,
     num_classes, overrides}`` and ``config.data.{image_size, channels}``),
     and stores the eval preprocessing and class names of ``config.data``
     (:func:`resolve_data`; ``class_names`` given here replace the data set's).
     Returns a summary (path, bytes, accounting).
     """
-    from bvit_jax import storage
-    from bvit_jax.workdir import restore  # the run folder's owner (orbax), needed by workdir export only
+    from bvit_jax.runs import storage
+    from bvit_jax.runs.workdir import restore  # the run folder's owner (orbax), needed by workdir export only
 
     config, model, params = restore(os.fspath(workdir), which=which, dtype=jnp.float32)
     cfg, opts = model.cfg, model.opts

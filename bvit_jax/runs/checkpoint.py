@@ -1,7 +1,7 @@
 """Checkpoints with orbax: resumable training state, the best model, and restoring them.
 
 Plain orbax, on the two checkpoint folders of a run folder
-(:mod:`bvit_jax.workdir` owns the folder and its ``config.json``, and knows
+(:mod:`bvit_jax.runs.workdir` owns the folder and its ``config.json``, and knows
 which model a config builds; this module knows neither)::
 
     checkpoints/<step>/   the last ``keep`` train states: {state, data, config}
@@ -33,8 +33,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from bvit_jax import storage
 from bvit_jax.errors import UserError
+from bvit_jax.runs import storage
 
 __all__ = [
     "CheckpointStore",

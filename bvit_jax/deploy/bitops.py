@@ -1,7 +1,7 @@
 """Bit packing and XNOR-popcount ops: signs as ``uint32`` words and exact +-1 dot products on them.
 
-Knows nothing of models: the packed ViT forward (:mod:`bvit_jax.packed`) and the
-exporter (:mod:`bvit_jax.export`) build on these ops.
+Knows nothing of models: the packed ViT forward (:mod:`bvit_jax.deploy.packed`) and the
+exporter (:mod:`bvit_jax.deploy.export`) build on these ops.
 
 A binary layer of a trained model multiplies ``sign(x - shift(x))`` by
 ``alpha * sign(W)``. Both factors are +-1 vectors, so the layer can run on

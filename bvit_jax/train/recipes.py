@@ -9,7 +9,7 @@ Durations are given in epochs (``*_epochs``) or steps (``*_steps``, wins when
 learning rate scales linearly with the batch of one optimizer update:
 ``lr = base_lr * global_batch_size / lr_reference_batch``.
 
-A preset (:data:`bvit_jax.models.PRESETS`) describes the model only; what a
+A preset (:data:`bvit_jax.nn.models.PRESETS`) describes the model only; what a
 run does on top of it (GRS, distillation from an fp teacher) is a config
 field, whose default per preset comes from one table here,
 :data:`PRESET_TRAINING`. The trainer reads the config alone:
@@ -23,7 +23,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from bvit_jax.data import default_data_config
-from bvit_jax.models import PRESETS, override_fields
+from bvit_jax.nn.models import PRESETS, override_fields
 
 __all__ = [
     "GRS_STRENGTH",
@@ -61,7 +61,7 @@ DEIT_DROP_PATH_RATE = 0.1
 BINARY_DROP_PATH_RATE = 0.0
 _GRS_PRESETS = frozenset({"baseline+grs", "binaryvit"})  # the presets whose recipe adds GRS
 if not _GRS_PRESETS <= PRESETS.keys():
-    raise RuntimeError(f"GRS presets {sorted(_GRS_PRESETS - PRESETS.keys())} are not in bvit_jax.models.PRESETS")
+    raise RuntimeError(f"GRS presets {sorted(_GRS_PRESETS - PRESETS.keys())} are not in bvit_jax.nn.models.PRESETS")
 
 # Every preset of the library's registry: the GRS presets get GRS_STRENGTH, every binary preset distils.
 PRESET_TRAINING: dict[str, PresetTraining] = {
@@ -73,7 +73,7 @@ PRESET_TRAINING: dict[str, PresetTraining] = {
 def model_overrides(**values) -> ml_collections.ConfigDict:
     """``config.model.overrides``: every architecture / binarization field, unset (None) unless in ``values``.
 
-    One typed placeholder per field of :func:`bvit_jax.models.override_fields`
+    One typed placeholder per field of :func:`bvit_jax.nn.models.override_fields`
     (the ``ViTConfig`` fields but num_classes / image_size / in_channels, the
     ``BinaryOptions`` fields but dtype), so that any of them can be set from
     the command line, e.g. ``--config.model.overrides.embed_dim=32``; None
@@ -92,7 +92,7 @@ def model_overrides(**values) -> ml_collections.ConfigDict:
 def base_config(preset: str, variant: str, dataset: str) -> ml_collections.ConfigDict:
     """Every field of a training run, with DeiT's ImageNet recipe as the defaults.
 
-    ``preset`` (a key of :data:`bvit_jax.models.PRESETS`) sets
+    ``preset`` (a key of :data:`bvit_jax.nn.models.PRESETS`) sets
     ``model.preset`` and, from :data:`PRESET_TRAINING`, the defaults of
     ``grs.strength`` and ``distill.enabled``.
     """
@@ -107,12 +107,12 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.model.preset = preset
     c.model.num_classes = 1000
     # Compute dtype: 'float32', 'bfloat16' (parameters stay float32) or 'auto' (bfloat16 on GPU/TPU,
-    # float32 on CPU: bvit_jax.precision.compute_dtype; the ImageNet recipe's default).
+    # float32 on CPU: bvit_jax.nn.precision.compute_dtype; the ImageNet recipe's default).
     c.model.dtype = "float32"
     # Stochastic depth (Huang et al. 2016): block i of L drops its residual branches per example with rate
     # drop_path_rate * i / (L - 1), in training only (docs/method.md, "Stochastic depth"). 0 turns it off.
     c.model.drop_path_rate = 0.0
-    # Rematerialisation of every block in the backward pass: a key of bvit_jax.models.REMAT_POLICIES
+    # Rematerialisation of every block in the backward pass: a key of bvit_jax.nn.models.REMAT_POLICIES
     # ('none', 'full' = nothing saved, 'dots_saveable', 'dots_with_no_batch_dims_saveable'); same gradients.
     c.model.remat_policy = "none"
     c.model.overrides = model_overrides()
@@ -213,7 +213,7 @@ def imagenet_deit_config(variant: str, preset: str) -> ml_collections.ConfigDict
     c.model.num_classes = 1000
     c.data.image_size = 224
     c.data.num_workers = -1  # grain worker processes sized to the host (data.resolve_num_workers)
-    c.model.dtype = "auto"  # bfloat16 compute on GPU/TPU, float32 on CPU (bvit_jax.precision)
+    c.model.dtype = "auto"  # bfloat16 compute on GPU/TPU, float32 on CPU (bvit_jax.nn.precision)
     c.distill.teacher_dtype = "auto"
     c.model.drop_path_rate = DEIT_DROP_PATH_RATE if preset == "fp" else BINARY_DROP_PATH_RATE
     return c

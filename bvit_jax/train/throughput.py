@@ -11,7 +11,7 @@ the model's training FLOPs per second over the devices' peak::
     MFU = (6 * M_student + 2 * M_teacher) * images_per_s / (num_devices * peak_flops)
 
 with ``M`` the multiply-accumulates of one image's forward pass
-(:func:`bvit_jax.summary.summary` ``.macs``, binary MACs included: the train
+(:func:`bvit_jax.nn.summary.summary` ``.macs``, binary MACs included: the train
 step runs them as floating-point matmuls on ±1 values), ``2 M`` FLOPs for a
 forward and ``4 M`` for its backward (gradients of activations and of
 weights), and the frozen teacher's forward alone. Peak FLOPs per device come
@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 
-from bvit_jax import storage
+from bvit_jax.runs import storage
 
 __all__ = ["PEAK_FLOPS", "peak_flops", "train_flops_per_image", "StepTimer"]
 

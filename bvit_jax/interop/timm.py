@@ -5,7 +5,7 @@ student whose latent weights start from the DeiT weights.
 
 Python API::
 
-    from bvit_jax.convert import from_timm, load_state_dict_file, load_timm_state_dict
+    from bvit_jax.interop.timm import from_timm, load_state_dict_file, load_timm_state_dict
 
     sd = load_state_dict_file("deit_small_patch16_224.pth")       # or a torch model's .state_dict()
     teacher, report = from_timm("deit_small_patch16_224", sd)      # preset "fp"
@@ -16,15 +16,15 @@ Python API::
 Command line (writes a workdir that the trainer accepts as
 ``--config.distill.teacher_workdir``)::
 
-    python -m bvit_jax.convert --timm_model=deit_small_patch16_224 \\
+    python -m bvit_jax.interop.timm --timm_model=deit_small_patch16_224 \\
         --checkpoint=deit_small_patch16_224.pth --workdir=workdirs/deit_small_timm
 
-The workdir (:mod:`bvit_jax.workdir`) holds ``config.json``
+The workdir (:mod:`bvit_jax.runs.workdir`) holds ``config.json``
 (``configs/imagenet_deit.py:<variant>,<preset>``, with ``model.num_classes``,
 ``model.overrides.depth``, ``data.image_size`` and ``data.channels`` set from
 the checkpoint; another config with ``--config=FILE:ARG``), a ``best/``
 checkpoint as the trainer writes it (step 0, ``eval_top1=0``: not evaluated
-here; :func:`bvit_jax.workdir.save_model`) and ``import_report.json``.
+here; :func:`bvit_jax.runs.workdir.save_model`) and ``import_report.json``.
 
 Layout mapping (timm key -> our path; ``W.T``: a torch ``Linear`` weight is
 ``(out, in)``, ours ``(in, out)``)::
@@ -72,9 +72,9 @@ from flax import nnx
 
 from bvit_jax import cli
 from bvit_jax.errors import MissingExtraError, UserError
-from bvit_jax.models import VisionTransformer, config_overrides, create, get_variant
-from bvit_jax.param_groups import path_str
-from bvit_jax.recipes import imagenet_deit_config
+from bvit_jax.nn.models import VisionTransformer, config_overrides, create, get_variant
+from bvit_jax.nn.param_groups import path_str
+from bvit_jax.train.recipes import imagenet_deit_config
 
 __all__ = [
     "ImportReport",
@@ -369,7 +369,7 @@ def load_timm_state_dict(
     their initialisation and are listed in ``report.left_at_init``.
 
     Args:
-      model: a :class:`~bvit_jax.models.VisionTransformer` of matching shape.
+      model: a :class:`~bvit_jax.nn.models.VisionTransformer` of matching shape.
       state_dict: a timm model's ``state_dict()`` (torch tensors or numpy arrays),
         or a loaded DeiT checkpoint (``{"model": ...}``).
       skip_head: leave the classifier at its initialisation (fine-tuning on
@@ -460,7 +460,7 @@ def from_timm(
     ``name``: ``deit_{tiny,small,base}_patch16_<res>`` (a ``.tag`` suffix is
     ignored) or ``deit_{tiny,small,base}``. Depth, image size, input channels
     and class count are read from the state dict (so ``timm.create_model(...,
-    depth=2)`` models import too); ``overrides`` (any :func:`~bvit_jax.models.create`
+    depth=2)`` models import too); ``overrides`` (any :func:`~bvit_jax.nn.models.create`
     field) win. ``preset="fp"`` gives the teacher; a binary preset gives a
     student whose latent weights start from DeiT's. ``state_dict`` may be a
     path (see :func:`load_state_dict_file`).
@@ -494,12 +494,12 @@ def write_workdir(model: VisionTransformer, config, workdir: str | Path, *, repo
 
     ``config`` is an ml_collections config (``configs/...`` ``get_config``);
     its model and data fields are set to describe ``model``, and
-    :func:`bvit_jax.workdir.save_model` writes both, so that
-    :func:`bvit_jax.workdir.restore` rebuilds the model and the trainer
+    :func:`bvit_jax.runs.workdir.save_model` writes both, so that
+    :func:`bvit_jax.runs.workdir.restore` rebuilds the model and the trainer
     accepts the workdir as ``distill.teacher_workdir``. Refuses a workdir
     that already holds checkpoints.
     """
-    from bvit_jax.workdir import save_model  # orbax: needed by this command only
+    from bvit_jax.runs.workdir import save_model  # orbax: needed by this command only
 
     cfg = model.cfg
     variant = get_variant(config.model.variant)
@@ -540,7 +540,7 @@ def _define_flags(fv, argv: list[str]) -> None:
     config_flags.DEFINE_config_file(
         "config",
         None,
-        "Config to record (default: bvit_jax.recipes.imagenet_deit_config(<variant>, <preset>), "
+        "Config to record (default: bvit_jax.train.recipes.imagenet_deit_config(<variant>, <preset>), "
         "as configs/imagenet_deit.py:<variant>,<preset>); its model/data fields are set from the checkpoint.",
         flag_values=fv,
         sys_argv=argv,

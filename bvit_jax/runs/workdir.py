@@ -6,17 +6,17 @@ Layout of a workdir::
                            unset ``model.overrides`` placeholders as null)
     checkpoints/<step>/    the last ``keep_checkpoints`` train states, each {state, data, config}
     best/<step>/           the model variables with the best eval top-1 (one kept)
-    metrics.jsonl          one JSON object per log step (:mod:`bvit_jax.metric_writers`)
+    metrics.jsonl          one JSON object per log step (:mod:`bvit_jax.train.metric_writers`)
     tensorboard/           the same scalars as TensorBoard event files
     damaged_checkpoints/   step folders that failed to restore at a resume, set aside (never deleted)
-    import_report.json     only in a workdir written by :mod:`bvit_jax.convert`
+    import_report.json     only in a workdir written by :mod:`bvit_jax.interop.timm`
 
 This module owns ``config.json`` (:func:`write_config`, :func:`load_config`),
 the model a run config describes (:func:`build_model`, concrete or abstract,
-through :func:`bvit_jax.models.from_config`), and restoring a trained model
+through :func:`bvit_jax.nn.models.from_config`), and restoring a trained model
 from a workdir (:func:`restore`: ``(config, model, params)`` of the best or
 the latest checkpoint; :func:`restore_params` without the model).
-:mod:`bvit_jax.checkpoint` reads and writes the two checkpoint folders with
+:mod:`bvit_jax.runs.checkpoint` reads and writes the two checkpoint folders with
 orbax and knows nothing of models; the trainer, export, convert and the
 ablation report read and write workdirs through this module.
 
@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bvit_jax import storage
-from bvit_jax.checkpoint import CheckpointError, CheckpointStore, Placement, read_params
 from bvit_jax.errors import ConfigError, UserError
-from bvit_jax.models import VisionTransformer, from_config, model_variables
-from bvit_jax.precision import compute_dtype
+from bvit_jax.nn.models import VisionTransformer, from_config, model_variables
+from bvit_jax.nn.precision import compute_dtype
+from bvit_jax.runs import storage
+from bvit_jax.runs.checkpoint import CheckpointError, CheckpointStore, Placement, read_params
 
 __all__ = [
     "CONFIG_FILE",
@@ -81,7 +81,7 @@ def has_config(workdir: storage.PathLike) -> bool:
 def write_config(workdir: storage.PathLike, config: Any) -> storage.epath.Path:
     """Write ``config`` (an ml_collections config or a dict) as ``workdir/config.json``; returns its path.
 
-    Replaced atomically (:func:`bvit_jax.storage.atomic_write_text`): a
+    Replaced atomically (:func:`bvit_jax.runs.storage.atomic_write_text`): a
     preemption during the write leaves the previous file whole.
     """
     if hasattr(config, "to_json_best_effort"):
@@ -94,7 +94,7 @@ def write_config(workdir: storage.PathLike, config: Any) -> storage.epath.Path:
 def load_config(workdir: storage.PathLike) -> dict:
     """The ``config.json`` a run wrote into its workdir, as a dict.
 
-    Raises :class:`bvit_jax.checkpoint.CheckpointError` when there is none.
+    Raises :class:`bvit_jax.runs.checkpoint.CheckpointError` when there is none.
     """
     path = storage.as_path(workdir) / CONFIG_FILE
     if not path.exists():
@@ -106,13 +106,13 @@ def load_config(workdir: storage.PathLike) -> dict:
 def build_model(
     config: Mapping[str, Any], *, seed: int = 0, dtype: Any = None, abstract: bool = False
 ) -> VisionTransformer:
-    """The model a run config describes: :func:`bvit_jax.models.from_config`.
+    """The model a run config describes: :func:`bvit_jax.nn.models.from_config`.
 
     ``config``: an ml_collections config or the dict of a ``config.json``
     (its ``model`` and ``data`` entries are read). ``seed`` initialises the
     parameters; ``dtype`` is the compute dtype (None: the config's
     ``model.dtype``, float32 when unset; ``'auto'`` is bfloat16 on GPU/TPU and
-    float32 on CPU, :func:`bvit_jax.precision.compute_dtype`; parameters are
+    float32 on CPU, :func:`bvit_jax.nn.precision.compute_dtype`; parameters are
     float32 either way).
     ``abstract=True`` builds it under ``nnx.eval_shape``: shapes and dtypes
     only, nothing allocated. A config value that cannot build a model (an
@@ -139,7 +139,7 @@ def abstract_params(config: Mapping[str, Any]) -> Any:
     """Shape/dtype tree (``ShapeDtypeStruct`` s, pure-dict layout) of the variables of ``config``'s model.
 
     The parameters and, with ``branch_norm='batchnorm'``, the BatchNorms'
-    running statistics (:func:`bvit_jax.models.model_variables`).
+    running statistics (:func:`bvit_jax.nn.models.model_variables`).
     """
     return model_variables(build_model(config, abstract=True))
 
@@ -155,7 +155,7 @@ def restore_params(
     ``branch_norm='batchnorm'`` the running statistics beside them) in the
     model's pure-dict layout: host-local arrays, or with ``placement`` (a
     function from the shape tree to a tree of shardings) restored straight
-    into those shardings (:func:`bvit_jax.checkpoint.read_params`).
+    into those shardings (:func:`bvit_jax.runs.checkpoint.read_params`).
     """
     config = load_config(workdir)
     return config, read_params(workdir, abstract_params(config), which, placement=placement)

@@ -5,8 +5,8 @@ linear, RPReLU in every MLP). The math here is that of the plain ``jnp``
 code; autodiff of that code makes XLA (on CPU especially) materialise
 full-size broadcasts of per-row statistics and per-channel parameters and read
 the activations more often than needed, so each op's backward is written in
-closed form. The layers (:mod:`bvit_jax.layers`) and the packed 1-bit forward
-(:mod:`bvit_jax.packed`) call the same functions, so both compute identical
+closed form. The layers (:mod:`bvit_jax.nn`) and the packed 1-bit forward
+(:mod:`bvit_jax.deploy.packed`) call the same functions, so both compute identical
 float32 values.
 """
 
@@ -124,8 +124,8 @@ def rounded(x: jax.Array) -> jax.Array:
     matmul is emitted inside the same loop). ``rounded(a * b) + c`` always
     rounds the product first: the select between the two stops the
     contraction, and no simplifier removes it (it differs from ``x`` for NaN
-    payloads). The folded branch normalisation (:func:`bvit_jax.layers.fold_branch_affine`,
-    :class:`bvit_jax.layers.LinearBlock`, and the packed layer) computes every
+    payloads). The folded branch normalisation (:func:`bvit_jax.nn.folding.fold_branch_affine`,
+    :class:`bvit_jax.nn.linear.LinearBlock`, and the packed layer) computes every
     ``product + bias`` this way, so both forwards round identically
     wherever XLA places the operations.
     """

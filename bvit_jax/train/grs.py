@@ -14,7 +14,7 @@ fewer weights keep flipping sign. Chain it before the optimizer:
 
     tx = optax.chain(grs(1e-4, mask=mask), optax.clip_by_global_norm(1.0), optax.adamw(...))
 
-``lambda`` may follow a schedule (:func:`bvit_jax.optim.grs_schedule`: constant,
+``lambda`` may follow a schedule (:func:`bvit_jax.train.optim.grs_schedule`: constant,
 or a linear / cosine ramp-up from 0). The comparison point of Nagel et al.
 (ICML 2022, Sec. 4.2), iterative freezing of weights whose EMA sign-flip
 frequency passes a threshold, is :func:`freeze_oscillating`; it acts on the
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bvit_jax.binarize import channel_alpha, sign
+from bvit_jax.nn.binarize import channel_alpha, sign
 
 __all__ = ["grs", "grs_penalty", "grs_direction", "GRSState", "freeze_oscillating", "FreezeState", "frozen_share"]
 
@@ -60,7 +60,7 @@ def grs(strength: float | optax.Schedule, mask: Any = None) -> optax.GradientTra
       strength: ``lambda`` (>= 0), or a schedule ``step -> lambda`` (e.g.
         ``optax.linear_schedule(0, 1e-4, 1000)`` to warm it up).
       mask: a boolean pytree like the params (see
-        :func:`bvit_jax.param_groups.latent_weight_mask`) or a callable
+        :func:`bvit_jax.nn.param_groups.latent_weight_mask`) or a callable
         ``params -> mask``; ``None`` applies GRS to every leaf.
     """
     if not callable(strength) and strength < 0:
@@ -106,7 +106,7 @@ def freeze_oscillating(threshold: float, momentum: float = 0.99, mask: Any = Non
     value, and so its sign, never changes, however large its gradient;
     ``f`` of a frozen weight is no longer updated. ``m`` weights the past
     (``m = 0.99`` is the ``0.01`` momentum of Nagel et al. and of
-    :func:`bvit_jax.diagnostics.oscillation_update`, which weight the new value).
+    :func:`bvit_jax.train.diagnostics.oscillation_update`, which weight the new value).
 
     The binary analogue of Nagel et al.: they count oscillations (an integer
     change opposite to the previous change) and freeze the weight's integer
@@ -120,7 +120,7 @@ def freeze_oscillating(threshold: float, momentum: float = 0.99, mask: Any = Non
       threshold: ``f`` above which a weight is frozen, in ``[0, 1)``.
       momentum: ``m`` in ``[0, 1)``.
       mask: as in :func:`grs`: the latent binary weights
-        (:func:`bvit_jax.param_groups.latent_weight_mask`); ``None``: every leaf.
+        (:func:`bvit_jax.nn.param_groups.latent_weight_mask`); ``None``: every leaf.
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"freeze threshold must be in [0, 1), got {threshold} (config field grs.freeze_threshold)")

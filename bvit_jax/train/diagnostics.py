@@ -8,7 +8,7 @@ for a JSON-lines logger (``{k: float(v) for k, v in metrics.items()}``).
 
 Weights are read from parameter pure dicts (``nnx.to_pure_dict(nnx.state(model,
 nnx.Param))``) through the latent-weight mask of
-:func:`bvit_jax.param_groups.latent_weight_mask`. The mask selects leaves by
+:func:`bvit_jax.nn.param_groups.latent_weight_mask`. The mask selects leaves by
 Python bools, so it must be static under ``jit``: close over it, e.g.
 ``jax.jit(lambda p0, p1: flip_rate(p0, p1, mask))``. ``alpha = mean(|W|)`` is
 taken per output channel (over every axis but the last), as in the weight
@@ -26,7 +26,7 @@ Weight metrics
     update runs every N steps, ``f`` is a frequency per check, not per step.
   * **outside the STE window**: share of latent weights with ``|W| > 1``,
     where the clipped straight-through gradient ``alpha * dL/dW_b * 1{|W| <= 1}``
-    of the weight binarizer (:mod:`bvit_jax.binarize`) is zero: such a weight
+    of the weight binarizer (:mod:`bvit_jax.nn.binarize`) is zero: such a weight
     gets no gradient again and keeps its sign for good (only GRS or the
     optional clip ``optimizer.latent_weight_clip`` bring it back).
   * **near zero**: share of latent weights with ``|W| < frac * alpha``
@@ -75,8 +75,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bvit_jax.binarize import channel_alpha, sign
-from bvit_jax.param_groups import flatten_with_paths
+from bvit_jax.nn.binarize import channel_alpha, sign
+from bvit_jax.nn.param_groups import flatten_with_paths
 
 __all__ = [
     "latent_weights",
@@ -95,12 +95,12 @@ __all__ = [
 ]
 
 _EPS = 1e-12
-# The weight binarizer's straight-through gradient is alpha * dL/dW_b * 1{|W| <= STE_WINDOW} (bvit_jax.binarize).
+# The weight binarizer's straight-through gradient is alpha * dL/dW_b * 1{|W| <= STE_WINDOW} (bvit_jax.nn.binarize).
 STE_WINDOW = 1.0
 
 
 def _sign_int8(x: jax.Array) -> jax.Array:
-    """:func:`bvit_jax.binarize.sign` stored as ``int8`` (the oscillation state keeps one per weight)."""
+    """:func:`bvit_jax.nn.binarize.sign` stored as ``int8`` (the oscillation state keeps one per weight)."""
     return sign(x).astype(jnp.int8)
 
 
@@ -204,10 +204,10 @@ def outside_ste_window_share(params: Any, mask: Any, window: float = STE_WINDOW)
     """Share of latent weights outside the straight-through window, ``|W| > window``, per layer.
 
     The weight binarizer passes ``dL/dW = alpha * dL/dW_b * 1{|W| <= 1}``
-    (the clipped STE of Hubara et al., 2016; :mod:`bvit_jax.binarize`), so
+    (the clipped STE of Hubara et al., 2016; :mod:`bvit_jax.nn.binarize`), so
     a latent weight with ``|W| > 1`` gets no gradient from the loss: its sign
     is fixed until GRS (which pulls ``|W|`` towards ``alpha``) or the latent
-    weight clip (:func:`bvit_jax.optim.clip_latent_weights`) moves it back.
+    weight clip (:func:`bvit_jax.train.optim.clip_latent_weights`) moves it back.
     Keys ``outside_window/<path>``, ``outside_window/mean``,
     ``outside_window/all`` (pooled over all latent weights; the train step
     logs this one every step).

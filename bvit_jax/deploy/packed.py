@@ -1,16 +1,16 @@
 """The packed (truly 1-bit) ViT forward: a :class:`PackedModel` run with XNOR-popcount matmuls.
 
 The bit packing and popcount ops, with their bit conventions (standard and
-plane order), are :mod:`bvit_jax.bitops`; the file a :class:`PackedModel` is
-read from, :mod:`bvit_jax.bvit_format`, and :mod:`bvit_jax.export` writes and
+plane order), are :mod:`bvit_jax.deploy.bitops`; the file a :class:`PackedModel` is
+read from, :mod:`bvit_jax.deploy.bvit_format`, and :mod:`bvit_jax.deploy.export` writes and
 loads it. A binary linear layer runs there as
 ``y = alpha * (n - 2 * popcount(xor(x_bits, W_bits))) + b``, the integer dot
-product of two +-1 vectors exact (the identity is in :mod:`bvit_jax.bitops`).
+product of two +-1 vectors exact (the identity is in :mod:`bvit_jax.deploy.bitops`).
 
 Packed forward
 ==============
 
-:func:`packed_forward` reproduces :class:`bvit_jax.models.VisionTransformer`
+:func:`packed_forward` reproduces :class:`bvit_jax.nn.models.VisionTransformer`
 for a model whose block linears binarize weights *and* activations
 (every binary preset), from a :class:`PackedModel`:
 
@@ -18,7 +18,7 @@ for a model whose block linears binarize weights *and* activations
   plus the real-valued shortcut (``branch_norm='affine'`` or ``'batchnorm'``:
   no LN, the normalisation's inference map folded into ``alpha`` and ``b`` at
   export), ``x_bits = [x - shift(x) >= 0]`` (every ``asm_mode``: the shift's
-  statistic is :func:`bvit_jax.layers.asm_statistic`, the model's own function);
+  statistic is :func:`bvit_jax.nn.activations.asm_statistic`, the model's own function);
 * binary attention (``binary_attention``): scores
   ``Q_b K_b^T = d - 2*popcount(xor(q_bits, k_bits))`` per head (``d`` the head
   width); the {0, c} probabilities as a bit mask ``m``; and
@@ -31,9 +31,9 @@ for a model whose block linears binarize weights *and* activations
 Integer dot products are exact, and the training-time model does the same
 float arithmetic around them: it computes ``(x_b @ sign(W)) * alpha`` and
 ``(level @ V_b) * c`` (exact integer matmuls in float32, then one multiply;
-:func:`bvit_jax.binarize.binary_matmul`, :func:`bvit_jax.binarize.elastic_matmul`)
+:func:`bvit_jax.nn.binarize.binary_matmul`, :func:`bvit_jax.nn.binarize.elastic_matmul`)
 and its LayerNorms with the function used here
-(:func:`bvit_jax.fused_ops.layer_norm`). Every sign therefore sees the same
+(:func:`bvit_jax.nn.fused_ops.layer_norm`). Every sign therefore sees the same
 float32 value in both forwards, and the logits agree bit for bit on CPU
 (measured on DeiT-S; ``docs/export.md``, "Exactness"). Summing ``+-alpha``
 terms in float instead (the model before) rounds differently, and in a deep
@@ -53,11 +53,13 @@ import numpy as np
 from einops import rearrange
 from jax import lax
 
-from bvit_jax.binarize import positive_level, sign
-from bvit_jax.bitops import masked_sign_sum, pack_bits_planes, pack_planes, packed_matmul, packed_sign_dot
-from bvit_jax.fused_ops import layer_norm, rounded, rprelu
-from bvit_jax.layers import BinaryOptions, asm_statistic, match_width
-from bvit_jax.models import ViTConfig
+from bvit_jax.deploy.bitops import masked_sign_sum, pack_bits_planes, pack_planes, packed_matmul, packed_sign_dot
+from bvit_jax.nn.activations import asm_statistic
+from bvit_jax.nn.binarize import positive_level, sign
+from bvit_jax.nn.fused_ops import layer_norm, rounded, rprelu
+from bvit_jax.nn.linear import match_width
+from bvit_jax.nn.models import ViTConfig
+from bvit_jax.nn.options import BinaryOptions
 
 __all__ = [
     "PackedModel",
@@ -74,7 +76,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PackedModel:
-    """A model ready for :func:`packed_forward` (what :func:`bvit_jax.export.load_packed` returns).
+    """A model ready for :func:`packed_forward` (what :func:`bvit_jax.deploy.export.load_packed` returns).
 
     Attributes:
       cfg: the architecture.
@@ -112,7 +114,7 @@ def check_packable(opts: BinaryOptions) -> None:
 
 
 def _layer_norm(x, t, prefix, eps=1e-6):
-    """The model's LayerNorm (:func:`bvit_jax.fused_ops.layer_norm`, the same function)."""
+    """The model's LayerNorm (:func:`bvit_jax.nn.fused_ops.layer_norm`, the same function)."""
     return layer_norm(x, t[prefix + "/scale"], t[prefix + "/bias"], eps)
 
 
@@ -129,13 +131,13 @@ def _stacked(t, names, suffix):
 def _shifted(x, t, names, *, shared: bool, mode: str = "token_mean", heads: int = 1):
     """``x - shift(x)`` for G sign activations, ``shift = beta + gamma * m(x)``.
 
-    ``m`` is :func:`bvit_jax.layers.asm_statistic` of ``mode`` (the model's
+    ``m`` is :func:`bvit_jax.nn.activations.asm_statistic` of ``mode`` (the model's
     ``asm_mode``; ``heads``: the attention heads the channels belong to, 1 at
     the block linears). ``shared``: all G read the same ``x`` ``(B, N, C)``
     (the statistic is computed once); else ``x`` is ``(G, B, N, C)``, one
     input per activation. Returns ``(G, B, N, C)``, or ``x`` unchanged
     (``(B, N, C)``) when there is no shift. Same operations, in the same
-    order, as :class:`bvit_jax.layers.ActivationShift`.
+    order, as :class:`bvit_jax.nn.activations.ActivationShift`.
     """
     beta, gamma = _stacked(t, names, "/shift/beta"), _stacked(t, names, "/shift/gamma")
     if beta is None and gamma is None:
@@ -162,7 +164,7 @@ def _record(sink, names, shifted):
 
 
 def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
-    """G packed :class:`bvit_jax.layers.LinearBlock` s on one input ``x`` ``(B, N, K)`` -> ``(G, B, N, out)``.
+    """G packed :class:`bvit_jax.nn.linear.LinearBlock` s on one input ``x`` ``(B, N, K)`` -> ``(G, B, N, out)``.
 
     Each: ``match(x) + LN((K - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
     with ``x_bits = [x - shift(x) >= 0]``; with a folded branch normalisation
@@ -197,7 +199,7 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
 
 
 def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
-    """One packed :class:`bvit_jax.layers.LinearBlock` on ``x`` ``(B, N, K)``: the layer of a ``.bvit`` file.
+    """One packed :class:`bvit_jax.nn.linear.LinearBlock` on ``x`` ``(B, N, K)``: the layer of a ``.bvit`` file.
 
     ``t`` maps tensor names to arrays as a :class:`PackedModel` holds them
     (``prefix + "/linear/kernel_bits"`` in plane order, ``.../alpha``,
@@ -207,12 +209,12 @@ def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
     (without the shortcut and LN when ``opts.linear_shortcut`` is off). With
     ``opts.branch_norm='affine'`` or ``'batchnorm'`` the file stores
     ``alpha' = alpha * s`` and ``b' = b * s + t`` (``y * s + t``: the
-    normalisation at inference, :func:`bvit_jax.layers.branch_norm_affine`)
-    in ``.../alpha`` and ``.../bias`` (:func:`bvit_jax.layers.fold_branch_affine`)
+    normalisation at inference, :func:`bvit_jax.nn.folding.branch_norm_affine`)
+    in ``.../alpha`` and ``.../bias`` (:func:`bvit_jax.nn.folding.fold_branch_affine`)
     and no ``norm``; the layer is
     ``match(x) + (K - 2*popcount(...)) * alpha' + b'``, no normalisation at run time.
     ``live``: None, or a runtime ``True`` that runs the popcount matmul as its
-    own XLA computation (as in :func:`bvit_jax.bitops.packed_matmul`); ``sink``: None, or a
+    own XLA computation (as in :func:`bvit_jax.deploy.bitops.packed_matmul`); ``sink``: None, or a
     dict that receives the sign bits under ``prefix + "/linear/act"`` (what
     :func:`packed_forward` returns with ``capture=True``).
     """
@@ -295,8 +297,8 @@ def packed_forward(packed: PackedModel, images, *, attention: str = "popcount", 
     """Logits of a packed model, ``(B, num_classes)`` float32, under ``jax.jit``.
 
     Args:
-      packed: a :class:`PackedModel` (:func:`bvit_jax.export.load_packed` or
-        :func:`bvit_jax.export.pack_model`).
+      packed: a :class:`PackedModel` (:func:`bvit_jax.deploy.export.load_packed` or
+        :func:`bvit_jax.deploy.export.pack_model`).
       images: ``(B, image_size, image_size, in_channels)``, preprocessed as for
         the model (normalised floats).
       attention: binary attention matmuls by ``"popcount"`` (default) or by a
@@ -308,8 +310,8 @@ def packed_forward(packed: PackedModel, images, *, attention: str = "popcount", 
 
     Equals ``model(images)`` of the float32 training-time model: the model
     computes its binary matmuls as exact integers scaled afterwards
-    (:func:`bvit_jax.binarize.binary_matmul`,
-    :func:`bvit_jax.binarize.elastic_matmul`) and its LayerNorms with the same
+    (:func:`bvit_jax.nn.binarize.binary_matmul`,
+    :func:`bvit_jax.nn.binarize.elastic_matmul`) and its LayerNorms with the same
     function as this forward, so every sign and the logits agree (bit for bit
     on CPU, where it is measured; ``docs/export.md``, "Exactness").
     """
@@ -323,7 +325,7 @@ def packed_forward(packed: PackedModel, images, *, attention: str = "popcount", 
         raise ValueError(f"attention must be 'popcount' or 'float', got {attention!r}")
     check_packable(packed.opts)
     # ``live``: a runtime True that lets the popcount kernels run as separate XLA
-    # computations (the ``live`` argument of bvit_jax.bitops.packed_matmul).
+    # computations (the ``live`` argument of bvit_jax.deploy.bitops.packed_matmul).
     return _forward(
         dict(packed.tensors), images, np.bool_(True), cfg=cfg, opts=packed.opts, attention=attention, capture=capture
     )

@@ -52,7 +52,7 @@ def latent_weight_paths(model: nnx.Module) -> set[str]:
     """Paths of the latent (float) parameters that the forward binarizes.
 
     Each layer names its own (``latent_weight_names()``, e.g.
-    :meth:`bvit_jax.layers.BinaryLinear.latent_weight_names`); a module without
+    :meth:`bvit_jax.nn.linear.BinaryLinear.latent_weight_names`); a module without
     that method has none.
     """
     out = set()

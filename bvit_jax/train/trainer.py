@@ -19,22 +19,24 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bvit_jax import cli, diagnostics, sharding, storage
+from bvit_jax import cli
 from bvit_jax import data as input_pipeline
-from bvit_jax.checkpoint import DATA_RESUME, CheckpointStore, Placement
 from bvit_jax.errors import ConfigError, UserError
-from bvit_jax.grad_accum import accumulated_value_and_grad
-from bvit_jax.grs import frozen_share
-from bvit_jax.losses import cross_entropy, distillation_kl, topk_correct
-from bvit_jax.metric_writers import MetricWriter
-from bvit_jax.models import PRESETS, REMAT_POLICIES, VARIANTS, drop_path_keys, model_variables, training_view
-from bvit_jax.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
-from bvit_jax.param_groups import latent_weight_mask
-from bvit_jax.precision import COMPUTE_DTYPES, compute_dtype
-from bvit_jax.preemption import PreemptionWatch
-from bvit_jax.summary import print_summary, summary
-from bvit_jax.throughput import Profile, StepTimer, peak_flops, train_flops_per_image
-from bvit_jax.workdir import build_model, config_dict, has_config, restore, write_config
+from bvit_jax.nn.models import PRESETS, REMAT_POLICIES, VARIANTS, drop_path_keys, model_variables, training_view
+from bvit_jax.nn.param_groups import latent_weight_mask
+from bvit_jax.nn.precision import COMPUTE_DTYPES, compute_dtype
+from bvit_jax.nn.summary import print_summary, summary
+from bvit_jax.runs import storage
+from bvit_jax.runs.checkpoint import DATA_RESUME, CheckpointStore, Placement
+from bvit_jax.runs.workdir import build_model, config_dict, has_config, restore, write_config
+from bvit_jax.train import diagnostics, sharding
+from bvit_jax.train.grad_accum import accumulated_value_and_grad
+from bvit_jax.train.grs import frozen_share
+from bvit_jax.train.losses import cross_entropy, distillation_kl, topk_correct
+from bvit_jax.train.metric_writers import MetricWriter
+from bvit_jax.train.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
+from bvit_jax.train.preemption import PreemptionWatch
+from bvit_jax.train.throughput import Profile, StepTimer, peak_flops, train_flops_per_image
 
 __all__ = [
     "main",
@@ -196,12 +198,12 @@ TEACHER_INPUT_FIELDS = ("image_size", "channels", "mean", "std", "interpolation"
 def load_teacher(config, placement: Placement | None = None) -> tuple[nnx.GraphDef, Any]:
     """``(graphdef, variables)`` of the frozen KD teacher: the best model of ``config.distill.teacher_workdir``.
 
-    Read through :func:`bvit_jax.workdir.restore` (any workdir of this
-    trainer, or one :mod:`bvit_jax.convert` wrote; a local folder or a
+    Read through :func:`bvit_jax.runs.workdir.restore` (any workdir of this
+    trainer, or one :mod:`bvit_jax.interop.timm` wrote; a local folder or a
     ``gs://`` URL), with the compute dtype ``config.distill.teacher_dtype``
     (empty: the teacher run's own ``model.dtype``; ``'auto'``: bfloat16 on
     GPU/TPU, float32 on CPU, as either ``'auto'`` resolves by
-    :func:`bvit_jax.precision.compute_dtype`; ``'bfloat16'`` for a
+    :func:`bvit_jax.nn.precision.compute_dtype`; ``'bfloat16'`` for a
     cheaper teacher forward on accelerators, float32 parameters and logits
     either way). ``placement`` (shape tree -> shardings) restores the
     variables straight into the run's shardings: on a mesh that spans
@@ -247,7 +249,7 @@ def _same_setting(a: Any, b: Any) -> bool:
 def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
     """``(graphdef, params, batch_stats)`` of a model (built for inference) as the train step runs it.
 
-    ``graphdef`` is that of :func:`bvit_jax.models.training_view` (BatchNorms
+    ``graphdef`` is that of :func:`bvit_jax.nn.models.training_view` (BatchNorms
     normalise with batch statistics); ``params`` (``nnx.Param``) and
     ``batch_stats`` (``nnx.BatchStat``, ``{}`` without BatchNorm) are pure dicts.
     """
@@ -290,7 +292,7 @@ def make_train_step(
 ):
     """``train_step(state, batch, teacher_params) -> (state, metrics)``, not yet jitted.
 
-    ``graphdef``: the model as it trains (:func:`bvit_jax.models.training_view`),
+    ``graphdef``: the model as it trains (:func:`bvit_jax.nn.models.training_view`),
     split into ``nnx.Param`` and ``nnx.BatchStat``; a model with BatchNorm
     normalises with the statistics of each (micro-)batch and the new running
     averages go into ``state['batch_stats']``.
@@ -299,17 +301,17 @@ def make_train_step(
     ``kd_weight * KL(teacher || student) + label_weight * CE`` from
     ``config.distill``. Its gradient is averaged over
     ``config.optimizer.grad_accum_steps`` micro-batches
-    (:func:`bvit_jax.grad_accum.accumulated_value_and_grad`); then ``tx``
+    (:func:`bvit_jax.train.grad_accum.accumulated_value_and_grad`); then ``tx``
     (GRS -> clip -> AdamW), a non-finite guard, and the flip-rate /
     oscillation statistics and the share of latent weights outside the
     straight-through window (``outside_window/all``,
-    :func:`bvit_jax.diagnostics.outside_ste_window_share`) when ``latent``
+    :func:`bvit_jax.train.diagnostics.outside_ste_window_share`) when ``latent``
     marks binary kernels. ``lr`` in the metrics is the learning rate this
     update applied.
 
     Drop path (``config.model.drop_path_rate > 0``; the model, built from the
     same config, holds the per-block rates): example ``b`` of the global batch
-    draws from :func:`bvit_jax.models.drop_path_keys` ``(config.seed, step,
+    draws from :func:`bvit_jax.nn.models.drop_path_keys` ``(config.seed, step,
     b)``, a function of the seed, the step counter and its row only, so a
     resumed run repeats the uninterrupted one bit for bit with nothing new in
     the checkpoint, and neither the sharding nor ``grad_accum_steps`` (each
@@ -389,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
 
     ``workdir``: a local folder or a cloud URL (``gs://bucket/run``); on
     several processes one folder that every process sees
-    (:func:`bvit_jax.storage.check_shared`).
+    (:func:`bvit_jax.runs.storage.check_shared`).
     """
     workdir = storage.as_path(workdir)
     pid, nproc = jax.process_index(), jax.process_count()

@@ -5,7 +5,7 @@
 prints it as a table, ``compare(fp_model, binary_model)`` gives the savings.
 Every layer reports its own parameters (bit width and category) and MACs (by
 precision) through its ``report(num_tokens)`` method
-(:class:`bvit_jax.layer_report.LayerReport`); this module only adds the
+(:class:`bvit_jax.nn.layer_report.LayerReport`); this module only adds the
 reports up under each convention, and knows no layer class.
 Abstract models work too (``nnx.eval_shape(lambda: create(...))``): only shapes
 are read, nothing is allocated.
@@ -67,7 +67,7 @@ from typing import Any
 
 from flax import nnx
 
-from bvit_jax.layer_report import CATEGORIES, LayerReport, float_params_report
+from bvit_jax.nn.layer_report import CATEGORIES, LayerReport, float_params_report
 
 __all__ = [
     "CONVENTIONS",
@@ -115,7 +115,7 @@ _COUNTED = {
     "added": {"full"},
 }
 if set(_COUNTED) != set(CATEGORIES):
-    raise RuntimeError("summary: every parameter category of bvit_jax.layer_report needs its conventions")
+    raise RuntimeError("summary: every parameter category of bvit_jax.nn.layer_report needs its conventions")
 
 # Forward order of the known children (for the table); unknown names sort last.
 _RANK = {
@@ -338,10 +338,10 @@ def _report(module: nnx.Module, num_tokens: int) -> LayerReport:
 
 
 def summary(model: nnx.Module, name: str | None = None) -> Summary:
-    """Account for ``model`` (a :class:`bvit_jax.models.VisionTransformer`, concrete or abstract).
+    """Account for ``model`` (a :class:`bvit_jax.nn.models.VisionTransformer`, concrete or abstract).
 
     Each module reports its own parameters and MACs
-    (:class:`bvit_jax.layer_report.LayerReport`); see the module docstring for
+    (:class:`bvit_jax.nn.layer_report.LayerReport`); see the module docstring for
     the counting rules and the size conventions.
     """
     cfg = getattr(model, "cfg", None)
@@ -479,7 +479,7 @@ def compare(fp_model, binary_model) -> Comparison:
 
 
 def size_accounting(model: nnx.Module) -> dict[str, float]:
-    """What :mod:`bvit_jax.summary` says the 1-bit model should weigh, to set a file against.
+    """What :mod:`bvit_jax.nn.summary` says the 1-bit model should weigh, to set a file against.
 
     Works on a real or an abstract (``nnx.eval_shape``) model. Returns
     ``params``, ``binary_params`` (latent binary kernels), ``full_bytes``,

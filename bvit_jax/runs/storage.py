@@ -104,9 +104,9 @@ def check_shared(workdir: PathLike) -> None:
     if jax.process_index() == 0:
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text(str(token))
-    multihost_utils.sync_global_devices("bvit_jax.storage.check_shared:written")
+    multihost_utils.sync_global_devices("bvit_jax.runs.storage.check_shared:written")
     seen = np.asarray(multihost_utils.process_allgather(np.int32(probe.exists())))
-    multihost_utils.sync_global_devices("bvit_jax.storage.check_shared:read")
+    multihost_utils.sync_global_devices("bvit_jax.runs.storage.check_shared:read")
     if jax.process_index() == 0:
         probe.unlink()
     blind = [i for i, s in enumerate(seen.reshape(-1)) if not s]

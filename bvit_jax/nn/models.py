@@ -16,9 +16,9 @@ switches (``docs/method.md``, "Presets"):
 =============== =========================================================
 
 A preset describes the model only. What a run does on top of it (GRS, an
-optimizer transformation, :mod:`bvit_jax.grs`; distillation from an fp
+optimizer transformation, :mod:`bvit_jax.train.grs`; distillation from an fp
 teacher) is in the run's config, whose defaults per preset come from one
-table, :data:`bvit_jax.recipes.PRESET_TRAINING`.
+table, :data:`bvit_jax.train.recipes.PRESET_TRAINING`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from bvit_jax.layer_report import LayerReport, ParamReport
-from bvit_jax.layers import BinaryOptions, Block, LayerNorm, fold_example_keys, trunc_normal
+from bvit_jax.nn.blocks import Block, fold_example_keys
+from bvit_jax.nn.layer_report import LayerReport, ParamReport
+from bvit_jax.nn.linear import trunc_normal
+from bvit_jax.nn.norms import LayerNorm
+from bvit_jax.nn.options import BinaryOptions
 
 __all__ = [
     "ViTConfig",
@@ -235,7 +238,7 @@ def drop_path_keys(seed: int, step: jax.Array, rows: jax.Array) -> jax.Array:
     uninterrupted one drew (no state in the checkpoint), and neither the
     sharding of the batch (the threefry PRNG is partitionable,
     ``jax_threefry_partitionable``) nor its split into micro-batches
-    (:mod:`bvit_jax.grad_accum`: micro-batch ``i`` holds rows ``i::k``, with
+    (:mod:`bvit_jax.train.grad_accum`: micro-batch ``i`` holds rows ``i::k``, with
     their global indices) changes an example's draw.
     """
     base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROP_PATH_STREAM), step)
@@ -248,7 +251,7 @@ class VisionTransformer(nnx.Module):
     ``logits = head(LN(z_L[cls]))`` with ``z_0 = [cls; patch_embed(x)] + pos``
     and ``z_l = Block(z_{l-1})``. Patch embedding, class token, position
     embedding, LayerNorms and head are always full precision; the blocks follow
-    ``opts`` (:class:`bvit_jax.layers.BinaryOptions`).
+    ``opts`` (:class:`bvit_jax.nn.options.BinaryOptions`).
 
     ``model(images)`` returns logits; ``model(images, capture=True)`` returns
     ``(logits, intermediates)`` where ``intermediates`` maps the path of every
@@ -281,7 +284,7 @@ class VisionTransformer(nnx.Module):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"model.remat_policy={remat_policy!r} is not one of {list(REMAT_POLICIES)} "
-                "(bvit_jax.models.REMAT_POLICIES)"
+                "(bvit_jax.nn.models.REMAT_POLICIES)"
             )
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"model.drop_path_rate={drop_path_rate} must be in [0, 1)")
@@ -297,7 +300,7 @@ class VisionTransformer(nnx.Module):
                 for r in drop_path_rates(self.drop_path_rate, cfg.depth)
             ]
         )
-        # bvit_jax.layers.LayerNorm (nnx.LayerNorm's parameters): the function the packed forward uses too
+        # bvit_jax.nn.norms.LayerNorm (nnx.LayerNorm's parameters): the function the packed forward uses too
         self.norm = LayerNorm(d, epsilon=1e-6, dtype=opts.dtype, rngs=rngs)
         self.head = Head(d, cfg.num_classes, kernel_init=trunc_normal, dtype=opts.dtype, rngs=rngs)
 
@@ -307,7 +310,7 @@ class VisionTransformer(nnx.Module):
         """The class-token feature after the final LayerNorm, shape ``(B, embed_dim)``.
 
         ``drop_path_keys`` (one key per example): block ``i`` draws its drops
-        from ``fold_in(key_b, i)`` (:func:`bvit_jax.layers.drop_path`).
+        from ``fold_in(key_b, i)`` (:func:`bvit_jax.nn.blocks.drop_path`).
         """
         cfg = self.cfg
         if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
@@ -491,7 +494,7 @@ def create(
 def training_view(model: nnx.Module) -> nnx.Module:
     """The model as the train step runs it: every BatchNorm normalises with batch statistics.
 
-    Models are built for inference (a :class:`bvit_jax.layers.BranchBatchNorm`
+    Models are built for inference (a :class:`bvit_jax.nn.norms.BranchBatchNorm`
     uses its running averages, so ``model(images)`` is the eval forward);
     this returns ``nnx.view(model, use_running_average=False)``, which shares
     the model's arrays, and whose BatchNorms update their running averages
@@ -508,7 +511,7 @@ def model_variables(model: nnx.Module) -> dict:
     The parameters (``nnx.Param``) and, with ``branch_norm='batchnorm'``, the
     running statistics (``nnx.BatchStat``: ``.../norm/mean``, ``.../norm/var``,
     beside the same module's ``scale`` and ``bias``). This is what the best
-    checkpoint, :func:`bvit_jax.workdir.restore` and export carry; the
+    checkpoint, :func:`bvit_jax.runs.workdir.restore` and export carry; the
     optimizer sees the parameters alone.
     """
     return nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
