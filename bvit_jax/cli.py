@@ -52,15 +52,15 @@ def command(
     """Build ``main(argv=None) -> int`` for a command (see the module docstring)."""
 
     def main(argv: Sequence[str] | None = None) -> int:
-        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = [prog, *(sys.argv[1:] if argv is None else argv)]
         fv = flags.FlagValues()
-        define_flags(fv, [prog, *argv])
+        define_flags(fv, argv)  # may rewrite argv in place (bvit-train: an installed config's name)
         flags.DEFINE_bool("traceback", False, "On an error, also print the Python traceback.", flag_values=fv)
         if "--help" in argv or "-h" in argv:  # before parsing: required flags may be missing
             print(f"{prog}: {(doc or '').strip()}\n\nFlags:\n{fv.get_help(include_special_flags=False)}")
             return 0
         try:
-            args = fv([prog, *argv])[1:]
+            args = fv(argv)[1:]
         except flags.Error as e:
             print(f"{prog}: error: {e}\nRun '{prog} --help' for the flags.", file=sys.stderr)
             return 2

@@ -49,30 +49,33 @@ def _plan(stdout: str) -> dict[str, str]:
     return rows
 
 
-def test_sweep_prints_its_plan_resumes_across_invocations_and_writes_results_json(tmp_path):
+def test_sweep_plans_resumes_shares_its_teacher_and_writes_results_json(tmp_path):
+    """Two invocations on one folder: the first trains fp; the second, a binary preset on two seeds
+    with ``--teacher_seed=0``, keeps the finished fp run (0 steps left; its logged step time prices the
+    plan) as the one teacher of both seeds (no fp_s1, fp_s2); results.json holds each run's top-1."""
     first = _sweep(tmp_path, "fp")
     assert _plan(first) == {"fp_s0": "4/4"}
     assert "expected:" in first and "no step time measured yet" in first
-    # A second invocation with more presets: the finished fp run is kept (0 steps left) and
-    # its logged step time prices the plan; the new run is planned in full.
-    second = _sweep(tmp_path, "fp,baseline")
-    assert _plan(second) == {"fp_s0": "0/4", "baseline_s0": "4/4"}
-    walls = json.loads((tmp_path / "runs" / "wall_times.json").read_text())
-    assert set(walls) == {"fp_s0", "baseline_s0"}
-    doc = json.loads((tmp_path / "docs" / "results.json").read_text())
-    assert doc["regime"] == "tiny" and doc["split"] == "test"
-    for preset in ("fp", "baseline"):
-        metrics = [json.loads(line) for line in (tmp_path / "runs" / f"{preset}_s0" / "metrics.jsonl").open()]
-        final = [r["top1"] for r in metrics if r["split"] == "eval"][-1]
-        assert doc["presets"][preset] == {"seeds": [0], "top1": [round(final * 100, 4)]}
-
-
-def test_a_shared_teacher_is_trained_once_and_every_seed_distils_from_it(tmp_path):
-    out = _sweep(tmp_path, "baseline", "--seeds=1,2", "--teacher_seed=0")
-    assert _plan(out) == {"fp_s0": "4/4", "baseline_s1": "4/4", "baseline_s2": "4/4"}  # no fp_s1, fp_s2
+    _check_results(tmp_path, "fp", [0])
+    second = _sweep(tmp_path, "baseline", "--seeds=1,2", "--teacher_seed=0")
+    assert _plan(second) == {"fp_s0": "0/4", "baseline_s1": "4/4", "baseline_s2": "4/4"}
     trained = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert trained == ["baseline_s1", "baseline_s2", "fp_s0"]
+    walls = json.loads((tmp_path / "runs" / "wall_times.json").read_text())
+    assert set(walls) == {"fp_s0", "baseline_s1", "baseline_s2"}
     for seed in (1, 2):
         config = json.loads((tmp_path / "runs" / f"baseline_s{seed}" / "config.json").read_text())
         assert config["seed"] == seed
         assert config["distill"]["teacher_workdir"] == str(tmp_path / "runs" / "fp_s0")
+    _check_results(tmp_path, "baseline", [1, 2])
+
+
+def _check_results(tmp_path, preset: str, seeds: list[int]) -> None:
+    """results.json of the last invocation: the regime, the split and each seed's final eval top-1 in %."""
+    doc = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert doc["regime"] == "tiny" and doc["split"] == "test"
+    final = []
+    for seed in seeds:
+        rows = [json.loads(line) for line in (tmp_path / "runs" / f"{preset}_s{seed}" / "metrics.jsonl").open()]
+        final.append(round([r["top1"] for r in rows if r["split"] == "eval"][-1] * 100, 4))
+    assert doc["presets"][preset] == {"seeds": seeds, "top1": final}

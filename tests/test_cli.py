@@ -97,7 +97,7 @@ def test_unexpected_exceptions_keep_their_traceback():
 
 
 def test_console_script_trains_from_any_directory(tmp_path):
-    """``bvit-train`` (the installed entry point) loads a config file outside the repository's cwd."""
+    """``bvit-train`` (the installed entry point), run outside the checkout, finds an installed config by name."""
     script = Path(sys.executable).parent / "bvit-train"
     assert script.exists(), "the package's console scripts are not installed (pip install -e .)"
     env = run_env()
@@ -105,7 +105,7 @@ def test_console_script_trains_from_any_directory(tmp_path):
     out = subprocess.run(
         [
             str(script),
-            f"--config={FMNIST}:fp,tiny",
+            "--config=fashion_mnist.py:fp,tiny",  # no such file in cwd: bvit_jax.configs/fashion_mnist.py
             f"--workdir={tmp_path / 'run'}",
             "--config.total_steps=2",
             "--config.diagnostics_every_steps=0",
@@ -119,3 +119,15 @@ def test_console_script_trains_from_any_directory(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "final eval: top-1" in out.stdout
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+def test_a_bare_config_name_is_the_installed_config_and_a_path_or_local_file_wins(tmp_path, monkeypatch):
+    from bvit_jax.train.trainer import packaged_config
+
+    monkeypatch.chdir(tmp_path)
+    path, _, rest = packaged_config("fashion_mnist.py:binaryvit,tiny").partition(":")
+    assert rest == "binaryvit,tiny" and Path(path).samefile(FMNIST)  # one copy: the checkout's configs/
+    assert packaged_config("configs/fashion_mnist.py:fp") == "configs/fashion_mnist.py:fp"
+    assert packaged_config("no_such_config.py:fp") == "no_such_config.py:fp"  # ml_collections names it
+    (tmp_path / "fashion_mnist.py").write_text("")
+    assert packaged_config("fashion_mnist.py:fp") == "fashion_mnist.py:fp"  # a file here is what was meant

@@ -58,7 +58,8 @@ def _flat(model) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- parity
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224"])
+# deit_small takes the same path with other widths (the variant table); deit_tiny is the cheap one.
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224"])
 def test_imported_deit_gives_the_logits_of_timm(name):
     tm = _timm_model(name, depth=2)
     x_torch, x_jax = _images(2, 224)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from bvit_jax.nn.activations import SignActivation
-from bvit_jax.nn.models import PRESETS, config_overrides, create, override_fields
+from bvit_jax.nn.models import PRESETS, config_overrides, create, get_preset, override_fields
 from bvit_jax.train import diagnostics as D
 from tests.train_helpers import NANO_BATCH, nano_batch
 
@@ -30,7 +30,15 @@ def _loss_and_grads(model, x, y):
 ZERO_GRADIENT_OK: dict[str, set[str]] = {}
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_twin_presets_build_the_same_model():
+    """baseline+grs and baseline+asm differ from baseline and binaryvit only in training (GRS; the
+    recipe's table), so model tests run the three distinct models and cover all five presets."""
+    assert get_preset("baseline+grs").options == get_preset("baseline").options
+    assert get_preset("baseline+asm").options == get_preset("binaryvit").options
+    assert {"fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit"} == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", ["fp", "baseline", "binaryvit"])
 def test_preset_compiles_and_every_parameter_gets_a_finite_nonzero_gradient(preset):
     model = create("vit_nano", preset)
     x, y = nano_batch()

@@ -141,7 +141,6 @@ def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_
     runs = {}
     for name, preset, strength in [
         ("baseline", "baseline", 0.0),
-        ("grs0", "baseline+grs", 0.0),
         ("grs", "baseline+grs", 1e-2),
         ("asm", "baseline+asm", 0.0),
         ("binaryvit", "binaryvit", 1e-2),
@@ -158,8 +157,7 @@ def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_
         train_and_evaluate(cfg, tmp_path / name)
         runs[name] = (read_metrics(tmp_path / name, "train"), flat(restore_params(tmp_path / name, "latest")[1]))
     late_flips = {k: np.mean([r["flip_rate/all"] for r in rows[20:]]) for k, (rows, _) in runs.items()}
-    # GRS at strength 0 is the baseline, bit for bit; switched on, it cuts late sign flips several-fold.
-    assert [r["loss"] for r in runs["grs0"][0]] == [r["loss"] for r in runs["baseline"][0]]
+    # GRS switched on cuts late sign flips several-fold (strength 0 is no GRS: tests/test_optim.py).
     assert late_flips["baseline"] > 0
     assert late_flips["grs"] * 4 <= late_flips["baseline"], late_flips
     assert late_flips["binaryvit"] * 4 <= late_flips["asm"], late_flips
@@ -184,7 +182,7 @@ def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_
         )
     )
     assert all(not np.array_equal(runs["asm"][1][k], init[k]) for k in asm_keys), asm_keys
-    losses = {k: [r["loss"] for r in rows] for k, (rows, _) in runs.items() if k != "grs0"}
+    losses = {k: [r["loss"] for r in rows] for k, (rows, _) in runs.items()}
     names = sorted(losses)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:

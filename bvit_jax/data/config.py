@@ -107,6 +107,15 @@ MNIST_STD = (0.3081,)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+# Files TFDS builders read from their manual dir, with the official sizes
+# in bytes (a smaller file is most likely an interrupted download).
+MANUAL_FILES = {
+    "imagenet2012": {
+        "ILSVRC2012_img_train.tar": 147_897_477_120,
+        "ILSVRC2012_img_val.tar": 6_744_924_160,
+    },
+}
+
 DEFAULT_IDX_DIRS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",
     "mnist": "/usr/share/datasets/mnist",

@@ -33,16 +33,9 @@ import sys
 import tarfile
 
 from bvit_jax import cli
+from bvit_jax.data.config import MANUAL_FILES
 from bvit_jax.errors import MissingExtraError, UserError
 
-# Files TFDS builders read from their manual dir, with the official sizes
-# in bytes (a smaller file is most likely an interrupted download).
-MANUAL_FILES = {
-    "imagenet2012": {
-        "ILSVRC2012_img_train.tar": 147_897_477_120,
-        "ILSVRC2012_img_val.tar": 6_744_924_160,
-    },
-}
 MANUAL_SOURCES = {
     "imagenet2012": "https://image-net.org/download-images (free account; "
     "'Training images (Task 1 & 2)' and 'Validation images "

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from bvit_jax.data import sources
+from bvit_jax.data.config import MANUAL_FILES
 from bvit_jax.data.sources import DataIntegrityError, RecordReadError
 from bvit_jax.errors import ConfigError
 
@@ -206,14 +207,12 @@ def prepare_command(
     name: str, data_dir: str, manual_dir: str | None = None, rebuild: bool = False, verify: bool = False
 ) -> str:
     """The ``python -m bvit_jax.data.prepare`` command line for a data set."""
-    from bvit_jax.data import prepare
-
     cmd = "python -m bvit_jax.data.prepare"
     if verify:
         return f"{cmd} --verify --dataset={name} --data_dir={data_dir}"
     cmd += f" --dataset={name}"
-    if name in prepare.MANUAL_FILES:
-        files = " and ".join(prepare.MANUAL_FILES[name])
+    if name in MANUAL_FILES:
+        files = " and ".join(MANUAL_FILES[name])
         cmd += f" --manual_dir={manual_dir or f'<folder with {files}>'}"
     cmd += f" --data_dir={data_dir}"
     return cmd + (" --rebuild" if rebuild else "")

@@ -144,7 +144,15 @@ class CheckpointStore:
         )
 
     def save_best(self, step: int, params: Any, eval_top1: float) -> None:
-        """Offer ``params`` as the best model; orbax keeps the one with the highest top-1."""
+        """Offer ``params`` as the best model; orbax keeps the one with the highest top-1.
+
+        A step the best store already holds is kept as it is: a run that fell back over a damaged
+        latest checkpoint replays the steps after it (bit for bit) and evaluates that step again;
+        the first, completed save stays (orbax refuses a second save of one step).
+        """
+        if step in self.best.all_steps():
+            log.info("Best store already holds step %d; keeping it.", step)
+            return
         self.best.save(
             step,
             args=ocp.args.Composite(params=ocp.args.StandardSave(params)),

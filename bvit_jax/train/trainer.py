@@ -10,6 +10,7 @@ pod (each process feeds its own share of every global batch).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -664,14 +665,34 @@ def evaluate(p_eval_step, variables, config, mesh, pid: int, nproc: int, passes=
 
 
 # ----------------------------------------------------------------------------- command line
+def packaged_config(value: str) -> str:
+    """``--config`` value with a bare file name of the installed configs resolved to its path.
+
+    ``fashion_mnist.py:binaryvit`` (no folder, no such file here) becomes
+    ``<site-packages>/bvit_jax/configs/fashion_mnist.py:binaryvit``: the
+    repository's ``configs/`` installs as ``bvit_jax.configs``, so pip and
+    Colab users name them without a checkout. Any other value is returned as
+    it is (a path to a config file of one's own, or a file of that name here).
+    """
+    import importlib.resources
+
+    path, sep, rest = value.partition(":")
+    if os.path.dirname(path) or os.path.exists(path) or not path.endswith(".py"):
+        return value
+    packaged = importlib.resources.files("bvit_jax.configs") / path
+    return f"{packaged}{sep}{rest}" if packaged.is_file() else value
+
+
 def _define_flags(fv, argv: list[str]) -> None:
     from absl import flags
     from ml_collections import config_flags
 
+    argv[:] = [f"--config={packaged_config(a[9:])}" if a.startswith("--config=") else a for a in argv]
     config_flags.DEFINE_config_file(
         "config",
         None,
-        "Config file, e.g. configs/imagenet_deit.py:deit_small,binaryvit",
+        "Config file: a path (configs/imagenet_deit.py:deit_small,binaryvit) or the name of an installed "
+        "config (imagenet_deit.py:deit_small,binaryvit, from bvit_jax.configs)",
         flag_values=fv,
         lock_config=True,
         sys_argv=argv,
