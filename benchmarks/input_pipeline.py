@@ -43,7 +43,7 @@ from PIL import Image
 
 from bvit_jax import cli
 from bvit_jax.data import config as config_lib
-from bvit_jax.data import pipeline
+from bvit_jax.data import eval_transform, pipeline, transforms
 from bvit_jax.errors import UserError
 
 
@@ -91,13 +91,13 @@ def _time(fn, n: int, min_seconds: float) -> tuple[float, float]:
 
 
 def bench_ops(images, cfg, train: bool, seconds: float):
-    settings = pipeline.ImageSettings.from_config(cfg)
-    norm = pipeline.Normalize(cfg.mean, cfg.std, cfg.channels)
+    settings = transforms.ImageSettings.from_config(cfg)
+    norm = eval_transform.Normalize(cfg.mean, cfg.std, cfg.channels)
     rng = np.random.default_rng(0)
 
     def one(i):
         data = images[i % len(images)]
-        x = pipeline.train_image(data, rng, settings) if train else pipeline.eval_image(data, settings)
+        x = transforms.train_image(data, rng, settings) if train else eval_transform.eval_image(data, settings)
         norm(x[None])
 
     return _time(one, len(images), seconds)
@@ -149,7 +149,7 @@ def stage_profile(images, cfg, n: int) -> list[tuple[str, float]]:
     from bvit_jax.data import augment
     from bvit_jax.data import decode as decode_lib
 
-    s = pipeline.ImageSettings.from_config(cfg)
+    s = transforms.ImageSettings.from_config(cfg)
     rng = np.random.default_rng(0)
 
     def run(upto: str):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bvit_jax.data import augment, pipeline
+from bvit_jax.data import augment, indexing
 from bvit_jax.data import decode as decode_lib
 
 
@@ -149,7 +149,7 @@ def test_train_index_epochs_are_permutations():
             got = []
             for p in range(p_count):
                 got += [
-                    pipeline.train_index(
+                    indexing.train_index(
                         epoch * n_local + j,
                         num_examples=n,
                         seed=3,
@@ -165,5 +165,5 @@ def test_train_index_epochs_are_permutations():
             want = np.bincount([g // repeats for g in range(p_count * n_local)])
             have = np.bincount(got, minlength=n)
             assert sorted(have[have > 0]) == sorted(want[want > 0])
-    a = [pipeline.train_index(k, num_examples=n, seed=3, process_index=0, process_count=1) for k in range(2 * n)]
+    a = [indexing.train_index(k, num_examples=n, seed=3, process_index=0, process_count=1) for k in range(2 * n)]
     assert a[:n] != a[n:] and sorted(a[:n]) == sorted(a[n:]) == list(range(n))

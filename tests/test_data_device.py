@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from bvit_jax import data
-from bvit_jax.data import mixup, pipeline
+from bvit_jax.data import eval_transform, mixup
 from tests.tolerances import U32, assert_within, gamma_n
 
 
 def _norm_bound(pixels, host, config):
-    scale = pipeline.Normalize(config.mean, config.std, config.channels).scale.astype(np.float64)
+    scale = eval_transform.Normalize(config.mean, config.std, config.channels).scale.astype(np.float64)
     ps = np.abs(pixels.astype(np.float64) * scale)
     return U32 * (ps * (1 + U32) + 2 * np.abs(host.astype(np.float64)))
 
@@ -35,7 +35,7 @@ def test_uint8_batches_normalised_on_device_equal_the_host_float_pipeline():
     """
     c = data.default_data_config("fashion_mnist")
     prep = data.DevicePreprocess.from_config(c, 10, seed=0)
-    norm = pipeline.Normalize(c.mean, c.std, c.channels)
+    norm = eval_transform.Normalize(c.mean, c.std, c.channels)
     train = jax.jit(lambda b, s: prep(b, prep.key(s)))
     it = data.create_train_iterator(c, 64, seed=0, process_index=0, process_count=1)
     for step in range(3):
@@ -131,7 +131,7 @@ def test_device_random_erasing_fills_one_box_with_noise():
     prep = data.DevicePreprocess.from_config(c, 10, seed=0)
     host = {"image": np.full((6, 32, 32, 3), 128, np.uint8), "label": np.arange(6, dtype=np.int32)}
     x = np.asarray(jax.jit(lambda b: prep(b, prep.key(0)))(host)["image"])
-    plain = pipeline.Normalize(c.mean, c.std, c.channels)(host["image"])  # within ~1 ulp of the device's
+    plain = eval_transform.Normalize(c.mean, c.std, c.channels)(host["image"])  # within ~1 ulp of the device's
     for i in range(6):
         changed = np.any(np.abs(x[i] - plain[i]) > 1e-3, -1)  # noise, not rounding (N(0, 1) within 1e-3 of the
         # normalised grey: probability ~1e-3 * 0.8 per value, all three channels at once ~1e-9)

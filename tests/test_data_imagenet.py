@@ -17,7 +17,7 @@ import pytest
 
 from bvit_jax import data
 from bvit_jax.data import decode as decode_lib
-from bvit_jax.data import pipeline, prepare, sources
+from bvit_jax.data import eval_transform, prepare, sources
 from tests.data_fixtures import device_batch, imagenet_label_names, shipped_validation_wnids
 from tests.tolerances import assert_within, gamma_n
 
@@ -99,7 +99,7 @@ def test_bad_files_decode_or_raise(fake_imagenet):
     # Corrupt and truncated files raise DecodeError (never crash with OSError).
     for name in fake.corrupt_files:
         with pytest.raises(decode_lib.DecodeError):
-            pipeline.eval_image(by_name[name], pipeline.eval_settings(_config(fake_imagenet)))
+            eval_transform.eval_image(by_name[name], eval_transform.eval_settings(_config(fake_imagenet)))
 
 
 def test_train_batches_shapes_dtypes_ranges_and_labels(fake_imagenet):

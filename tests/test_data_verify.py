@@ -169,7 +169,7 @@ def test_corrupted_chunk_is_skipped_counted_and_stops_past_the_limit(build_copy,
     # Training within the limit: skipped and counted like undecodable images.
     c = _config(build_copy, repeated_aug=1, return_index=True)
     data.reset_data_stats()
-    with caplog.at_level(logging.WARNING, logger="bvit_jax.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="bvit_jax.data.transforms"):
         it = data.create_train_iterator(c, 4, seed=0, process_index=0, process_count=1)
         batches = [next(it) for _ in range(6)]  # two epochs of 12
     used = set(np.concatenate([b["index"] for b in batches]).tolist())

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bvit_jax import data
-from bvit_jax.data.pipeline import FASHION_MNIST_CLASSES
+from bvit_jax.data.sources import FASHION_MNIST_CLASSES
 from bvit_jax.deploy import predict
 from bvit_jax.deploy.export import export_model, load_packed, pack_model
 from bvit_jax.deploy.packed import packed_forward

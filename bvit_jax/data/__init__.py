@@ -15,21 +15,16 @@ See docs/data.md. Main entry points::
 """
 
 from bvit_jax.data.config import default_data_config, resolve_num_workers
+from bvit_jax.data.counters import data_stats, reset_data_stats
 from bvit_jax.data.device import DevicePreprocess
+from bvit_jax.data.eval_transform import EvalSettings, eval_preprocess, eval_settings
+from bvit_jax.data.metadata import DatasetInfo, class_names, dataset_info
 from bvit_jax.data.pipeline import (
-    DatasetInfo,
     EvalPasses,
-    EvalSettings,
-    class_names,
     create_eval_iterator,
     create_train_dataset,
     create_train_iterator,
-    data_stats,
-    dataset_info,
-    eval_preprocess,
-    eval_settings,
     num_eval_batches,
-    reset_data_stats,
     steps_per_epoch,
 )
 from bvit_jax.data.sources import (

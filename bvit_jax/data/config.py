@@ -92,6 +92,7 @@ Loading
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ml_collections
@@ -137,6 +138,16 @@ def channel_vector(value, channels: int) -> np.ndarray:
     """A config value given once or per channel (``mean``, ``std``) as a float32 vector of ``channels``."""
     v = np.asarray(value, np.float32).reshape(-1)
     return np.broadcast_to(v, (channels,)).astype(np.float32)
+
+
+def field(config, key: str, default=None):
+    """``config.key`` of a ConfigDict, a plain dict (e.g. a workdir's
+    ``config.json``) or any object with attributes; `default` when absent."""
+    if hasattr(config, "get") and not dataclasses.is_dataclass(config):
+        value = config.get(key, default)
+    else:
+        value = getattr(config, key, default)
+    return default if value is None else value
 
 
 def resolve_num_workers(num_workers: int) -> int:

@@ -5,7 +5,7 @@ JPEGs and a PNG named ``.JPEG``) is decoded correctly by PIL: the format is
 detected from the bytes, not the name, and ``convert('RGB')`` handles CMYK
 (including Adobe's inverted CMYK) and grayscale. Files PIL cannot decode
 (corrupt or truncated) raise `DecodeError`; the pipeline then skips them and
-counts them (see `pipeline.data_stats`).
+counts them (see `counters.data_stats`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ train (``prep(batch, key)``; one ``key`` per step, `DevicePreprocess.key`):
 
 1. normalise ``x = (pixel / 255 - mean) / std`` per channel, computed as
    ``pixel * (1 / (255 std)) + (-mean / std)`` with the float32 constants of
-   the host's `pipeline.Normalize`. The host rounds the product, then the
+   the host's `eval_transform.Normalize`. The host rounds the product, then the
    sum; XLA may fuse the two into one multiply-add (one rounding; it does on
    CPU), so the device result is the host's or differs from it by at most
    ``u (2 |x| + |pixel * scale|)`` with ``u = 2^-24`` (one product rounding
@@ -211,7 +211,7 @@ class DevicePreprocess:
         ``cutmix_alpha``, ``mix_prob``, ``mix_switch_prob``, ``label_smoothing``); `seed` is the run's."""
         channels = int(config.channels)
         mean, std = channel_vector(config.mean, channels), channel_vector(config.std, channels)
-        # The same float32 constants as the host's pipeline.Normalize.
+        # The same float32 constants as the host's eval_transform.Normalize.
         scale = (1.0 / (255.0 * std)).astype(np.float32)
         offset = (-mean / std).astype(np.float32)
         return cls(

@@ -93,6 +93,23 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
+# Fashion-MNIST's labels 0-9 (Xiao et al. 2017; TFDS's ClassLabel names).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+# The label names of the IDX data sets, by data-set name (`metadata.class_names`).
+IDX_CLASSES = {"fashion_mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
+
 
 def _open_maybe_gz(path: str):
     if os.path.exists(path):
