@@ -12,6 +12,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache for both pytest workers and every train.py process the tests start
+# (they inherit this environment): the suite compiles the same tiny programs many times over, in many
+# processes, and a cache hit loads the same executable a fresh compile would build, so no result changes.
+# A size limit turns on the cache's file lock (reads and writes of one entry never interleave across
+# processes); every compile is kept, however quick.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "xla-tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

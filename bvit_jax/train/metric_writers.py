@@ -35,6 +35,27 @@ def _plain(v: Any):
     return v
 
 
+def _tensorboardx_writer():
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch.
+
+    tensorboardX's writer module tries ``import torch`` at import time, only to
+    accept torch tensors as values; where torch is installed (the timm import's
+    extra) that costs seconds at every start-up. The writer here logs Python
+    floats, so while tensorboardX loads, ``torch`` is marked absent
+    (``sys.modules["torch"] = None`` makes ``import torch`` raise ImportError,
+    which tensorboardX handles); a torch that is already imported is left alone.
+    """
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX.SummaryWriter
+
+
 class MetricWriter:
     """JSON-lines + TensorBoard + tqdm writer; a no-op on processes other than 0."""
 
@@ -56,8 +77,7 @@ class MetricWriter:
         if self.path.exists():  # keep only what the restored checkpoint covers
             self._lines = [l for l in _rows_text(self.path) if json.loads(l).get("step", 0) <= start_step]
         storage.atomic_write_text(self.path, "".join(l + "\n" for l in self._lines))
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _tensorboardx_writer()
         storage.register_tensorboard_writer()
         self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=start_step + 1)
         if progress_bar is None:
