@@ -48,3 +48,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
+
+# The native popcount kernels (bvit_jax/deploy/native/build.py; rebuilt only when the sources change).
+# Without them everything works on the XLA path, so a failed build is a warning, not a failed set-up.
+.venv/bin/python -m bvit_jax.deploy.native.build ||
+  echo "setup.sh: the native popcount kernels did not build; the packed forward uses its XLA path" >&2

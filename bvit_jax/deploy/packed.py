@@ -53,6 +53,7 @@ import numpy as np
 from einops import rearrange
 from jax import lax
 
+from bvit_jax.deploy import native as native_ops
 from bvit_jax.deploy.bitops import masked_sign_sum, pack_bits_planes, pack_planes, packed_matmul, packed_sign_dot
 from bvit_jax.nn.activations import asm_statistic
 from bvit_jax.nn.binarize import positive_level, sign
@@ -62,7 +63,9 @@ from bvit_jax.nn.models import ViTConfig
 from bvit_jax.nn.options import BinaryOptions
 
 __all__ = [
+    "BACKENDS",
     "PackedModel",
+    "resolve_backend",
     "check_packable",
     "packed_linear_block",
     "packed_forward",
@@ -163,24 +166,36 @@ def _record(sink, names, shifted):
         sink[name] = (shifted[i] if shifted.ndim == 4 else shifted) >= 0
 
 
-def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
+def _linear_blocks(x, t, prefixes, opts, live=None, sink=None, native=None):
     """G packed :class:`bvit_jax.nn.linear.LinearBlock` s on one input ``x`` ``(B, N, K)`` -> ``(G, B, N, out)``.
 
     Each: ``match(x) + LN((K - 2*popcount(xor(x_bits, W_bits))) * alpha + b)``
     with ``x_bits = [x - shift(x) >= 0]``; with a folded branch normalisation
     (``branch_norm`` not ``'layernorm'``) ``match(x) + (K - 2*popcount(...)) * alpha' + b'``,
     ``alpha'``, ``b'`` the stored folded scale and bias. q, k and v run as one grouped kernel.
+    ``native``: None (XLA), or the ISA of :mod:`bvit_jax.deploy.native`, whose one
+    call signs, packs, multiplies and applies ``float(acc) * alpha + b`` (both
+    roundings, as the XLA epilogue here and the model).
     """
     lins = [p + "/linear" for p in prefixes]
     g, (b, n_tok, k) = len(prefixes), x.shape
     shifted = _shifted(x, t, [p + "/act" for p in lins], shared=True, mode=opts.asm_mode)
     _record(sink, [p + "/act" for p in lins], shifted)
-    bits = pack_planes(shifted)
-    if bits.ndim == 3:  # no shift: one packing serves every layer
-        bits = jnp.broadcast_to(bits[None], (g,) + bits.shape)
     kernels = jnp.stack([t[p + "/kernel_bits"] for p in lins])
     alpha, bias = _stacked(t, lins, "/alpha"), _stacked(t, lins, "/bias")
     folded = opts.linear_shortcut and opts.branch_norm != "layernorm"
+    if native is not None:
+        acts = shifted if shifted.ndim == 4 else shifted[None]  # (1 or G, B, N, K): no shift, one packing
+        # folded: product rounded before the add (as ``rounded`` below); else one fused multiply-add,
+        # the contraction XLA applies to ``prod + bias`` here and in the model
+        mode = "muladd" if folded else "fma"
+        y = native_ops.sign_matmul(
+            acts.reshape(acts.shape[0], b * n_tok, k), kernels, alpha, bias, mode=mode, isa=native
+        )
+        return _linear_tail(x, y.reshape(g, b, n_tok, -1), t, prefixes, opts)
+    bits = pack_planes(shifted)
+    if bits.ndim == 3:  # no shift: one packing serves every layer
+        bits = jnp.broadcast_to(bits[None], (g,) + bits.shape)
 
     def epilogue(acc, al, bi):
         prod = acc.astype(jnp.float32) * al[:, None, :]
@@ -190,6 +205,11 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     y = packed_matmul(
         bits.reshape(g, b * n_tok, -1), kernels, k, live=live, epilogue=epilogue, epilogue_args=(alpha, bias)
     ).reshape(g, b, n_tok, -1)
+    return _linear_tail(x, y, t, prefixes, opts)
+
+
+def _linear_tail(x, y, t, prefixes, opts):
+    """The shortcut and branch LayerNorm after the G binary linears ``y`` ``(G, B, N, out)``."""
     if not opts.linear_shortcut:
         return y
     if opts.branch_norm != "layernorm":  # folded into alpha and bias at export: no normalisation here
@@ -198,7 +218,7 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None):
     return match_width(x, y.shape[-1])[None] + layer_norm(y, scale[:, None, None, :], nbias[:, None, None, :])
 
 
-def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
+def packed_linear_block(x, t, prefix, opts, live=None, sink=None, native=None):
     """One packed :class:`bvit_jax.nn.linear.LinearBlock` on ``x`` ``(B, N, K)``: the layer of a ``.bvit`` file.
 
     ``t`` maps tensor names to arrays as a :class:`PackedModel` holds them
@@ -216,28 +236,37 @@ def packed_linear_block(x, t, prefix, opts, live=None, sink=None):
     ``live``: None, or a runtime ``True`` that runs the popcount matmul as its
     own XLA computation (as in :func:`bvit_jax.deploy.bitops.packed_matmul`); ``sink``: None, or a
     dict that receives the sign bits under ``prefix + "/linear/act"`` (what
-    :func:`packed_forward` returns with ``capture=True``).
+    :func:`packed_forward` returns with ``capture=True``); ``native``: None (XLA
+    ops), or an ISA name of :mod:`bvit_jax.deploy.native` (its fused kernel).
     """
-    return _linear_blocks(x, t, [prefix], opts, live, sink)[0]
+    return _linear_blocks(x, t, [prefix], opts, live, sink, native)[0]
 
 
-def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
+def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None, native=None):
     h = cfg.num_heads
     names = [f"{prefix}/{n}" for n in ("q", "k", "v")]
-    qkv = _linear_blocks(x, t, names, opts, live, sink)  # (3, B, N, D)
+    qkv = _linear_blocks(x, t, names, opts, live, sink, native)  # (3, B, N, D)
     if not opts.binary_attention:
         q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=h) for a in qkv)
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return packed_linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
+        return packed_linear_block(
+            rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink, native
+        )
 
     s = _shifted(qkv, t, [n + "_sign" for n in names], shared=False, mode=opts.asm_mode, heads=h)  # (3, B, N, D)
     _record(sink, [n + "_sign" for n in names], s)
     d = qkv.shape[-1] // h
     c = positive_level(t[prefix + "/attn_level_raw"])  # c = LEVEL_MIN + softplus(raw), as Attention.level()
     scale = jnp.sqrt(d).astype(jnp.float32)
-    if attention == "popcount":
+    bsz, n_tok = x.shape[0], x.shape[1]
+    if attention == "popcount" and native is not None:
+        # scores: (d - 2*popcount(xor(q, k))) / sqrt(d), one (N, W) x (W, N) matmul per (batch, head)
+        qk = pack_planes(rearrange(s[:2], "g b n (h d) -> g (b h) n d", h=h))
+        scores = native_ops.matmul_scaled(qk[0], jnp.swapaxes(qk[1], 1, 2), scale, 0.0, d, mode="div", isa=native)
+        scores = scores.reshape(bsz, h, n_tok, n_tok)
+    elif attention == "popcount":
         qk = pack_planes(rearrange(s[:2], "g b n (h d) -> g b h n d", h=h))
         scores = packed_sign_dot(
             qk[0], qk[1], d, live=live, epilogue=lambda acc, sc: acc.astype(jnp.float32) / sc, epilogue_args=(scale,)
@@ -247,27 +276,37 @@ def _attention(x, t, prefix, cfg, opts, attention, live=None, sink=None):
         scores = jnp.einsum("bhqd,bhkd->bhqk", qf, kf) / scale
     probs = jax.nn.softmax(scores, axis=-1)
     level = jnp.clip(jnp.round(probs / c), 0, 1)  # elastic_binarize(probs, c) / c, in {0, 1}
-    if attention == "popcount":
+    if attention == "popcount" and native is not None:
+        # 2*popcount(m & v) - popcount(m): masks (queries, key words) x values (key words, d). The
+        # multiply by c stays in XLA: XLA fuses it into its consumers (and may contract it with the
+        # shortcut add there, as in the model), so the native kernel returns the exact integers.
+        mask = pack_bits_planes(rearrange(level > 0, "b h q k -> (b h) q k"))
+        vb = pack_planes(rearrange(s[2], "b n (h d) -> (b h) d n", h=h))
+        out = c * native_ops.matmul(mask, jnp.swapaxes(vb, 1, 2), n_tok, op="and", isa=native).astype(jnp.float32)
+        out = out.reshape(bsz, h, n_tok, d)
+    elif attention == "popcount":
         mask = pack_bits_planes(level > 0)  # (b, h, q, ceil(N/32)), along keys
         vb = pack_planes(rearrange(s[2], "b n (h d) -> b h d n", h=h))  # along keys
         out = c * masked_sign_sum(mask, vb, live=live).astype(jnp.float32)
     else:
         vf = sign(rearrange(s[2], "b n (h d) -> b h n d", h=h))
         out = jnp.einsum("bhqk,bhkd->bhqd", level, vf) * c
-    return packed_linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink)
+    return packed_linear_block(rearrange(out, "b h n d -> b n (h d)"), t, prefix + "/proj", opts, live, sink, native)
 
 
-def _mlp(x, t, prefix, opts, live=None, sink=None):
-    hdn = packed_linear_block(x, t, prefix + "/fc1", opts, live, sink)
+def _mlp(x, t, prefix, opts, live=None, sink=None, native=None):
+    hdn = packed_linear_block(x, t, prefix + "/fc1", opts, live, sink, native)
     if opts.rprelu:
         hdn = rprelu(hdn, t[prefix + "/act/gamma"], t[prefix + "/act/zeta"], t[prefix + "/act/slope"])
     else:
         hdn = jax.nn.gelu(hdn, approximate=False)
-    return packed_linear_block(hdn, t, prefix + "/fc2", opts, live, sink)
+    return packed_linear_block(hdn, t, prefix + "/fc2", opts, live, sink, native)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attention", "capture"))
-def _forward(tensors, images, live, *, cfg: ViTConfig, opts: BinaryOptions, attention: str, capture: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attention", "capture", "native"))
+def _forward(
+    tensors, images, live, *, cfg: ViTConfig, opts: BinaryOptions, attention: str, capture: bool = False, native=None
+):
     t = tensors
     sink = {} if capture else None
     p = cfg.patch_size
@@ -286,14 +325,41 @@ def _forward(tensors, images, live, *, cfg: ViTConfig, opts: BinaryOptions, atte
     x = jnp.concatenate([cls, x], axis=1) + t["pos_embed"]
     for i in range(cfg.depth):
         b = f"blocks/{i}"
-        x = x + _attention(_layer_norm(x, t, b + "/norm1"), t, b + "/attn", cfg, opts, attention, live, sink)
-        x = x + _mlp(_layer_norm(x, t, b + "/norm2"), t, b + "/mlp", opts, live, sink)
+        x = x + _attention(_layer_norm(x, t, b + "/norm1"), t, b + "/attn", cfg, opts, attention, live, sink, native)
+        x = x + _mlp(_layer_norm(x, t, b + "/norm2"), t, b + "/mlp", opts, live, sink, native)
     feat = _layer_norm(x[:, 0], t, "norm")
     logits = jnp.dot(feat, t["head/kernel"]) + t["head/bias"]
     return (logits, sink) if capture else logits
 
 
-def packed_forward(packed: PackedModel, images, *, attention: str = "popcount", capture: bool = False):
+BACKENDS = ("auto", "native", "xla")
+
+
+def resolve_backend(backend: str = "auto") -> str | None:
+    """The native ISA :func:`packed_forward` runs with (``"avx512"``, ``"avx2"``, ``"portable"``), or None for XLA.
+
+    ``"xla"``: None. ``"native"``: the library's ISA
+    (:func:`bvit_jax.deploy.native.resolve_isa`: ``$BVIT_NATIVE_ISA`` or the
+    best the CPU has); RuntimeError when the library is unavailable or JAX's
+    default backend is not the CPU. ``"auto"``: native when both hold, else None.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "xla":
+        return None
+    on_cpu = jax.default_backend() == "cpu"
+    if backend == "auto" and not (on_cpu and native_ops.available()):
+        return None
+    if not on_cpu:
+        raise RuntimeError(f"backend='native' runs on the CPU only; JAX's default backend is {jax.default_backend()!r}")
+    if not native_ops.available():
+        raise RuntimeError(f"backend='native': the native library is unavailable ({native_ops.load_error()})")
+    return native_ops.resolve_isa()
+
+
+def packed_forward(
+    packed: PackedModel, images, *, attention: str = "popcount", capture: bool = False, backend: str = "auto"
+):
     """Logits of a packed model, ``(B, num_classes)`` float32, under ``jax.jit``.
 
     Args:
@@ -307,6 +373,12 @@ def packed_forward(packed: PackedModel, images, *, attention: str = "popcount", 
         ``bits = x - shift(x) >= 0`` (bool, the input's shape) for every sign,
         keyed like ``model(images, capture=True)`` (e.g.
         ``"blocks/0/attn/q/linear/act"``, ``"blocks/0/attn/q_sign"``).
+      backend: ``"auto"`` (default: the native kernels of :mod:`bvit_jax.deploy.native`
+        on a CPU where the library loads, else XLA ops), ``"native"`` or
+        ``"xla"`` (:func:`resolve_backend`). Native: each binary linear is one
+        call (sign, pack, popcount matmul, ``float(acc) * alpha + b``) and the
+        attention matmuls are too; everything else is the same XLA code. Both
+        give the same logits bit for bit (``docs/export.md``, "Native runtime").
 
     Equals ``model(images)`` of the float32 training-time model: the model
     computes its binary matmuls as exact integers scaled afterwards
@@ -324,8 +396,16 @@ def packed_forward(packed: PackedModel, images, *, attention: str = "popcount", 
     if attention not in ("popcount", "float"):
         raise ValueError(f"attention must be 'popcount' or 'float', got {attention!r}")
     check_packable(packed.opts)
+    native = resolve_backend(backend)
     # ``live``: a runtime True that lets the popcount kernels run as separate XLA
     # computations (the ``live`` argument of bvit_jax.deploy.bitops.packed_matmul).
     return _forward(
-        dict(packed.tensors), images, np.bool_(True), cfg=cfg, opts=packed.opts, attention=attention, capture=capture
+        dict(packed.tensors),
+        images,
+        None if native else np.bool_(True),
+        cfg=cfg,
+        opts=packed.opts,
+        attention=attention,
+        capture=capture,
+        native=native,
     )
