@@ -1,6 +1,6 @@
 """What every bvit_jax command shares: absl flags, logging, errors as messages.
 
-Each command module (``bvit_jax.train.trainer``, ``export``, ``predict``, ``convert``,
+Each command module (``bvit_jax.train.trainer``, ``export``, ``predict``, ``interop.timm``,
 ``data.prepare``) defines its flags on a given ``absl.flags.FlagValues``
 (``define_flags(fv, argv)``; ``argv`` is the command line being parsed, which
 ml_collections' config flags read their ``--config.FIELD=VALUE`` overrides

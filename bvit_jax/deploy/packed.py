@@ -174,8 +174,9 @@ def _linear_blocks(x, t, prefixes, opts, live=None, sink=None, native=None):
     (``branch_norm`` not ``'layernorm'``) ``match(x) + (K - 2*popcount(...)) * alpha' + b'``,
     ``alpha'``, ``b'`` the stored folded scale and bias. q, k and v run as one grouped kernel.
     ``native``: None (XLA), or the ISA of :mod:`bvit_jax.deploy.native`, whose one
-    call signs, packs, multiplies and applies ``float(acc) * alpha + b`` (both
-    roundings, as the XLA epilogue here and the model).
+    call signs, packs, multiplies and applies ``float(acc) * alpha + b`` with the
+    rounding XLA applies here and in the model (two roundings when folded, else
+    one fused multiply-add).
     """
     lins = [p + "/linear" for p in prefixes]
     g, (b, n_tok, k) = len(prefixes), x.shape
@@ -376,7 +377,7 @@ def packed_forward(
       backend: ``"auto"`` (default: the native kernels of :mod:`bvit_jax.deploy.native`
         on a CPU where the library loads, else XLA ops), ``"native"`` or
         ``"xla"`` (:func:`resolve_backend`). Native: each binary linear is one
-        call (sign, pack, popcount matmul, ``float(acc) * alpha + b``) and the
+        call (sign, pack, popcount matmul, ``float(acc) * alpha + b`` rounded as XLA does) and the
         attention matmuls are too; everything else is the same XLA code. Both
         give the same logits bit for bit (``docs/export.md``, "Native runtime").
 
