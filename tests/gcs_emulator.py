@@ -11,12 +11,19 @@ metrics, grain's iterator files, orbax's metadata) through
 ``TENSORSTORE_GCS_HTTP_URL``. No credentials exist here, so the metadata
 server that Google's auth libraries would ask is pointed at a closed loopback
 port: nothing leaves the machine.
+
+The wrapper starts the server with its stderr on a pipe that nothing reads; the server logs every request
+there, so after about 64 KiB of log (a few hundred requests: one checkpoint save) its writes block and it
+stops answering on the connections it has open, and the client waits forever. The fixture drains the pipe
+in a thread and keeps its last lines for a failing test's report.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import threading
 import urllib.request
 from dataclasses import dataclass
 
@@ -30,9 +37,17 @@ class Bucket:
     """The emulated bucket: ``url(name)`` is ``gs://BUCKET/name``."""
 
     endpoint: str
+    log: collections.deque  # the emulator's last log lines
 
     def url(self, name: str) -> str:
         return f"gs://{BUCKET}/{name}"
+
+    def upload(self, folder, name: str) -> str:
+        """Copy the local ``folder`` (e.g. a run folder) to ``gs://BUCKET/name``; that URL."""
+        import gcsfs
+
+        gcsfs.GCSFileSystem(token="anon").put(str(folder), f"{BUCKET}/{name}", recursive=True)
+        return self.url(name)
 
 
 def emulator_env(endpoint: str) -> dict[str, str]:
@@ -59,6 +74,9 @@ def gcs():
 
     server = FakeGCSServer(host="127.0.0.1")
     server.start()
+    log: collections.deque = collections.deque(maxlen=200)
+    drain = threading.Thread(target=lambda: log.extend(server._process.stderr), name="gcs-emulator-log", daemon=True)
+    drain.start()
     saved = {k: os.environ.get(k) for k in emulator_env(server.url)}
     try:
         body = json.dumps({"name": BUCKET}).encode()
@@ -68,7 +86,7 @@ def gcs():
         with urllib.request.urlopen(request, timeout=30) as r:
             assert r.status == 200, r.read()
         os.environ.update(emulator_env(server.url))
-        yield Bucket(server.url)
+        yield Bucket(server.url, log)
     finally:
         for k, v in saved.items():
             if v is None:

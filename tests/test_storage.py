@@ -1,11 +1,6 @@
 """Run folders in a bucket (:mod:`bvit_jax.runs.storage`), against a real GCS emulator on loopback: atomic
-small files, and metrics and TensorBoard in the bucket.
-
-Not covered here: training runs in the bucket. In a train.py subprocess against fake-gcs-server an orbax
-save through gcsfs hangs (``epath.exists`` from orbax's save waits on a request that never completes; a
-single synchronous save and restore in one process works), and the pure-Python gcp-storage-emulator sends
-no ``x-goog-generation`` header, which TensorStore's OCDBT manifest reads need. Save, stop and resume are
-tested on local disk (tests/test_preemption.py, tests/test_multihost.py)."""
+small files, and metrics and TensorBoard in the bucket. Training, stopping and resuming runs in a bucket, on
+one process and two, are in tests/test_preemption.py."""
 
 from __future__ import annotations
 

@@ -21,6 +21,12 @@ This module owns four rules of a run folder that several processes share:
   folder (a bucket, or a shared file system); a local disk that only one host
   sees would scatter checkpoint shards over the hosts, so it stops the run at
   start-up with a :class:`bvit_jax.errors.ConfigError`.
+* Listings are never cached: fsspec's GCS file system keeps each folder
+  listing for the life of the process by default, so a process that listed
+  ``checkpoints/`` (orbax's steps, another process's probe file, a teacher's
+  run folder) would go on seeing that listing after another process, or a
+  later run, wrote there. This module sets ``use_listings_cache=False`` in
+  fsspec's configuration for ``gcs`` (unless the user set it).
 * :func:`register_tensorboard_writer`: tensorboardX writes event files to
   cloud URLs through ``epath`` (its own GCS writer needs another client
   library and fails without it).
@@ -40,6 +46,16 @@ from bvit_jax.errors import ConfigError
 __all__ = ["as_path", "is_url", "absolute", "atomic_write_text", "check_shared", "register_tensorboard_writer"]
 
 PathLike = str | os.PathLike
+
+
+def _fresh_listings() -> None:
+    """Make fsspec's GCS file systems list folders afresh each time (see the module docstring)."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_fresh_listings()
 
 
 def is_url(path: PathLike) -> bool:
