@@ -17,10 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # (they inherit this environment): the suite compiles the same tiny programs many times over, in many
 # processes, and a cache hit loads the same executable a fresh compile would build, so no result changes.
 # A size limit turns on the cache's file lock (reads and writes of one entry never interleave across
-# processes); every compile is kept, however quick.
+# processes). Only compiles of 1 s or more are kept (the train and eval steps, the models): each write scans
+# the whole folder under that lock (stat and access-time file of every entry, for the size limit), so
+# keeping every op-by-op compile (thousands) cost more than it saved: 0.15-0.4 s of lock per write at
+# ~3,800 entries, the other worker waiting.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "xla-tests"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
