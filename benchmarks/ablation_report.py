@@ -30,6 +30,29 @@ def _late_mean(rows: list[dict], key: str, frac: float = 0.2) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+# The sign-movement shares at the end of training (train rows; runs from before they were logged: "–").
+END_SHARES = (("never_flipped/all", "never flipped"), ("silent/all", "silent"), ("outside_window/all", "|W| > 1"))
+
+
+def _final_share(rows: list[dict], key: str) -> float:
+    """``key`` of the last train row that has it, as a percentage (nan when no row has it)."""
+    vals = [r[key] for r in rows if key in r]
+    return 100.0 * vals[-1] if vals else float("nan")
+
+
+def _share_cells(train_rows: list[list[dict]]) -> str:
+    """The END_SHARES columns of a table row: each share's mean over the runs, in %."""
+    cells = []
+    for key, _ in END_SHARES:
+        v = [x for x in (_final_share(r, key) for r in train_rows) if np.isfinite(x)]
+        cells.append(f"{np.mean(v):.1f}" if v else "–")
+    return " | ".join(cells)
+
+
+def _share_headers() -> tuple[str, str]:
+    return " | ".join(f"{name} (%)" for _, name in END_SHARES), "|".join("---" for _ in END_SHARES)
+
+
 def _latent_over_alpha(wd: Path) -> np.ndarray:
     """All latent binary weights of a run's final checkpoint, each divided by its channel's alpha."""
     from bvit_jax.nn.param_groups import flatten_with_paths
@@ -153,7 +176,8 @@ def _update_results_md(path: Path, table, claims, walls, machine, split, seeds) 
 
 def write_tuning_table(out: Path, extra_runs: dict, presets, seeds) -> None:
     """Validation top-1, late flip rate and bimodality of the presets and the extra (tuning) runs."""
-    rows = ["| run | val top-1 (%) | flip rate, last 20% | bimodality |", "|---|---|---|---|"]
+    heads, rules = _share_headers()
+    rows = [f"| run | val top-1 (%) | flip rate, last 20% | bimodality | {heads} |", f"|---|---|---|---|{rules}|"]
     runs = {p: [out / _name(p, s) for s in seeds] for p in presets}
     runs.update(extra_runs)
     for label, wds in runs.items():
@@ -161,10 +185,11 @@ def write_tuning_table(out: Path, extra_runs: dict, presets, seeds) -> None:
         if not wds:
             continue
         acc = np.mean([_final_eval(w) for w in wds]) * 100
-        flip = np.mean([_late_mean(read_metrics(w, "train"), "flip_rate/all") for w in wds])
+        train_rows = [read_metrics(w, "train") for w in wds]
+        flip = np.mean([_late_mean(r, "flip_rate/all") for r in train_rows])
         diags = [read_metrics(w, "diagnostics") for w in wds]
         bim = np.mean([d[-1]["bimodality/mean"] for d in diags if d]) if any(diags) else float("nan")
-        rows.append(f"| {label} | {acc:.2f} | {flip:.2e} | {bim:.3f} |")
+        rows.append(f"| {label} | {acc:.2f} | {flip:.2e} | {bim:.3f} | {_share_cells(train_rows)} |")
     (out / "tuning_table.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 
@@ -215,10 +240,11 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
     runs = {p: [out / _name(p, s) for s in seeds if (out / _name(p, s) / "metrics.jsonl").exists()] for p in presets}
     walls = json.loads((out / "wall_times.json").read_text()) if (out / "wall_times.json").exists() else {}
     lines = []
+    heads, rules = _share_headers()
     table = [
         "| preset | top-1 (%) mean ± std | per seed | flip rate, last 20% | bimodality | act. entropy (bits) "
-        "| size (paper / full, kB) | OPs (M) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| {heads} | size (paper / full, kB) | OPs (M) |",
+        f"|---|---|---|---|---|---|{rules}|---|---|",
     ]
     stats = {}
     for p, wds in runs.items():
@@ -236,7 +262,7 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
         table.append(
             f"| `{p}` | {acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} | "
             f"{' / '.join(f'{a:.2f}' for a in acc)} | "
-            f"{fmt(flip, '.2e')} | {fmt(bim, '.3f')} | {fmt(ent, '.3f')} | "
+            f"{fmt(flip, '.2e')} | {fmt(bim, '.3f')} | {fmt(ent, '.3f')} | {_share_cells(train_rows)} | "
             f"{size['size_bytes_paper'] / 1e3:.1f} / {size['size_bytes_full'] / 1e3:.1f} | {size['ops'] / 1e6:.2f} |"
         )
     lines += table

@@ -114,6 +114,35 @@ def test_oscillation_ema():
     np.testing.assert_array_equal(state.last_sign["w"], [-1, 1, 1])
 
 
+def test_never_flipped_counts_from_its_start_and_silent_is_the_flip_ema_below_its_threshold():
+    """w0 flips before the count starts (never-flipped still counts it as unmoved), w1 flips after it,
+    w2 never: never_flipped = 2/3 then 1/3. The flip EMA of a weight that flipped once is
+    m_s (1 - m_s)^k, below 1e-4 only after ~2,300 more checks, so once w1 has flipped it is not silent."""
+    mask = {"w": True}
+    seq = [
+        np.array([1.0, 1.0, 1.0]),
+        np.array([-1.0, 1.0, 1.0]),  # check 1: w0 flips (not counted yet)
+        np.array([-1.0, 1.0, 1.0]),  # check 2: nothing
+        np.array([-1.0, -0.5, 1.0]),  # check 3: w1 flips (counted)
+    ]
+    counting = [False, False, True]
+    upd = jax.jit(lambda st, p, c: D.oscillation_update(st, p, mask, count_flips=c))
+    state = D.oscillation_init({"w": jnp.asarray(seq[0])}, mask)
+    never, silent = [], []
+    for w, c in zip(seq[1:], counting):
+        state, metrics = upd(state, {"w": jnp.asarray(w)}, jnp.asarray(c))
+        never.append(float(metrics["never_flipped/w"]))
+        silent.append(float(metrics["silent/w"]))
+    np.testing.assert_array_equal(state.flipped_since["w"], [False, True, False])
+    assert never == pytest.approx([1.0, 1.0, 2 / 3], abs=1e-7)  # shares of 3 (one rounding of k/3)
+    m = D.SILENT_MOMENTUM
+    # the EMA of [1, 0, 0] for w0, [0, 0, 1] for w1: each check rounds two products and a sum (3u relative)
+    want = np.array([m * (1 - m) ** 2, m, 0.0])
+    assert_within(state.flip_ema["w"], want, gamma_n(9) * want, "flip EMA")
+    # w0 is silent at no check after its flip (m (1 - m)^2 > 1e-4), w2 at every check, w1 until it flips
+    assert silent == pytest.approx([2 / 3, 2 / 3, 1 / 3], abs=1e-7)
+
+
 def test_outside_ste_window_share_counts_weights_past_1_per_layer_and_pooled():
     """``outside_window``: the share of latent weights with |W| > 1 (no straight-through gradient there), exactly
     (counts of at most a few thousand weights are exact in float32); |W| = 1 is inside (the window is closed)."""

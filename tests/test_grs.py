@@ -195,3 +195,55 @@ def test_freezing_needs_params_validates_its_arguments_and_is_found_in_a_chain()
     assert frozen_share(chain.init(params)) is None  # no freezing in the chain
     chain = optax.chain(optax.sgd(0.1), freeze_oscillating(0.5, 0.9, mask=MASK))
     assert float(frozen_share(chain.init(params))) == 0.0
+
+
+# ----------------------------------------------------------------------------- ReBNN's adaptive strength
+def test_adaptive_grs_is_rebnn_per_channel_rule_from_the_last_update_s_flips():
+    """``lambda_i = s * clip(p_i * max_j |g_ij|, lo, hi)``, ``p_i`` the share of channel i's signs changed since
+    the previous update: channel 0 has 2 of 4 flipped (clipped to hi), channel 1 one (inside the range),
+    channel 2 none (the floor lo); at the first update nothing has flipped, so every channel is at lo."""
+    from bvit_jax.train.grs import grs_adaptive
+
+    lo, hi, s = 1e-3, 4e-2, 0.5
+    params = _params()
+    w0 = np.asarray(params["layer"]["kernel"])
+    w1 = w0.copy()
+    w1[0, 0], w1[1, 0] = -w0[0, 0], -w0[1, 0] + 0.01  # channel 0: 0.3 -> -0.3, -0.6 -> 0.61: two flips
+    w1[1, 1] = -0.02  # channel 1: sign(0) = +1 -> -1: one flip; channel 2 unchanged
+    g = np.array([[0.2, -0.01, 0.5], [-0.1, 0.08, 0.0], [0.05, 0.02, -0.3], [0.0, -0.04, 0.1]], np.float32)
+    grads = {"layer": {"kernel": jnp.asarray(g), "bias": jnp.ones(3)}}
+    tx = grs_adaptive(lo, hi, shape=s, mask=MASK)
+    state = tx.init(params)
+    upd, state = tx.update(grads, state, params)
+    assert_within(upd["layer"]["kernel"], _expected(w0, g, s * lo), _bound(w0, g, s * lo), "first update: floor")
+    np.testing.assert_array_equal(upd["layer"]["bias"], grads["layer"]["bias"])
+
+    p1 = {"layer": {"kernel": jnp.asarray(w1), "bias": params["layer"]["bias"]}}
+    upd, _ = tx.update(grads, state, p1)
+    p = np.array([2, 1, 0]) / 4
+    lam = s * np.clip(p * np.abs(g).max(axis=0), lo, hi)  # [hi, 0.02, lo] times s
+    np.testing.assert_allclose(lam / s, [hi, 0.02, lo])
+    # one more rounding than _bound counts (the product p * max|g|): gamma_{n+5}
+    bound = _bound(w1, g, lam) * gamma_n(w1.shape[0] + 5) / gamma_n(w1.shape[0] + 4)
+    assert_within(upd["layer"]["kernel"], _expected(w1, g, lam), bound, "second update: per-channel lambda")
+
+
+def test_grs_schedule_lr_follows_the_learning_rate_s_shape():
+    """``lambda_t = strength * lr_t / peak``: the warm-up's rise, ``strength`` at the peak, then the cosine decay."""
+    import ml_collections
+
+    from bvit_jax.train.optim import grs_schedule, learning_rate_schedule, peak_learning_rate
+
+    o = ml_collections.ConfigDict(dict(base_lr=1e-3, lr_reference_batch=512, min_lr=1e-6))
+    lr = learning_rate_schedule(o, total_steps=20, warmup_steps=4, global_batch_size=256)
+    peak = peak_learning_rate(o, 256)
+    lam = grs_schedule(2e-4, kind="lr", learning_rate=lr, peak_lr=peak)
+    for t in range(20):
+        want = 2e-4 * float(lr(t)) / peak
+        # float32: strength and peak each rounded once, then a division and a product: 4 roundings
+        assert float(lam(t)) == pytest.approx(want, rel=gamma_n(4), abs=0)
+    # the peak at update W - 1, min_lr at the last one (lr_t itself rounded too: 5 roundings)
+    assert float(lam(3)) == pytest.approx(2e-4, rel=gamma_n(5))
+    assert float(lam(19)) == pytest.approx(2e-4 * 1e-6 / peak, rel=gamma_n(5))
+    with pytest.raises(ValueError, match="no warm-up or ramp"):
+        grs_schedule(2e-4, kind="lr", learning_rate=lr, peak_lr=peak, ramp_steps=5)

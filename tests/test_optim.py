@@ -336,6 +336,10 @@ def test_freezing_is_not_added_without_latent_weights():
         (dict(grs__freeze_threshold=1.0), r"config.grs.freeze_threshold=1.0 must be in \[0, 1\)"),
         (dict(grs__freeze_threshold=-0.1), r"config.grs.freeze_threshold=-0.1 must be in \[0, 1\)"),
         (dict(grs__freeze_momentum=1.0), r"config.grs.freeze_momentum=1.0 must be in \[0, 1\)"),
+        (dict(grs__schedule="lr", grs__ramp_steps=10), "follows the learning rate"),
+        (dict(grs__coupling="after"), "config.grs.coupling='after' is unknown"),
+        (dict(grs__adaptive=True, grs__coupling="decoupled"), "needs config.grs.coupling='coupled'"),
+        (dict(grs__adaptive=True, grs__adaptive_min=1e-3), "must satisfy 0 <= min <= max"),
     ],
 )
 def test_validate_config_rejects_bad_grs_variant_fields(fields, message):
@@ -350,6 +354,9 @@ def test_validate_config_accepts_the_grs_variants():
         dict(grs__schedule="linear", grs__ramp_start_steps=5, grs__ramp_steps=10),
         dict(grs__schedule="cosine", grs__ramp_epochs=2.0),
         dict(grs__freeze_threshold=0.02, grs__freeze_momentum=0.99),
+        dict(grs__schedule="lr"),
+        dict(grs__coupling="decoupled", grs__schedule="cosine", grs__ramp_start_steps=5),
+        dict(grs__adaptive=True, grs__adaptive_min=0.0, grs__adaptive_max=1e-4),
     ):
         validate_config(tiny_config("fp", **fields), 1, 1)
 
@@ -418,3 +425,63 @@ def test_validate_config_rejects_bad_drop_path_remat_and_clip_fields(fields, mes
     with pytest.raises(ConfigError, match=message):
         validate_config(tiny_config("fp", **fields), 1, 1)
     validate_config(tiny_config("fp", model__drop_path_rate=0.1, model__remat_policy="full"), 1, 1)
+
+
+# ----------------------------------------------------------------------------- GRS strength options in the chain
+def _grs_terms(preset: str, grads_scale: float, **fields):
+    """The GRS term of one update of the configured chain on the latent weights: the update with GRS
+    minus the update of the same chain without it (same gradients, same parameters)."""
+    params, latent = _tiny(preset)
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda p: jnp.asarray(grads_scale * rng.normal(size=p.shape), p.dtype), params)
+    out = {}
+    for strength in (0.0, 1e-2):
+        cfg = tiny_config(preset, grs__strength=strength, optimizer__clip_norm=0.0, **fields)
+        tx = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+        out[strength], _ = tx.update(grads, tx.init(params), params)
+    terms = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), out[1e-2], out[0.0])
+    return params, latent, terms
+
+
+def test_decoupled_grs_moves_latent_weights_by_lr_lambda_whatever_the_gradient_scale():
+    """After AdamW the pull is ``-lr_t * lambda * (|W| - alpha) sign(W)`` exactly as written, at gradient
+    scales 1 and 1000 alike; added to the gradient (coupled) its effect on Adam's normalised update
+    shrinks as the gradient grows (it is divided by about |g|)."""
+    from bvit_jax.train.grs import grs_direction
+
+    lr0 = float(learning_rate_schedule(tiny_config("binaryvit").optimizer, 10, 0, 16)(0))  # the first update's
+    for scale in (1.0, 1000.0):
+        params, latent, terms = _grs_terms("binaryvit", scale, grs__coupling="decoupled", global_batch_size=16)
+        for (path, t), (_, w), (_, m) in zip(
+            flatten_with_paths(terms), flatten_with_paths(params), flatten_with_paths(latent)
+        ):
+            if not m:
+                np.testing.assert_array_equal(t, 0.0, err_msg=path)
+                continue
+            want = -lr0 * 1e-2 * np.asarray(grs_direction(w), np.float64)
+            # lr*lambda, its product with the direction, the subtraction from Adam's update (|u| <= ~lr),
+            # and the difference of two float32 updates: within 4 u (|term| + lr) of the exact term.
+            assert_within(t, want, 4 * U32 * (np.abs(want) + 2 * lr0), f"decoupled {path} at scale {scale}")
+    coupled = [_grs_terms("binaryvit", s, global_batch_size=16)[2] for s in (1.0, 1000.0)]
+    size = [max(float(np.max(np.abs(t))) for _, t in flatten_with_paths(c)) for c in coupled]
+    assert size[1] < size[0] / 100  # coupled: the same lambda is ~1000x weaker against 1000x gradients
+
+
+def test_adaptive_grs_in_the_chain_starts_at_its_floor_on_every_latent_weight():
+    """At the first update no sign has changed yet (p = 0), so ReBNN's lambda is its floor on every channel:
+    the chain's gradient is ``g + lo * (|W| - alpha) sign(W)`` before clipping and AdamW."""
+    from bvit_jax.train.grs import AdaptiveGRSState
+
+    params, latent = _tiny("binaryvit")
+    cfg = tiny_config("binaryvit", grs__adaptive=True, grs__adaptive_min=3e-5, grs__adaptive_max=1e-4)
+    tx = build_optimizer(cfg, params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0)
+    state = tx.init(params)
+    states = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, AdaptiveGRSState))]
+    assert any(isinstance(s, AdaptiveGRSState) for s in states)
+    first = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)[0]
+    same = build_optimizer(
+        tiny_config("binaryvit", grs__strength=3e-5), params, latent, total_steps=10, warmup_steps=0, grs_warmup_steps=0
+    )
+    ref = same.update(jax.tree.map(jnp.zeros_like, params), same.init(params), params)[0]
+    for (path, a), (_, b) in zip(flatten_with_paths(first), flatten_with_paths(ref)):
+        np.testing.assert_array_equal(a, b, err_msg=path)  # the same float32 operations: lo * direction

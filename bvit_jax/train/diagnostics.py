@@ -24,6 +24,14 @@ Weight metrics
     ``f <- (1 - m) f + m * osc`` with momentum ``m = 0.01``. With two levels
     every flip after a weight's first one reverses the previous one. When the
     update runs every N steps, ``f`` is a frequency per check, not per step.
+  * **never flipped**: share of latent weights whose sign has not changed
+    since the step the count starts from (the end of the learning-rate
+    warm-up in the trainer): weights the training has not moved across 0.
+  * **silent weights** (OvSW, Xiang et al., ECCV 2024; ReCU, Xu et al., ICCV
+    2021): share of latent weights whose flip EMA ``e <- (1 - m) e + m *
+    flipped`` (``m = 0.001``, OvSW's momentum 0.999 of the past) is below
+    ``1e-4``: weights that have stopped flipping. Cutting flips is not by
+    itself a benefit; a large silent share says the signs are stuck.
   * **outside the STE window**: share of latent weights with ``|W| > 1``,
     where the clipped straight-through gradient ``alpha * dL/dW_b * 1{|W| <= 1}``
     of the weight binarizer (:mod:`bvit_jax.nn.binarize`) is zero: such a weight
@@ -84,6 +92,8 @@ __all__ = [
     "OscillationState",
     "oscillation_init",
     "oscillation_update",
+    "SILENT_MOMENTUM",
+    "SILENT_THRESHOLD",
     "near_zero_share",
     "STE_WINDOW",
     "outside_ste_window_share",
@@ -147,13 +157,22 @@ def flip_rate(prev_params: Any, params: Any, mask: Any) -> dict[str, jax.Array]:
     return _summarize("flip_rate", per, {k: w1[k].size for k in w1})
 
 
+# Silent weights: flip EMA with new-value weight SILENT_MOMENTUM below SILENT_THRESHOLD (OvSW's 0.999 / 1e-4).
+SILENT_MOMENTUM = 0.001
+SILENT_THRESHOLD = 1e-4
+
+
 class OscillationState(NamedTuple):
     """Per latent weight: its last sign, the direction of its last flip
-    (+1: to +1, -1: to -1, 0: none yet) and its EMA oscillation frequency."""
+    (+1: to +1, -1: to -1, 0: none yet), its EMA oscillation frequency, its
+    EMA flip frequency (for the silent share) and whether it has flipped
+    since the count started (for the never-flipped share)."""
 
     last_sign: dict[str, jax.Array]
     last_flip: dict[str, jax.Array]
     freq: dict[str, jax.Array]
+    flip_ema: dict[str, jax.Array]
+    flipped_since: dict[str, jax.Array]
 
 
 def oscillation_init(params: Any, mask: Any) -> OscillationState:
@@ -163,20 +182,35 @@ def oscillation_init(params: Any, mask: Any) -> OscillationState:
         last_sign={k: _sign_int8(v) for k, v in w.items()},
         last_flip={k: jnp.zeros(v.shape, jnp.int8) for k, v in w.items()},
         freq={k: jnp.zeros(v.shape, jnp.float32) for k, v in w.items()},
+        flip_ema={k: jnp.zeros(v.shape, jnp.float32) for k, v in w.items()},
+        flipped_since={k: jnp.zeros(v.shape, jnp.bool_) for k, v in w.items()},
     )
 
 
 def oscillation_update(
-    state: OscillationState, params: Any, mask: Any, momentum: float = 0.01, threshold: float = 0.005
+    state: OscillationState,
+    params: Any,
+    mask: Any,
+    momentum: float = 0.01,
+    threshold: float = 0.005,
+    count_flips: jax.Array | bool = True,
 ) -> tuple[OscillationState, dict[str, jax.Array]]:
     """One check: ``osc = flipped and direction == -last_direction``; ``f <- (1-m) f + m * osc``.
 
+    Also ``e <- (1 - m_s) e + m_s * flipped`` (``m_s`` = :data:`SILENT_MOMENTUM`)
+    and ``flipped_since <- flipped_since or (flipped and count_flips)``
+    (``count_flips``: whether this check is past the point the never-flipped
+    count starts from, e.g. ``step >= warmup_steps``).
+
     Returns the new state and metrics: ``osc_freq/<path>`` (mean frequency),
     ``osc_share/<path>`` (share of weights with frequency above ``threshold``),
-    each with ``/mean`` and ``/all``.
+    ``never_flipped/<path>`` (share with ``flipped_since`` False),
+    ``silent/<path>`` (share with ``e <`` :data:`SILENT_THRESHOLD`), each with
+    ``/mean`` and ``/all``.
     """
     w = latent_weights(params, mask)
     new_sign, new_flip, new_freq, freq_mean, share = {}, {}, {}, {}, {}
+    new_ema, new_since, never, silent = {}, {}, {}, {}
     for k, v in w.items():
         s = _sign_int8(v)
         flipped = s != state.last_sign[k]
@@ -188,9 +222,19 @@ def oscillation_update(
         new_freq[k] = f
         freq_mean[k] = jnp.mean(f)
         share[k] = jnp.mean((f > threshold).astype(jnp.float32))
+        e = (1.0 - SILENT_MOMENTUM) * state.flip_ema[k] + SILENT_MOMENTUM * flipped.astype(jnp.float32)
+        new_ema[k] = e
+        new_since[k] = state.flipped_since[k] | (flipped & count_flips)
+        never[k] = jnp.mean((~new_since[k]).astype(jnp.float32))
+        silent[k] = jnp.mean((e < SILENT_THRESHOLD).astype(jnp.float32))
     counts = {k: v.size for k, v in w.items()}
-    metrics = {**_summarize("osc_freq", freq_mean, counts), **_summarize("osc_share", share, counts)}
-    return OscillationState(new_sign, new_flip, new_freq), metrics
+    metrics = {
+        **_summarize("osc_freq", freq_mean, counts),
+        **_summarize("osc_share", share, counts),
+        **_summarize("never_flipped", never, counts),
+        **_summarize("silent", silent, counts),
+    }
+    return OscillationState(new_sign, new_flip, new_freq, new_ema, new_since), metrics
 
 
 def near_zero_share(params: Any, mask: Any, frac: float = 0.25) -> dict[str, jax.Array]:

@@ -15,7 +15,19 @@ fewer weights keep flipping sign. Chain it before the optimizer:
     tx = optax.chain(grs(1e-4, mask=mask), optax.clip_by_global_norm(1.0), optax.adamw(...))
 
 ``lambda`` may follow a schedule (:func:`bvit_jax.train.optim.grs_schedule`: constant,
-or a linear / cosine ramp-up from 0). The comparison point of Nagel et al.
+a linear / cosine ramp-up from 0, or the learning rate's shape). Two other forms
+of the same pull:
+
+* :func:`grs_adaptive`: ReBNN's per-channel strength (Xu et al., AAAI 2023),
+  ``lambda_i = clip(p_i * max_j |g_ij|, lo, hi)`` with ``p_i`` the share of
+  channel ``i``'s weights whose sign changed in the last update, so the pull
+  fades as a channel's signs settle;
+* :func:`grs_decoupled`: the pull applied after the optimizer, as AdamW applies
+  its weight decay, ``W <- W - lr_t * lambda_t * (|W| - alpha) sign(W)``: a
+  term added to the gradient is rescaled by Adam's second moment, this one is
+  not.
+
+The comparison point of Nagel et al.
 (ICML 2022, Sec. 4.2), iterative freezing of weights whose EMA sign-flip
 frequency passes a threshold, is :func:`freeze_oscillating`; it acts on the
 final update, so it goes last:
@@ -33,7 +45,20 @@ import optax
 
 from bvit_jax.nn.binarize import channel_alpha, sign
 
-__all__ = ["grs", "grs_penalty", "grs_direction", "GRSState", "freeze_oscillating", "FreezeState", "frozen_share"]
+__all__ = [
+    "grs",
+    "grs_penalty",
+    "grs_direction",
+    "GRSState",
+    "grs_adaptive",
+    "AdaptiveGRSState",
+    "channel_flip_share",
+    "adaptive_strength",
+    "grs_decoupled",
+    "freeze_oscillating",
+    "FreezeState",
+    "frozen_share",
+]
 
 
 class GRSState(NamedTuple):
@@ -65,7 +90,7 @@ def grs(strength: float | optax.Schedule, mask: Any = None) -> optax.GradientTra
     """
     if not callable(strength) and strength < 0:
         raise ValueError(f"GRS strength must be >= 0, got {strength} (config field grs.strength)")
-    schedule = strength if callable(strength) else (lambda _: strength)
+    schedule = _as_schedule(strength)
 
     def init_fn(params):
         del params
@@ -76,6 +101,114 @@ def grs(strength: float | optax.Schedule, mask: Any = None) -> optax.GradientTra
             raise ValueError("grs needs the parameters: call tx.update(grads, state, params)")
         lam = schedule(state.count)
         new = jax.tree.map(lambda g, w: g + (lam * grs_direction(w)).astype(g.dtype), updates, params)
+        return new, GRSState(count=optax.safe_increment(state.count))
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
+def _as_schedule(value: float | optax.Schedule) -> optax.Schedule:
+    return value if callable(value) else (lambda _: value)
+
+
+def channel_flip_share(w: jax.Array, prev_positive: jax.Array) -> jax.Array:
+    """``p_i``: the share of output channel ``i``'s weights whose sign differs from ``prev_positive``.
+
+    ``prev_positive`` is ``W_prev >= 0`` (``sign(0) = +1``); the mean runs
+    over every axis but the last (a ``(in, out)`` kernel's inputs), keepdims.
+    """
+    changed = (w >= 0) != prev_positive
+    return jnp.mean(changed.astype(jnp.float32), axis=tuple(range(w.ndim - 1)), keepdims=True)
+
+
+def adaptive_strength(g: jax.Array, p: jax.Array, lo: float, hi: float) -> jax.Array:
+    """ReBNN's per-channel strength ``lambda_i = clip(p_i * max_j |g_ij|, lo, hi)`` (keepdims, like ``p``).
+
+    ``g`` is the loss gradient of the kernel, ``j`` runs over the channel's
+    inputs (every axis but the last). Xu et al. (AAAI 2023) clip to
+    ``[1e-5, 2e-4]``.
+    """
+    gmax = jnp.max(jnp.abs(g.astype(jnp.float32)), axis=tuple(range(g.ndim - 1)), keepdims=True)
+    return jnp.clip(p * gmax, lo, hi)
+
+
+class AdaptiveGRSState(NamedTuple):
+    count: jax.Array  # number of updates so far (drives the schedule's shape)
+    prev_positive: Any  # per weight: W >= 0 at the previous update
+
+
+def grs_adaptive(
+    lo: float = 1e-5, hi: float = 2e-4, shape: float | optax.Schedule = 1.0, mask: Any = None
+) -> optax.GradientTransformation:
+    """GRS with ReBNN's per-channel, flip-driven strength (Xu et al., AAAI 2023), as optax.
+
+    Per latent kernel ``W_t`` (params of update ``t``) and loss gradient ``g``:
+
+        p_i      = share of channel i's weights with sign(W_t) != sign(W_{t-1})   (p = 0 at t = 0)
+        lambda_i = s_t * clip(p_i * max_j |g_ij|, lo, hi)
+        g_ij    <- g_ij + lambda_i * (|W_ij| - alpha_i) * sign(W_ij)
+
+    (:func:`channel_flip_share`, :func:`adaptive_strength`, :func:`grs_direction`).
+    A channel whose signs stopped changing gets the floor ``lo``; one that
+    flips a lot gets up to ``hi``. ``s_t`` (``shape``, a number or a
+    schedule in ``[0, 1]``) scales every channel, e.g. the delayed ramp of
+    :func:`bvit_jax.train.optim.grs_schedule` divided by its final value.
+    ``g`` must be the loss gradient, so this goes first in the chain.
+    """
+    if not 0 <= lo <= hi:
+        raise ValueError(f"adaptive GRS needs 0 <= lo <= hi, got lo={lo}, hi={hi} (config grs.adaptive_min/max)")
+    shape_t = _as_schedule(shape)
+
+    def init_fn(params):
+        return AdaptiveGRSState(
+            count=jnp.zeros([], jnp.int32), prev_positive=jax.tree.map(lambda w: jnp.asarray(w) >= 0, params)
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("grs_adaptive needs the parameters: call tx.update(grads, state, params)")
+        s = shape_t(state.count)
+
+        def one(g, w, prev):
+            lam = s * adaptive_strength(g, channel_flip_share(w, prev), lo, hi)
+            return g + (lam * grs_direction(w)).astype(g.dtype)
+
+        new = jax.tree.map(one, updates, params, state.prev_positive)
+        prev = jax.tree.map(lambda w: w >= 0, params)
+        return new, AdaptiveGRSState(count=optax.safe_increment(state.count), prev_positive=prev)
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
+def grs_decoupled(
+    strength: float | optax.Schedule, learning_rate: float | optax.Schedule, mask: Any = None
+) -> optax.GradientTransformation:
+    """GRS decoupled from the gradient, applied after the optimizer as AdamW applies its decay, as optax.
+
+        u <- u - lr_t * lambda_t * (|W| - alpha) * sign(W)
+
+    on the final update ``u`` of the latent weights, ``lr_t`` the optimizer's
+    learning rate at the same update (pass the same schedule), so ``W + u``
+    moves by ``-lr_t * lambda_t`` times the GRS direction whatever Adam's
+    second moment is (Loshchilov & Hutter's decoupling, ICLR 2019, applied to
+    the GRS term). Place it right after the optimizer. Its ``lambda`` is of
+    another order than the coupled one's: there the term is divided by
+    ``sqrt(v)`` (about ``|g|``), here it is not.
+    """
+    if not callable(strength) and strength < 0:
+        raise ValueError(f"GRS strength must be >= 0, got {strength} (config field grs.strength)")
+    lam_t, lr_t = _as_schedule(strength), _as_schedule(learning_rate)
+
+    def init_fn(params):
+        del params
+        return GRSState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("grs_decoupled needs the parameters: call tx.update(updates, state, params)")
+        step = lr_t(state.count) * lam_t(state.count)
+        new = jax.tree.map(lambda u, w: u - (step * grs_direction(w)).astype(u.dtype), updates, params)
         return new, GRSState(count=optax.safe_increment(state.count))
 
     tx = optax.GradientTransformation(init_fn, update_fn)

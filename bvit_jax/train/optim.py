@@ -1,10 +1,12 @@
 """The optimizer chain: GRS -> gradient clipping -> AdamW (-> freezing) (-> latent clip), with schedules.
 
     tx = chain(grs(lambda_t, mask=latent),          # only latent binary weights
+                                                    # (or grs_adaptive: ReBNN's per-channel lambda)
                clip_by_global_norm(c),
                adamw(lr_t, b1, b2, wd, mask=decay),  # no decay on latent binary
                                                      # weights, norms, biases,
                                                      # shifts, tokens
+               grs_decoupled(lambda_t, lr_t, mask=latent),  # instead of grs, grs.coupling='decoupled'
                freeze_oscillating(f_th, m, mask=latent),  # only if grs.freeze_threshold > 0
                clip_latent_weights(c_w, mask=latent))     # only if optimizer.latent_weight_clip > 0
 
@@ -30,12 +32,14 @@ import jax.numpy as jnp
 import optax
 
 from bvit_jax.nn.param_groups import path_mask
-from bvit_jax.train.grs import freeze_oscillating, grs
+from bvit_jax.train.grs import freeze_oscillating, grs, grs_adaptive, grs_decoupled
 
 __all__ = [
     "learning_rate_schedule",
     "grs_schedule",
     "GRS_SCHEDULES",
+    "GRS_COUPLINGS",
+    "peak_learning_rate",
     "weight_decay_mask",
     "build_optimizer",
     "applied_learning_rate",
@@ -43,7 +47,8 @@ __all__ = [
 ]
 
 NO_DECAY = (r"(^|/)pos_embed$", r"(^|/)cls_token$")
-GRS_SCHEDULES = ("constant", "linear", "cosine")  # config.grs.schedule
+GRS_SCHEDULES = ("constant", "linear", "cosine", "lr")  # config.grs.schedule
+GRS_COUPLINGS = ("coupled", "decoupled")  # config.grs.coupling
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int, warmup_steps: int, global_batch_size: int) -> optax.Schedule:
@@ -66,7 +71,7 @@ def learning_rate_schedule(opt_cfg, total_steps: int, warmup_steps: int, global_
     starts one step in. ``B`` is the batch of one optimizer update (all
     micro-batches together).
     """
-    peak = opt_cfg.base_lr * global_batch_size / opt_cfg.lr_reference_batch
+    peak = peak_learning_rate(opt_cfg, global_batch_size)
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     from_zero = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -78,8 +83,20 @@ def learning_rate_schedule(opt_cfg, total_steps: int, warmup_steps: int, global_
     return lambda count: from_zero(count + 1)
 
 
+def peak_learning_rate(opt_cfg, global_batch_size: int) -> float:
+    """DeiT's linear scaling: ``peak = base_lr * global_batch_size / lr_reference_batch``."""
+    return opt_cfg.base_lr * global_batch_size / opt_cfg.lr_reference_batch
+
+
 def grs_schedule(
-    strength: float, warmup_steps: int = 0, *, kind: str = "constant", ramp_start: int = 0, ramp_steps: int = 0
+    strength: float,
+    warmup_steps: int = 0,
+    *,
+    kind: str = "constant",
+    ramp_start: int = 0,
+    ramp_steps: int = 0,
+    learning_rate: optax.Schedule | None = None,
+    peak_lr: float | None = None,
 ) -> optax.Schedule:
     """GRS ``lambda_t`` (``t`` counts optimizer updates from 0), ``config.grs.schedule = kind``.
 
@@ -90,7 +107,10 @@ def grs_schedule(
       ``s = clip((t - B) / R, 0, 1)``: ``lambda_t = strength * s``;
     * ``"cosine"``: ``lambda_t = strength * (1 - cos(pi * s)) / 2``, a ramp with
       zero slope at both ends, the cosine annealing of Nagel et al. (ICML 2022)
-      run upwards, from 0 to ``strength``.
+      run upwards, from 0 to ``strength``;
+    * ``"lr"``: ``lambda_t = strength * lr_t / peak_lr``, the learning rate's
+      own shape (its warm-up, then its cosine decay), so the pull anneals with
+      the steps it acts against (``learning_rate`` and ``peak_lr`` required).
 
     Both ramps are 0 up to and including ``t = B`` and exactly ``strength``
     from ``B + R`` on;
@@ -106,6 +126,12 @@ def grs_schedule(
         if warmup_steps <= 0:
             return optax.constant_schedule(strength)
         return optax.linear_schedule(0.0, strength, warmup_steps)
+    if kind == "lr":
+        if learning_rate is None or not peak_lr or peak_lr <= 0:
+            raise ValueError("the 'lr' GRS schedule needs the learning-rate schedule and a positive peak")
+        if warmup_steps > 0 or ramp_start > 0 or ramp_steps > 0:
+            raise ValueError("the 'lr' GRS schedule takes no warm-up or ramp of its own: it follows the learning rate")
+        return lambda t: strength * (learning_rate(t) / peak_lr)
     if warmup_steps > 0:
         raise ValueError(f"grs.warmup_* belongs to the constant schedule; with schedule {kind!r} use grs.ramp_*")
     if ramp_start < 0 or ramp_steps < 0:
@@ -143,7 +169,12 @@ def build_optimizer(
 
     GRS (when ``grs.strength > 0``: the config alone decides; the recipe
     sets it for the GRS presets, :data:`bvit_jax.train.recipes.PRESET_TRAINING`) follows
-    :func:`grs_schedule` with ``grs.schedule``; iterative freezing
+    :func:`grs_schedule` with ``grs.schedule``, added to the gradient
+    (``grs.coupling='coupled'``, :func:`bvit_jax.train.grs.grs`; with
+    ``grs.adaptive`` ReBNN's per-channel strength,
+    :func:`bvit_jax.train.grs.grs_adaptive`, scaled by the schedule's shape
+    ``lambda_t / strength``) or to AdamW's update
+    (``'decoupled'``, :func:`bvit_jax.train.grs.grs_decoupled`); iterative freezing
     (:func:`bvit_jax.train.grs.freeze_oscillating`, ``grs.freeze_threshold > 0``,
     only if ``latent_mask`` marks any weight) is independent of GRS and goes
     last, after AdamW; then, with ``optimizer.latent_weight_clip = c > 0``,
@@ -154,7 +185,7 @@ def build_optimizer(
     """
     o, g = config.optimizer, config.grs
     lr = learning_rate_schedule(o, total_steps, warmup_steps, config.global_batch_size)
-    parts = []
+    parts, after_adamw = [], []
     if g.strength > 0:
         lam = grs_schedule(
             g.strength,
@@ -162,14 +193,24 @@ def build_optimizer(
             kind=g.get("schedule", "constant"),
             ramp_start=grs_ramp_start_steps,
             ramp_steps=grs_ramp_steps,
+            learning_rate=lr,
+            peak_lr=peak_learning_rate(o, config.global_batch_size),
         )
-        parts.append(grs(lam, mask=latent_mask))
+        if g.get("coupling", "coupled") == "decoupled":
+            after_adamw.append(grs_decoupled(lam, lr, mask=latent_mask))
+        elif g.get("adaptive", False):
+            shape = lambda t: lam(t) / g.strength
+            lo, hi = g.get("adaptive_min", 1e-5), g.get("adaptive_max", 2e-4)
+            parts.append(grs_adaptive(lo, hi, shape, mask=latent_mask))
+        else:
+            parts.append(grs(lam, mask=latent_mask))
     if o.clip_norm:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     parts.append(
         adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=weight_decay_mask(params, latent_mask))
     )
+    parts += after_adamw
     threshold = g.get("freeze_threshold", 0.0)
     if threshold > 0 and any(jax.tree.leaves(latent_mask)):
         parts.append(freeze_oscillating(threshold, g.get("freeze_momentum", 0.99), mask=latent_mask))

@@ -145,7 +145,7 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.grs.strength = training.grs_strength  # > 0: GRS in the optimizer chain
     # lambda_t: 'constant' (strength, after the optional linear warm-up grs.warmup_*), or a ramp
     # from 0 at ramp_start over ramp: 'linear' (strength * s) or 'cosine' (strength * (1 - cos(pi s)) / 2),
-    # s = clip((t - ramp_start) / ramp, 0, 1); t counts optimizer updates.
+    # s = clip((t - ramp_start) / ramp, 0, 1); t counts optimizer updates; or 'lr': strength * lr_t / peak lr.
     c.grs.schedule = "constant"
     c.grs.warmup_epochs = 0.0  # 'constant' only
     c.grs.warmup_steps = 0
@@ -153,6 +153,14 @@ def base_config(preset: str, variant: str, dataset: str) -> ml_collections.Confi
     c.grs.ramp_start_steps = 0
     c.grs.ramp_epochs = 0.0  # ramp length; 0: a step from 0 to strength at ramp_start
     c.grs.ramp_steps = 0
+    # 'coupled': added to the gradient, before AdamW (rescaled by Adam's second moment); 'decoupled':
+    # W <- W - lr_t * lambda_t * (|W| - alpha) sign(W) after AdamW, as AdamW's decay (lambda of another order).
+    c.grs.coupling = "coupled"
+    # ReBNN's per-channel strength (coupled only): lambda_i = shape_t * clip(p_i * max_j |g_ij|, min, max),
+    # p_i the share of channel i's signs that changed in the last update, shape_t = lambda_t / strength.
+    c.grs.adaptive = False
+    c.grs.adaptive_min = 1e-5
+    c.grs.adaptive_max = 2e-4
     # Iterative freezing (Nagel et al. 2022), independent of GRS: f <- m f + (1 - m) * flipped per latent
     # weight; once f > freeze_threshold the weight's updates are zeroed for good. 0 turns it off.
     c.grs.freeze_threshold = 0.0

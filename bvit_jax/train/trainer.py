@@ -35,7 +35,7 @@ from bvit_jax.train.grad_accum import accumulated_value_and_grad
 from bvit_jax.train.grs import frozen_share
 from bvit_jax.train.losses import cross_entropy, distillation_kl, topk_correct
 from bvit_jax.train.metric_writers import MetricWriter
-from bvit_jax.train.optim import GRS_SCHEDULES, applied_learning_rate, build_optimizer
+from bvit_jax.train.optim import GRS_COUPLINGS, GRS_SCHEDULES, applied_learning_rate, build_optimizer
 from bvit_jax.train.preemption import PreemptionWatch
 from bvit_jax.train.throughput import Profile, StepTimer, peak_flops, train_flops_per_image
 
@@ -180,6 +180,23 @@ def _validate_grs(g) -> None:
             f"config.grs.warmup_steps/warmup_epochs is the warm-up of schedule 'constant', not of {kind!r}: "
             "set it to 0 and give the ramp with config.grs.ramp_start_* and config.grs.ramp_*"
         )
+    if kind == "lr" and (warm or ramp):
+        raise ConfigError(
+            "config.grs.schedule='lr' follows the learning rate (its warm-up and decay): "
+            "set config.grs.warmup_* and config.grs.ramp_* to 0"
+        )
+    coupling = g.get("coupling", "coupled")
+    if coupling not in GRS_COUPLINGS:
+        raise ConfigError(f"config.grs.coupling={coupling!r} is unknown; choose one of {list(GRS_COUPLINGS)}")
+    if g.get("adaptive", False):
+        if coupling != "coupled":
+            raise ConfigError(
+                "config.grs.adaptive (ReBNN's strength from the loss gradient) needs config.grs.coupling='coupled': "
+                "after AdamW the loss gradient is gone"
+            )
+        lo, hi = g.get("adaptive_min", 1e-5), g.get("adaptive_max", 2e-4)
+        if not 0 <= lo <= hi:
+            raise ConfigError(f"config.grs.adaptive_min={lo} and adaptive_max={hi} must satisfy 0 <= min <= max")
     if kind == "constant" and ramp:
         raise ConfigError(
             "config.grs.ramp_start_*/ramp_* only apply to config.grs.schedule='linear' or 'cosine'; "
@@ -290,6 +307,8 @@ def make_train_step(
     latent: Any,
     tx: optax.GradientTransformation,
     teacher_graphdef: nnx.GraphDef | None = None,
+    *,
+    flips_from: int = 0,
 ):
     """``train_step(state, batch, teacher_params) -> (state, metrics)``, not yet jitted.
 
@@ -307,8 +326,10 @@ def make_train_step(
     oscillation statistics and the share of latent weights outside the
     straight-through window (``outside_window/all``,
     :func:`bvit_jax.train.diagnostics.outside_ste_window_share`) when ``latent``
-    marks binary kernels. ``lr`` in the metrics is the learning rate this
-    update applied.
+    marks binary kernels, with the shares of never-flipped weights (since
+    step ``flips_from``, the trainer passes the end of the warm-up) and of
+    silent weights (:func:`bvit_jax.train.diagnostics.oscillation_update`).
+    ``lr`` in the metrics is the learning rate this update applied.
 
     Drop path (``config.model.drop_path_rate > 0``; the model, built from the
     same config, holds the per-block rates): example ``b`` of the global batch
@@ -360,7 +381,8 @@ def make_train_step(
         new_stats = keep(new_stats, stats)
         osc, weight_stats = state["oscillation"], {}
         if has_latent:  # sign flips of this step; EMA oscillation frequency per weight
-            osc, osc_metrics = diagnostics.oscillation_update(osc, new_p, latent)
+            counting = state["step"] >= flips_from  # never-flipped counts flips from the end of the warm-up
+            osc, osc_metrics = diagnostics.oscillation_update(osc, new_p, latent, count_flips=counting)
             weight_stats = {
                 **diagnostics.flip_rate(p, new_p, latent),
                 **osc_metrics,
@@ -476,7 +498,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
     del model, params, batch_stats
 
     # -- step functions -----------------------------------------------------------
-    train_step = make_train_step(config, graphdef, latent, tx, teacher_graphdef if distill else None)
+    train_step = make_train_step(
+        config,
+        graphdef,
+        latent,
+        tx,
+        teacher_graphdef if distill else None,
+        flips_from=steps_from(config, "warmup", steps_per_epoch),
+    )
 
     prep = input_pipeline.DevicePreprocess.from_config(config.data, config.model.num_classes, config.seed)
 
@@ -498,10 +527,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
         p = state["params"]
         batch = prep(batch, prep.key(state["step"] - 1))  # the images the step that made `state` trained on
         _, captured = apply(variables_of(state), batch["image"], capture=True)
-        osc_freq = {f"osc_freq/{k}": jnp.mean(f) for k, f in state["oscillation"].freq.items()}
+        osc = state["oscillation"]
+        osc_freq = {f"osc_freq/{k}": jnp.mean(f) for k, f in osc.freq.items()}
+        never = {f"never_flipped/{k}": jnp.mean((~f).astype(jnp.float32)) for k, f in osc.flipped_since.items()}
+        silent = {
+            f"silent/{k}": jnp.mean((e < diagnostics.SILENT_THRESHOLD).astype(jnp.float32))
+            for k, e in osc.flip_ema.items()
+        }
         return {
             **diagnostics.activation_metrics(captured),
             **osc_freq,
+            **never,
+            **silent,
             **diagnostics.near_zero_share(p, latent),
             **diagnostics.bimodality(p, latent),
         }
