@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -291,8 +292,13 @@ def test_export_and_predict_command_lines(tmp_path, capsys):
     assert pk.header["preprocess"] == data.eval_settings(cfg.data).to_dict()
     # Without --labels: the data set's class names.
     out2 = tmp_path / "model_names.bvit"
-    assert export.main([f"--workdir={run}", f"--out={out2}"]) == 0
-    capsys.readouterr()
+    # --latency: the exported model's packed forward against the fp32 forward of its architecture.
+    assert export.main([f"--workdir={run}", f"--out={out2}", "--latency"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "batch-1 latency" in l)
+    m = re.search(r"\(XLA ops\) ([0-9.]+) ms, fp32 forward of this architecture ([0-9.]+) ms: ([0-9.]+)x", line)
+    assert m, line  # "auto" is the XLA path (docs/export.md, "Native runtime")
+    packed_ms, fp32_ms, ratio = map(float, m.groups())
+    assert packed_ms > 0 and ratio == pytest.approx(fp32_ms / packed_ms, abs=0.06)  # both printed rounded
     assert read_header(out2)["class_names"][0] == "T-shirt/top" and len(read_header(out2)["class_names"]) == 10
 
     rng = np.random.default_rng(0)
@@ -313,3 +319,16 @@ def test_export_and_predict_command_lines(tmp_path, capsys):
     for r, p in zip(lines, probs):
         assert r["top"][0]["name"] == names[int(np.argmax(p))]
         np.testing.assert_allclose(r["top"][0]["prob"], p.max(), rtol=1e-4)
+
+
+def test_time_interleaved_calls_the_contenders_in_turn_as_often_each():
+    """Two warm-up calls each, then round-robin rounds: every contender is called equally often, in turn,
+    so a load change on the machine falls on all of them alike."""
+    from bvit_jax.deploy.latency import time_interleaved
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    ms = time_interleaved(fns, min_time=0.0, min_reps=4, max_reps=50)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert calls[6:] == ["a", "b", "c"] * 4
+    assert set(ms) == {"a", "b", "c"} and all(v >= 0 for v in ms.values())

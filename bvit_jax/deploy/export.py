@@ -54,7 +54,8 @@ from bvit_jax import data as data_lib
 from bvit_jax.deploy import bvit_format
 from bvit_jax.deploy.bitops import num_words, pack_signs, to_planes
 from bvit_jax.deploy.bvit_format import PackedFormatError
-from bvit_jax.deploy.packed import PackedModel, check_packable
+from bvit_jax.deploy.latency import packed_vs_fp32
+from bvit_jax.deploy.packed import PackedModel, check_packable, resolve_backend
 from bvit_jax.errors import UserError
 from bvit_jax.nn.binarize import WeightBinarizer
 from bvit_jax.nn.folding import branch_norm_affine, fold_branch_affine
@@ -494,6 +495,13 @@ def _define_flags(fv, argv: list[str]) -> None:
     flags.DEFINE_string(
         "labels", None, "Text file with one class name per line (default: the data set's names).", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "latency",
+        False,
+        "Also time the exported model's packed forward against the fp32 forward of the same architecture "
+        "(batch 1, side by side, on this machine).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
@@ -517,6 +525,14 @@ def _run(fv, args: list[str]) -> int:
     for key, label in (("full", "full count"), ("fp_arch", "fp-arch convention"), ("paper", "paper convention")):
         b = s[key + "_bytes"]
         print(f"  accounting, {label + ':':23s} {_fmt_mb(b)} (file / accounting {n / b:.3f})")
+    if fv["latency"].value:
+        isa = resolve_backend("auto")
+        t = packed_vs_fp32(load_packed(s["out"]))
+        print(
+            f"  batch-1 latency on this {jax.default_backend().upper()}: packed forward "
+            f"({'native ' + isa if isa else 'XLA ops'}) {t['packed_ms']:.2f} ms, fp32 forward of this architecture "
+            f"{t['fp32_ms']:.2f} ms: {t['speedup']:.1f}x"
+        )
     return 0
 
 

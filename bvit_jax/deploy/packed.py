@@ -342,15 +342,18 @@ def resolve_backend(backend: str = "auto") -> str | None:
     ``"xla"``: None. ``"native"``: the library's ISA
     (:func:`bvit_jax.deploy.native.resolve_isa`: ``$BVIT_NATIVE_ISA`` or the
     best the CPU has); RuntimeError when the library is unavailable or JAX's
-    default backend is not the CPU. ``"auto"``: native when both hold, else None.
+    default backend is not the CPU. ``"auto"``: the faster path as measured,
+    today the XLA ops (None): end to end the native kernels lose to XLA's
+    fused elementwise work between the matmuls (``benchmarks/packed_inference.py``,
+    docs/export.md "Native runtime": DeiT-S batch 1 77 ms native against 70 ms
+    XLA), so they are opt-in (``"native"``) until the work between them is
+    fused as well.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "xla":
+    if backend in ("xla", "auto"):
         return None
     on_cpu = jax.default_backend() == "cpu"
-    if backend == "auto" and not (on_cpu and native_ops.available()):
-        return None
     if not on_cpu:
         raise RuntimeError(f"backend='native' runs on the CPU only; JAX's default backend is {jax.default_backend()!r}")
     if not native_ops.available():
@@ -374,8 +377,8 @@ def packed_forward(
         ``bits = x - shift(x) >= 0`` (bool, the input's shape) for every sign,
         keyed like ``model(images, capture=True)`` (e.g.
         ``"blocks/0/attn/q/linear/act"``, ``"blocks/0/attn/q_sign"``).
-      backend: ``"auto"`` (default: the native kernels of :mod:`bvit_jax.deploy.native`
-        on a CPU where the library loads, else XLA ops), ``"native"`` or
+      backend: ``"auto"`` (default: the faster path as measured, today XLA
+        ops), ``"native"`` (the kernels of :mod:`bvit_jax.deploy.native`) or
         ``"xla"`` (:func:`resolve_backend`). Native: each binary linear is one
         call (sign, pack, popcount matmul, ``float(acc) * alpha + b`` rounded as XLA does) and the
         attention matmuls are too; everything else is the same XLA code. Both
