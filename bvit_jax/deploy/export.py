@@ -531,7 +531,7 @@ def _run(fv, args: list[str]) -> int:
         print(
             f"  batch-1 latency on this {jax.default_backend().upper()}: packed forward "
             f"({'native ' + isa if isa else 'XLA ops'}) {t['packed_ms']:.2f} ms, fp32 forward of this architecture "
-            f"{t['fp32_ms']:.2f} ms: {t['speedup']:.1f}x"
+            f"{t['fp32_ms']:.2f} ms: speed-up {t['speedup']:.1f}x"
         )
     return 0
 
