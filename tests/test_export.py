@@ -295,7 +295,8 @@ def test_export_and_predict_command_lines(tmp_path, capsys):
     # --latency: the exported model's packed forward against the fp32 forward of its architecture.
     assert export.main([f"--workdir={run}", f"--out={out2}", "--latency"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "batch-1 latency" in l)
-    m = re.search(r"\(XLA ops\) ([0-9.]+) ms, fp32 forward of this architecture ([0-9.]+) ms: speed-up ([0-9.]+)x", line)
+    pattern = r"\(XLA ops\) ([0-9.]+) ms, fp32 forward of this architecture ([0-9.]+) ms: speed-up ([0-9.]+)x"
+    m = re.search(pattern, line)
     assert m, line  # "auto" is the XLA path (docs/export.md, "Native runtime")
     packed_ms, fp32_ms, ratio = map(float, m.groups())
     assert packed_ms > 0 and ratio == pytest.approx(fp32_ms / packed_ms, abs=0.06)  # both printed rounded
