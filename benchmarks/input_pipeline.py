@@ -193,22 +193,38 @@ def _define_flags(fv, argv: list[str]) -> None:
         "data_dir", None, "TFDS data dir with an imagenet2012 ArrayRecord build (sweep).", flag_values=fv
     )
     flags.DEFINE_float("seconds", 10.0, "Seconds per worker count in the sweep.", flag_values=fv)
+    flags.DEFINE_enum(
+        "interpolation",
+        "bicubic",
+        ["bicubic", "bilinear"],
+        "The sweep's resampling filter (the DeiT recipe's is bicubic).",
+        flag_values=fv,
+    )
 
 
 def _run(fv, args: list[str]) -> int:
     if args:
         raise UserError(f"unexpected arguments {args}; input_pipeline.py takes only flags")
     if fv["workers"].value:
-        sweep([int(w) for w in fv["workers"].value], fv["data_dir"].value, fv["seconds"].value, fv["num_images"].value)
+        sweep(
+            [int(w) for w in fv["workers"].value],
+            fv["data_dir"].value,
+            fv["seconds"].value,
+            fv["num_images"].value,
+            fv["interpolation"].value,
+        )
         return 0
     benchmark(quick=fv["quick"].value, num_images=fv["num_images"].value)
     return 0
 
 
-def sweep(workers: list[int], data_dir: str | None, seconds: float, num_images: int) -> None:
+def sweep(
+    workers: list[int], data_dir: str | None, seconds: float, num_images: int, interpolation: str = "bicubic"
+) -> None:
     """The worker sweep and the stage profile (see the module doc)."""
     cfg = config_lib.default_data_config("imagenet2012")  # the full DeiT recipe
     cfg.num_classes = 1000
+    cfg.interpolation = interpolation
     images = synthetic_jpegs(min(num_images, 64), (500, 375))
     if data_dir:
         from bvit_jax.data import sources
@@ -218,12 +234,12 @@ def sweep(workers: list[int], data_dir: str | None, seconds: float, num_images: 
         where = f"TFDS imagenet2012 train in {data_dir} ({len(source)} images)"
     else:
         source, where = MemorySource(images), "in-memory synthetic 500x375 JPEGs"
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {where}; batch 64")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {where}; batch 64; {interpolation}")
     print("| workers | images/s wall | images/s per core |")
     print("|---|---|---|")
     for n, rate, per_core in bench_workers(cfg, source, workers, seconds):
         print(f"| {n} | {rate:.0f} | {per_core:.0f} |", flush=True)
-    print("\n| host stage (500x375, full DeiT recipe) | ms per image (CPU) |")
+    print(f"\n| host stage (500x375, full DeiT recipe, {interpolation}) | ms per image (CPU) |")
     print("|---|---|")
     for name, ms in stage_profile(images, cfg, 64):
         print(f"| {name} | {ms:.2f} |")

@@ -124,6 +124,80 @@ def test_every_randaugment_op_runs_and_keeps_size(mode):
     assert not post.any()  # 0 bits kept
 
 
+# The geometric RandAugment ops as PIL computes them (the reference).
+_PIL_GEOMETRY = {
+    "Rotate": lambda img, deg, ctx: img.rotate(deg, resample=ctx.interpolation, fillcolor=ctx.fill),
+    "ShearX": lambda img, v, ctx: img.transform(
+        img.size, Image.Transform.AFFINE, (1, v, 0, 0, 1, 0), ctx.interpolation, fillcolor=ctx.fill
+    ),
+    "ShearY": lambda img, v, ctx: img.transform(
+        img.size, Image.Transform.AFFINE, (1, 0, 0, v, 1, 0), ctx.interpolation, fillcolor=ctx.fill
+    ),
+    "TranslateXRel": lambda img, v, ctx: img.transform(
+        img.size, Image.Transform.AFFINE, (1, 0, v, 0, 1, 0), ctx.interpolation, fillcolor=ctx.fill
+    ),
+    "TranslateYRel": lambda img, v, ctx: img.transform(
+        img.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, v), ctx.interpolation, fillcolor=ctx.fill
+    ),
+}
+
+
+class _FixedSign:
+    """An rng stand-in for `_negate` only: ``random()`` picks the sign of the op's argument."""
+
+    def __init__(self, negative: bool):
+        self._value = 1.0 if negative else 0.0
+
+    def random(self):
+        return self._value
+
+
+@pytest.mark.parametrize("name", sorted(_PIL_GEOMETRY))
+@pytest.mark.parametrize("negative", [False, True])
+def test_geometric_ops_equal_pil_inside_the_image_and_fill_outside(name, negative):
+    """OpenCV's warps against PIL's on an exactly linear image, f = 4x + 3y (per channel).
+
+    Both bicubic kernels (a = -0.5 in PIL, -0.75 in OpenCV) reproduce linear
+    functions, so where all 4 x 4 taps lie inside the image both compute
+    f(src) exactly up to OpenCV's 1/32 pixel position grid (at most
+    (4 + 3) / 64 = 0.11 grey levels) and each rounds to uint8: they differ by
+    at most 1. A half-pixel error in the rotation's map moves the image by
+    up to 3.5 grey levels, a wrong sign or centre by far more. Where all taps lie outside, both are
+    exactly the fill colour; the 2-pixel band between is where they differ by design.
+    """
+    x, y = np.meshgrid(np.arange(32), np.arange(32))
+    f = (4 * x + 3 * y).astype(np.uint8)  # at most 4 * 31 + 3 * 31 = 217
+    img = Image.fromarray(np.stack([f, 255 - f, f // 2], -1))
+    ctx = augment.OpContext(fill=(124, 116, 104), interpolation=Image.BICUBIC)
+    level = 0.7
+    out = augment.RANDAUGMENT_OPS[name](img, level, _FixedSign(negative), ctx)
+    sign = -1.0 if negative else 1.0
+    arg = {"Rotate": 30.0 * level, "ShearX": 0.3 * level, "ShearY": 0.3 * level}.get(name)
+    arg = sign * (arg if arg is not None else 0.45 * level * 32)
+    ref = _PIL_GEOMETRY[name](img, arg, ctx)
+    # Where each output pixel samples the input (pixel indices, PIL's map).
+    data = (
+        augment.rotation(img.size, arg)
+        if name == "Rotate"
+        else {
+            "ShearX": (1, arg, 0, 0, 1, 0),
+            "ShearY": (1, 0, 0, arg, 1, 0),
+            "TranslateXRel": (1, 0, arg, 0, 1, 0),
+            "TranslateYRel": (1, 0, 0, 0, 1, arg),
+        }[name]
+    )
+    a, b, c, d, e, g = data
+    src_x = a * (x + 0.5) + b * (y + 0.5) + c - 0.5
+    src_y = d * (x + 0.5) + e * (y + 0.5) + g - 0.5
+    inside = (src_x >= 1) & (src_x < 32 - 3) & (src_y >= 1) & (src_y < 32 - 3)
+    outside = (src_x < -3) | (src_x > 32 + 2) | (src_y < -3) | (src_y > 32 + 2)
+    assert inside.sum() > 100
+    diff = np.abs(np.asarray(out, np.int16) - np.asarray(ref, np.int16))
+    assert diff[inside].max() <= 1
+    assert outside.sum() > 0
+    np.testing.assert_array_equal(np.asarray(out)[outside], np.asarray(ref)[outside])
+
+
 def test_randaugment_is_deterministic_given_the_rng():
     ra = augment.RandAugment.from_string("rand-m9-mstd0.5-inc1")
     img = _photo(96, 96)
