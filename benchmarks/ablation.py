@@ -25,25 +25,57 @@ point (Ctrl-C, a preempted VM), the same command resumes: finished runs are
 kept (only re-evaluated), unfinished ones resume from their checkpoints, and
 ``wall_times.json`` accumulates. The runs use whatever JAX backend is
 installed (a GPU when ``jax[cuda12]`` is), nothing in the tool is CPU-specific.
+
+``--parallel=K`` runs up to K trainings at once (benchmarks/sweep_runner.py:
+a student starts once its teacher has ended; on a GPU the children share the
+device without preallocating it); every run's output goes to ``train.log``
+in its workdir, and ``runs.jsonl`` in ``--out`` records each run's start,
+end and exit status. ``--sizes=default,w192_d6,w192_d12`` repeats the whole
+sweep (teachers included) at width 192 and depth 6 / 12, each size in its
+own folder ``out/SIZE`` with its own report in ``docs/SIZE``.
+benchmarks/study_sweep.sh is the 10-seed, three-size study for one GPU.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
+import re
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.sweep_runner import Job, run_jobs  # noqa: E402
 from bvit_jax import cli  # noqa: E402
 from bvit_jax.errors import UserError  # noqa: E402
 
 PRESETS = ("fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit")
+DEFAULT_SIZE = "default"  # the config's own model (configs/fashion_mnist.py: width 96, depth 4)
+_SIZE = re.compile(r"w(\d+)_d(\d+)")
+
+
+def size_flags(size: str) -> list[str]:
+    """The ``train.py`` flags of a model size: ``'default'`` none; ``'wW_dD'`` width W and depth D.
+
+    A size only overrides ``model.overrides.embed_dim`` and ``.depth`` of the
+    config (the heads, patch and MLP ratio stay the config's: 3 heads, patch 7,
+    MLP 4x); every preset of the sweep, the ``fp`` teacher included, gets it.
+    """
+    if size == DEFAULT_SIZE:
+        return []
+    m = _SIZE.fullmatch(size)
+    if not m:
+        raise UserError(f"--sizes: {size!r} is neither {DEFAULT_SIZE!r} nor wWIDTH_dDEPTH (e.g. w192_d6)")
+    width, depth = m.groups()
+    return [f"--config.model.overrides.embed_dim={width}", f"--config.model.overrides.depth={depth}"]
+
+
+def size_out(out: Path, size: str) -> Path:
+    """The folder of one size's runs: ``out`` itself for the default size, else ``out/SIZE``
+    (so runs of different sizes never share a workdir, and each size gets its own report)."""
+    return out if size == DEFAULT_SIZE else out / size
 
 
 def cpu_model() -> str:
@@ -89,31 +121,6 @@ def run_flags(
     return flags + list(extra)
 
 
-def train(flags: list[str]) -> float:
-    """One ``train.py`` run (a subprocess, exactly what a user runs); returns its wall time in seconds.
-
-    The trainer resumes an interrupted workdir from its latest checkpoint and
-    only re-evaluates a finished one, so a sweep can be stopped and restarted.
-    """
-    t0 = time.time()
-    print("+ train.py", " ".join(flags[1:]), flush=True)
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return time.time() - t0
-
-
-def add_wall_time(path: Path, name: str, seconds: float) -> None:
-    """Add ``seconds`` to run ``name`` in the JSON file ``path`` (read just before the write).
-
-    Times accumulate over invocations, so an interrupted sweep keeps what it
-    measured, and invocations sharing one output folder merge their entries.
-    """
-    walls = json.loads(path.read_text()) if path.exists() else {}
-    walls[name] = walls.get(name, 0.0) + seconds
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(walls, indent=1))
-    tmp.replace(path)
-
-
 def run_plan(flags: list[str]) -> dict:
     """What is left of one run: ``{'steps', 'done', 'sec_per_step'}`` from its config and workdir.
 
@@ -152,13 +159,20 @@ def step_seconds(out: Path) -> dict[str, float]:
     return {p: sorted(v)[len(v) // 2] for p, v in rates.items() if v}
 
 
-def print_cost(plans: dict[str, dict], sec: dict[str, float]) -> None:
-    """The sweep's expected cost before it starts: steps left per run, and time where a step time is known."""
+def print_cost(plans: dict[str, dict], parallel: int = 1, needs: dict[str, str | None] | None = None) -> None:
+    """The sweep's expected cost before it starts: steps left per run, and time where a step time is known.
+
+    Each plan holds ``steps``, ``done``, ``preset`` and ``sec`` (seconds per
+    step, None when not measured yet). With ``parallel > 1`` it adds the
+    expected wall time of the schedule (`schedule_seconds`), at the measured
+    step times (which already include the slow-down of sharing the device
+    when this sweep's earlier runs ran as many at once).
+    """
     total, unknown = 0.0, []
     print(f"{'run':40s} {'steps left':>11s} {'expected':>10s}")
     for name, p in plans.items():
         left = p["steps"] - p["done"]
-        t = sec.get(p["preset"])
+        t = p["sec"]
         if left and t is None:
             unknown.append(p["preset"])
         total += left * (t or 0.0)
@@ -166,6 +180,31 @@ def print_cost(plans: dict[str, dict], sec: dict[str, float]) -> None:
         print(f"{name:40s} {left:>6d}/{p['steps']:<4d} {when:>10s}")
     note = f" + runs of {sorted(set(unknown))} (no step time measured yet)" if unknown else ""
     print(f"expected: {total / 60:.1f} min of training (compile and evaluation not included){note}", flush=True)
+    if parallel > 1:
+        seconds = {n: (p["steps"] - p["done"]) * (p["sec"] or 0.0) for n, p in plans.items()}
+        wall = schedule_seconds(seconds, needs or {}, parallel)
+        print(f"with {parallel} at once: {wall / 60:.1f} min of wall time at these step times{note}", flush=True)
+
+
+def schedule_seconds(seconds: dict[str, float], needs: dict[str, str | None], parallel: int) -> float:
+    """Wall time of running ``seconds`` (run -> its time) the way `run_jobs` does: whenever a slot is
+    free (at most ``parallel`` at once), the first run in order whose dependency in ``needs`` has ended."""
+    end: dict[str, float] = {}
+    slots = [0.0] * parallel  # when each slot is next free
+    pending = list(seconds)
+    dep = {n: needs.get(n) if needs.get(n) in seconds else None for n in pending}
+    while pending:
+        t = min(slots)
+        ready = [n for n in pending if dep[n] is None or end.get(dep[n], float("inf")) <= t]
+        later = [end[dep[n]] for n in pending if dep[n] in end and end[dep[n]] > t]
+        if not ready and later:
+            slots[slots.index(t)] = min(later)  # this slot idles until a dependency ends
+            continue
+        name = ready[0] if ready else pending[0]
+        end[name] = t + seconds[name]
+        slots[slots.index(t)] = end[name]
+        pending.remove(name)
+    return max(end.values(), default=0.0)
 
 
 def _define_flags(fv, argv: list[str]) -> None:
@@ -200,6 +239,22 @@ def _define_flags(fv, argv: list[str]) -> None:
     flags.DEFINE_string(
         "docs", str(ROOT / "docs"), "Where the report (results.md, results.json, fig_*.png) goes.", flag_values=fv
     )
+    flags.DEFINE_list(
+        "sizes",
+        DEFAULT_SIZE,
+        "Model sizes, each a full sweep of --presets x --seeds (its own fp teachers) in its own folder "
+        f"(out/SIZE; {DEFAULT_SIZE!r}: out itself): {DEFAULT_SIZE!r} (the config's model) or wWIDTH_dDEPTH, "
+        "e.g. w192_d6. Listed order is start order among ready runs: put the longest first.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "parallel",
+        1,
+        "Trainings at once (subprocesses; a student starts after its teacher). > 1: each child gets "
+        "XLA_PYTHON_CLIENT_PREALLOCATE=false unless the environment sets a memory variable.",
+        lower_bound=1,
+        flag_values=fv,
+    )
     flags.DEFINE_string(
         "regime",
         "",
@@ -226,8 +281,45 @@ def _run(fv, extra: list[str]) -> int:
         extra=list(extra),
         regime=fv["regime"].value,
         teacher_seed=fv["teacher_seed"].value,
+        sizes=fv["sizes"].value,
+        parallel=fv["parallel"].value,
     )
     return 0
+
+
+def sweep_jobs(
+    out: Path,
+    seeds: list[int],
+    presets: list[str],
+    split: str,
+    strengths: list[float],
+    extra: list[str],
+    teacher_seed: int | None = None,
+) -> list[Job]:
+    """The runs of one size's sweep into ``out``, in start order, each with the ``fp`` run it distils from.
+
+    For each seed its ``fp`` run (also when ``fp`` is not in ``presets`` but
+    the students need their own teacher), then its students; a shared teacher
+    (``teacher_seed``) comes first.
+    """
+    jobs = []
+
+    def add(preset: str, seed: int, flags: list[str], name: str | None = None) -> None:
+        name = name or run_name(preset, seed)
+        teacher = None if preset == "fp" else run_name("fp", seed if teacher_seed is None else teacher_seed)
+        jobs.append(Job(name, flags, out / name, needs=teacher, wall_times=out / "wall_times.json"))
+
+    if teacher_seed is not None and any(p != "fp" for p in presets):
+        add("fp", teacher_seed, run_flags(out, "fp", teacher_seed, split, extra))
+    for seed in seeds:
+        own_teacher = teacher_seed is None  # then every seed needs its fp run, listed or not
+        for preset in ["fp"] * ("fp" in presets or own_teacher) + [p for p in presets if p != "fp"]:
+            add(preset, seed, run_flags(out, preset, seed, split, extra, teacher_seed=teacher_seed))
+        for lam in strengths:
+            name = grs_run_name(lam, seed)
+            lam_extra = extra + [f"--config.grs.strength={lam}"]
+            add("baseline+grs", seed, run_flags(out, "baseline+grs", seed, split, lam_extra, name, teacher_seed), name)
+    return list({j.name: j for j in jobs}.values())  # a shared teacher listed once
 
 
 def ablation(
@@ -242,43 +334,57 @@ def ablation(
     extra: list[str],
     regime: str = "",
     teacher_seed: int | None = None,
+    sizes: list[str] = (DEFAULT_SIZE,),
+    parallel: int = 1,
 ) -> None:
     """Train the runs (unless ``report_only``), then write the report into ``docs``.
 
-    Run order: for each seed its ``fp`` run (when ``fp`` is in ``presets``),
-    then its students; a shared teacher (``teacher_seed``) is trained first.
-    Several invocations may share one ``out`` (e.g. one per CPU core, on
-    disjoint presets or seeds): the wall times are merged, not overwritten.
+    Every size in ``sizes`` is a sweep of its own in `size_out` (its own
+    teachers, wall times and report: ``docs`` for the default size,
+    ``docs/SIZE`` for the others). Up to ``parallel`` trainings run at once
+    (`benchmarks.sweep_runner.run_jobs`: a student after its teacher, logs in
+    each workdir's ``train.log``, records in ``out/runs.jsonl``). Several
+    invocations may share one ``out`` (e.g. one per CPU core, on disjoint
+    presets or seeds): the wall times are merged, not overwritten.
     """
+    size_extra = {size: extra + size_flags(size) for size in sizes}  # after the user's flags: the size holds
     if not report_only:
-        runs = {}
-        if teacher_seed is not None and any(p != "fp" for p in presets):
-            runs[run_name("fp", teacher_seed)] = run_flags(out, "fp", teacher_seed, split, extra)
-        for seed in seeds:
-            own_teacher = teacher_seed is None  # then every seed needs its fp run, listed or not
-            for preset in ["fp"] * ("fp" in presets or own_teacher) + [p for p in presets if p != "fp"]:
-                runs[run_name(preset, seed)] = run_flags(out, preset, seed, split, extra, teacher_seed=teacher_seed)
-            for lam in strengths:
-                name = grs_run_name(lam, seed)
-                lam_extra = extra + [f"--config.grs.strength={lam}"]
-                runs[name] = run_flags(out, "baseline+grs", seed, split, lam_extra, name, teacher_seed)
-        print_cost({name: run_plan(flags) for name, flags in runs.items()}, step_seconds(out))
+        jobs = []
+        for size in sizes:
+            sized = sweep_jobs(size_out(out, size), seeds, presets, split, strengths, size_extra[size], teacher_seed)
+            prefix = "" if size == DEFAULT_SIZE else f"{size}/"
+            jobs += [
+                Job(prefix + j.name, j.flags, j.workdir, j.needs and prefix + j.needs, j.wall_times) for j in sized
+            ]
+        sec = {size: step_seconds(size_out(out, size)) for size in sizes}
+        plans = {}
+        for job in jobs:
+            plan = run_plan(job.flags)
+            size = job.name.split("/")[0] if "/" in job.name else DEFAULT_SIZE
+            plans[job.name] = {**plan, "sec": sec[size].get(plan["preset"])}
+        print_cost(plans, parallel, {j.name: j.needs for j in jobs})
         out.mkdir(parents=True, exist_ok=True)
-        for name, flags in runs.items():
-            add_wall_time(out / "wall_times.json", name, train(flags))
+        run_jobs(jobs, parallel, out / "runs.jsonl")
     from benchmarks.ablation_report import write_report, write_tuning_table
 
-    if strengths:
-        write_tuning_table(
-            out,
-            {f"baseline+grs, lambda={lam:g}": [out / grs_run_name(lam, s) for s in seeds] for lam in strengths},
-            presets,
-            seeds,
-        )
-    regime = regime or " ".join(["configs/fashion_mnist.py:PRESET", *extra])
-    write_report(
-        out, presets, seeds, docs, split=split, machine=f"{cpu_model()}, {os.cpu_count()} cores", regime=regime
-    )
+    for size in sizes:
+        size_dir = size_out(out, size)
+        size_docs = docs if size == DEFAULT_SIZE else docs / size
+        if strengths:
+            write_tuning_table(
+                size_dir,
+                {
+                    f"baseline+grs, lambda={lam:g}": [size_dir / grs_run_name(lam, s) for s in seeds]
+                    for lam in strengths
+                },
+                presets,
+                seeds,
+            )
+        size_regime = regime or " ".join(["configs/fashion_mnist.py:PRESET", *extra])
+        if size != DEFAULT_SIZE:
+            size_regime += f" {size}"
+        machine = f"{cpu_model()}, {os.cpu_count()} cores"
+        write_report(size_dir, presets, seeds, size_docs, split=split, machine=machine, regime=size_regime)
 
 
 main = cli.command("benchmarks/ablation.py", __doc__, _define_flags, _run)

@@ -79,3 +79,81 @@ def _check_results(tmp_path, preset: str, seeds: list[int]) -> None:
         rows = [json.loads(line) for line in (tmp_path / "runs" / f"{preset}_s{seed}" / "metrics.jsonl").open()]
         final.append(round([r["top1"] for r in rows if r["split"] == "eval"][-1] * 100, 4))
     assert doc["presets"][preset] == {"seeds": seeds, "top1": final}
+
+
+def _records(out) -> dict[str, list[dict]]:
+    """``{run: [record, ...]}`` from the sweep's runs.jsonl (one record per ended child, in order)."""
+    recs: dict[str, list[dict]] = {}
+    for line in (out / "runs.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        recs.setdefault(r["run"], []).append(r)
+    return recs
+
+
+TIMINGS = re.compile(r"time|wait|img_per_s|eta_s")  # metrics that measure the machine, not the run
+
+
+def _final_rows(wd) -> tuple[dict, dict, int]:
+    """The last train row and the last eval row (without timings) and the number of train rows of a
+    workdir's metrics.jsonl."""
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").open()]
+    rows = [{k: v for k, v in r.items() if not TIMINGS.search(k)} for r in rows]
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    return train[-1], evals[-1], len(train)
+
+
+def test_parallel_sweep_waits_for_teachers_matches_sequential_and_resumes(tmp_path):
+    """``--parallel=2`` at a size (``w48_d1``, its own folder): both teachers train at once, each student
+    starts after its own teacher ended, the size reaches the model, each run logs to its train.log (not
+    to stdout); the same runs one at a time give the same metrics (CPU runs are deterministic); a rerun
+    trains nothing (0 steps left, no new train rows) and still starts the student after its teacher."""
+    par = tmp_path / "par"
+    out = _sweep(par, "fp,baseline", "--seeds=0,1", "--sizes=w48_d1", "--parallel=2")
+    assert _plan(out) == {f"w48_d1/{p}_s{s}": "4/4" for s in (0, 1) for p in ("fp", "baseline")}
+    assert "with 2 at once:" in out and "final eval" not in out
+    rec = {name: r[0] for name, r in _records(par / "runs").items()}
+    assert all(r["returncode"] == 0 for r in rec.values())
+    fp0, fp1 = rec["w48_d1/fp_s0"], rec["w48_d1/fp_s1"]
+    assert fp0["start"] < fp1["end"] and fp1["start"] < fp0["end"], "the two teachers did not overlap"
+    for seed in (0, 1):
+        assert rec[f"w48_d1/baseline_s{seed}"]["start"] >= rec[f"w48_d1/fp_s{seed}"]["end"]
+    size_dir = par / "runs" / "w48_d1"
+    for wd in size_dir.glob("*_s[01]"):
+        config = json.loads((wd / "config.json").read_text())
+        assert (config["model"]["overrides"]["embed_dim"], config["model"]["overrides"]["depth"]) == (48, 1)
+        assert "final eval" in (wd / "train.log").read_text()
+    assert (par / "docs" / "w48_d1" / "results.json").exists()
+
+    seq = tmp_path / "seq"
+    _sweep(seq, "fp,baseline", "--seeds=1", "--sizes=w48_d1", "--parallel=1")
+    for name in ("fp_s1", "baseline_s1"):
+        assert _final_rows(seq / "runs" / "w48_d1" / name)[:2] == _final_rows(size_dir / name)[:2], name
+
+    before = {name: _final_rows(seq / "runs" / "w48_d1" / name)[2] for name in ("fp_s1", "baseline_s1")}
+    again = _sweep(seq, "fp,baseline", "--seeds=1", "--sizes=w48_d1", "--parallel=2")
+    assert _plan(again) == {"w48_d1/fp_s1": "0/4", "w48_d1/baseline_s1": "0/4"}
+    for name, n in before.items():
+        assert _final_rows(seq / "runs" / "w48_d1" / name)[2] == n, f"{name} trained again"
+    rec = _records(seq / "runs")
+    assert len(rec["w48_d1/fp_s1"]) == 2 and rec["w48_d1/baseline_s1"][1]["start"] >= rec["w48_d1/fp_s1"][1]["end"]
+
+
+def test_schedule_estimate_respects_slots_and_teachers():
+    """The plan's wall-time estimate: two teachers (10 s) then their students (5 s) in two slots take
+    15 s, in one slot 30 s; a student never starts before its teacher ends, even with free slots."""
+    from benchmarks.ablation import schedule_seconds
+
+    seconds = {"fp_s0": 10.0, "baseline_s0": 5.0, "fp_s1": 10.0, "baseline_s1": 5.0}
+    needs = {"baseline_s0": "fp_s0", "baseline_s1": "fp_s1"}
+    assert schedule_seconds(seconds, needs, 2) == 15.0
+    assert schedule_seconds(seconds, needs, 1) == 30.0
+    assert schedule_seconds(seconds, needs, 4) == 15.0
+    assert (
+        schedule_seconds(
+            {"fp_s0": 10.0, "baseline_s0": 5.0, "binaryvit_s0": 5.0},
+            {"baseline_s0": "fp_s0", "binaryvit_s0": "fp_s0"},
+            3,
+        )
+        == 15.0
+    )
