@@ -4,7 +4,8 @@ import os
 import sys
 from pathlib import Path
 
-# Before JAX is imported anywhere: 8 host devices, as on an 8-chip host.
+# Before JAX is imported anywhere: 8 host devices, as on an 8-chip host; XLA's default code generation,
+# as users run it (the processes the trainer tests start compile faster: tests/xla_flags.py).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # gs:// paths through gcsfs, the core install's client, also where the test extra installed TensorFlow

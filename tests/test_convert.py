@@ -33,6 +33,7 @@ from bvit_jax.nn.models import create
 from bvit_jax.nn.param_groups import flatten_with_paths
 from bvit_jax.runs.workdir import restore_params
 from tests.train_helpers import ROOT
+from tests.xla_flags import xla_flags
 
 torch.set_num_threads(1)
 
@@ -185,7 +186,7 @@ def test_command_line_writes_a_teacher_workdir_the_trainer_accepts(tmp_path):
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla_flags(1),
     )
     cmd = [
         sys.executable,

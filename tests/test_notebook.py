@@ -16,6 +16,7 @@ import nbclient
 import nbformat
 
 from tests.train_helpers import ROOT
+from tests.xla_flags import xla_flags
 
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
@@ -55,7 +56,7 @@ def _text(cell) -> str:
 def test_notebook_runs_top_to_bottom(tmp_path):
     nb = _read()
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_flags(1)
     env["BVIT_NOTEBOOK_WORKDIR"] = str(tmp_path / "runs")
     client = nbclient.NotebookClient(
         nb,

@@ -16,6 +16,7 @@ import pytest
 
 from bvit_jax.data import create_eval_iterator
 from configs import fashion_mnist
+from tests.xla_flags import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def train_cmd(workdir, arg: str, *flags: str) -> list[str]:
 
 def run_env(devices: int = 1) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     return env
