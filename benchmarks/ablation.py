@@ -72,10 +72,11 @@ def size_flags(size: str) -> list[str]:
     return [f"--config.model.overrides.embed_dim={width}", f"--config.model.overrides.depth={depth}"]
 
 
-def size_out(out: Path, size: str) -> Path:
-    """The folder of one size's runs: ``out`` itself for the default size, else ``out/SIZE``
-    (so runs of different sizes never share a workdir, and each size gets its own report)."""
-    return out if size == DEFAULT_SIZE else out / size
+def size_out(base: Path, size: str) -> Path:
+    """The folder of one size below ``base`` (the runs' folder or the report's): ``base`` itself for the
+    default size, else ``base/SIZE`` (so runs of different sizes never share a workdir, and each size gets
+    its own report)."""
+    return base if size == DEFAULT_SIZE else base / size
 
 
 def cpu_model() -> str:
@@ -295,19 +296,21 @@ def sweep_jobs(
     strengths: list[float],
     extra: list[str],
     teacher_seed: int | None = None,
+    prefix: str = "",
 ) -> list[Job]:
     """The runs of one size's sweep into ``out``, in start order, each with the ``fp`` run it distils from.
 
     For each seed its ``fp`` run (also when ``fp`` is not in ``presets`` but
     the students need their own teacher), then its students; a shared teacher
-    (``teacher_seed``) comes first.
+    (``teacher_seed``) comes first. Job names are ``prefix`` + the run's name
+    (unique across the sizes of one sweep).
     """
     jobs = []
 
     def add(preset: str, seed: int, flags: list[str], name: str | None = None) -> None:
         name = name or run_name(preset, seed)
-        teacher = None if preset == "fp" else run_name("fp", seed if teacher_seed is None else teacher_seed)
-        jobs.append(Job(name, flags, out / name, needs=teacher, wall_times=out / "wall_times.json"))
+        teacher = None if preset == "fp" else prefix + run_name("fp", seed if teacher_seed is None else teacher_seed)
+        jobs.append(Job(prefix + name, flags, out / name, needs=teacher, wall_times=out / "wall_times.json"))
 
     if teacher_seed is not None and any(p != "fp" for p in presets):
         add("fp", teacher_seed, run_flags(out, "fp", teacher_seed, split, extra))
@@ -349,27 +352,22 @@ def ablation(
     """
     size_extra = {size: extra + size_flags(size) for size in sizes}  # after the user's flags: the size holds
     if not report_only:
-        jobs = []
+        jobs, plans = [], {}
         for size in sizes:
-            sized = sweep_jobs(size_out(out, size), seeds, presets, split, strengths, size_extra[size], teacher_seed)
-            prefix = "" if size == DEFAULT_SIZE else f"{size}/"
-            jobs += [
-                Job(prefix + j.name, j.flags, j.workdir, j.needs and prefix + j.needs, j.wall_times) for j in sized
-            ]
-        sec = {size: step_seconds(size_out(out, size)) for size in sizes}
-        plans = {}
-        for job in jobs:
-            plan = run_plan(job.flags)
-            size = job.name.split("/")[0] if "/" in job.name else DEFAULT_SIZE
-            plans[job.name] = {**plan, "sec": sec[size].get(plan["preset"])}
+            size_dir, prefix = size_out(out, size), "" if size == DEFAULT_SIZE else f"{size}/"
+            sized = sweep_jobs(size_dir, seeds, presets, split, strengths, size_extra[size], teacher_seed, prefix)
+            sec = step_seconds(size_dir)
+            for job in sized:
+                plan = run_plan(job.flags)
+                plans[job.name] = {**plan, "sec": sec.get(plan["preset"])}
+            jobs += sized
         print_cost(plans, parallel, {j.name: j.needs for j in jobs})
         out.mkdir(parents=True, exist_ok=True)
         run_jobs(jobs, parallel, out / "runs.jsonl")
     from benchmarks.ablation_report import write_report, write_tuning_table
 
     for size in sizes:
-        size_dir = size_out(out, size)
-        size_docs = docs if size == DEFAULT_SIZE else docs / size
+        size_dir, size_docs = size_out(out, size), size_out(docs, size)
         if strengths:
             write_tuning_table(
                 size_dir,

@@ -53,7 +53,7 @@ class Job:
     flags: list[str]
     workdir: Path
     needs: str | None = None
-    wall_times: Path | None = None  # the JSON file its wall time is added to (benchmarks/ablation.py)
+    wall_times: Path | None = None  # the JSON file its wall time is added to, under its workdir's name
 
 
 class SweepFailed(UserError):
@@ -111,7 +111,7 @@ def _record(records: Path, job: Job, t0: float, t1: float, returncode: int, stop
         row = {"run": job.name, "start": t0, "end": t1, "returncode": returncode, "stopped": stopped}
         f.write(json.dumps(row) + "\n")
     if (returncode == 0 or stopped and returncode >= 0) and job.wall_times is not None:
-        add_wall_time(job.wall_times, job.name.rsplit("/", 1)[-1], t1 - t0)
+        add_wall_time(job.wall_times, job.workdir.name, t1 - t0)
 
 
 def add_wall_time(path: Path, name: str, seconds: float) -> None:
