@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from bvit_jax.nn import summary as S
+from bvit_jax.nn.binarize import WeightBinarizer
 from bvit_jax.nn.layer_report import LayerReport, ParamReport
 from bvit_jax.nn.models import create
 from bvit_jax.nn.param_groups import latent_weight_paths
@@ -35,8 +36,8 @@ class _OneBit(nnx.Module):
     def __init__(self):
         self.bits = nnx.Param(jnp.zeros((8, 5)))
 
-    def latent_weight_names(self):
-        return ("bits",)
+    def latent_weights(self):
+        return {"bits": WeightBinarizer()}
 
     def report(self, num_tokens):
         return LayerReport("OneBit", {"bits": ParamReport(1, "binary_kernel")}, binary_macs=1000 * num_tokens)

@@ -47,21 +47,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from bvit_jax import cli
 from bvit_jax import data as data_lib
 from bvit_jax.deploy import bvit_format
-from bvit_jax.deploy.bitops import num_words, pack_signs, to_planes
+from bvit_jax.deploy.bitops import to_planes
 from bvit_jax.deploy.bvit_format import PackedFormatError
+from bvit_jax.deploy.kernel_formats import kernel_format
 from bvit_jax.deploy.latency import packed_vs_fp32
 from bvit_jax.deploy.packed import PackedModel, check_packable, resolve_backend
 from bvit_jax.errors import UserError
-from bvit_jax.nn.binarize import WeightBinarizer
 from bvit_jax.nn.folding import branch_norm_affine, fold_branch_affine
-from bvit_jax.nn.models import VisionTransformer, ViTConfig, model_variables
+from bvit_jax.nn.models import VisionTransformer, ViTConfig, abstract_model, model_variables
 from bvit_jax.nn.options import BinaryOptions
-from bvit_jax.nn.param_groups import flatten_with_paths, latent_weight_paths
+from bvit_jax.nn.param_groups import flatten_with_paths, latent_weight_binarizers
 from bvit_jax.nn.summary import size_accounting
 
 __all__ = [
@@ -151,18 +150,19 @@ def _options_from_json(d: Mapping[str, Any]) -> BinaryOptions:
     return BinaryOptions(**d, dtype=jnp.float32)
 
 
-def _abstract_model(cfg: ViTConfig, opts: BinaryOptions) -> VisionTransformer:
-    return nnx.eval_shape(lambda: VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
+def _expected_params(cfg: ViTConfig, opts: BinaryOptions) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """``{path: shape}`` of the model's parameters and ``{path: binarizer}`` of its latent binary kernels.
 
-
-def _expected_params(cfg: ViTConfig, opts: BinaryOptions) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """``{path: shape}`` of the model's parameters and the set of latent binary kernel paths."""
-    model = _abstract_model(cfg, opts)
+    Every binarizer's packing has a stored form (:func:`bvit_jax.deploy.kernel_formats.kernel_format`,
+    ``ValueError`` otherwise).
+    """
+    model = abstract_model(cfg, opts)
     params = model_variables(model)  # parameters, and a BatchNorm's running statistics
-    binary = latent_weight_paths(model)
-    for path in binary:
+    binary = latent_weight_binarizers(model)
+    for path, binarizer in binary.items():
         if not path.endswith("/kernel"):  # the file packs (in, out) kernels; another binarized parameter needs a format
             raise ValueError(f"cannot export the binarized parameter {path!r}: the .bvit format packs kernels only")
+        kernel_format(binarizer, path)
     return {p: tuple(v.shape) for p, v in flatten_with_paths(params)}, binary
 
 
@@ -192,11 +192,10 @@ def _expected_tensors(cfg: ViTConfig, opts: BinaryOptions) -> dict[str, tuple[st
             continue
         if path in binary:
             base = path[: -len("/kernel")]
-            n_in, n_out = shape
-            out[base + "/kernel_bits"] = ("uint32", (num_words(n_in), n_out), n_in)
-            out[base + "/alpha"] = ("float32", (n_out,), None)
+            for suffix, spec in kernel_format(binary[path]).tensors(*shape).items():
+                out[f"{base}/{suffix}"] = spec
             if _folded_norm(opts, path) is not None:  # the folded bias, also for a linear without one
-                out[base + "/bias"] = ("float32", (n_out,), None)
+                out[base + "/bias"] = ("float32", shape[-1:], None)
         else:
             out[path] = ("float32", shape, None)
     return out
@@ -206,7 +205,7 @@ def _pack_flat(
     flat: Mapping[str, Any], cfg: ViTConfig, opts: BinaryOptions
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Float params ``{path: array}`` -> (file tensors ``{name: array}``, ``{kernel_bits name: in}``)."""
-    check_packable(opts)
+    check_packable(cfg, opts)
     shapes, binary = _expected_params(cfg, opts)
     missing = sorted(set(shapes) - set(flat))
     unexpected = sorted(set(flat) - set(shapes))
@@ -234,13 +233,11 @@ def _pack_flat(
         value = f32(path)
         if path in binary:
             base = path[: -len("/kernel")]
-            tensors[base + "/kernel_bits"] = pack_signs(value, axis=0)
-            # alpha exactly as the training forward computes it (XLA's float32 reduction,
-            # bvit_jax.nn.binarize.WeightBinarizer.alpha), not numpy's pairwise sum: a few ulp matter
-            # at the sign thresholds of later layers.
-            alpha = np.asarray(WeightBinarizer(scale=opts.weight_scale).alpha(jnp.asarray(value)))
-            tensors[base + "/alpha"] = alpha.astype(np.float32)
-            bits[base + "/kernel_bits"] = value.shape[0]
+            fmt = kernel_format(binary[path], path)  # the stored form of the binarizer's packing
+            tensors.update({f"{base}/{k}": v for k, v in fmt.pack(value, binary[path]).items()})
+            for suffix, (_, _, n_bits) in fmt.tensors(*value.shape).items():
+                if n_bits is not None:
+                    bits[f"{base}/{suffix}"] = n_bits
         else:
             tensors[path] = value
     for norm, base in folded.items():

@@ -51,21 +51,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
+from flax import nnx
 from jax import lax
 
 from bvit_jax.deploy import native as native_ops
 from bvit_jax.deploy.bitops import masked_sign_sum, pack_bits_planes, pack_planes, packed_matmul, packed_sign_dot
 from bvit_jax.nn.activations import asm_statistic
-from bvit_jax.nn.binarize import positive_level, sign
+from bvit_jax.nn.attention import Attention
+from bvit_jax.nn.binarize import MASK01, PM1, positive_level, sign
 from bvit_jax.nn.fused_ops import layer_norm, rounded, rprelu
-from bvit_jax.nn.linear import match_width
-from bvit_jax.nn.models import ViTConfig
+from bvit_jax.nn.linear import BinaryLinear, match_width
+from bvit_jax.nn.models import ViTConfig, abstract_model
 from bvit_jax.nn.options import BinaryOptions
 
 __all__ = [
     "BACKENDS",
     "PackedModel",
     "resolve_backend",
+    "PACKED_MATMULS",
     "check_packable",
     "packed_linear_block",
     "packed_forward",
@@ -106,14 +109,64 @@ class PackedModel:
         return packed_forward(self, images)
 
 
-def check_packable(opts: BinaryOptions) -> None:
-    """Raise ``ValueError`` unless the block linears are binary in weights and activations."""
-    if not (opts.binarize_weights and opts.binarize_acts):
+PACKED_MATMULS: dict[str, frozenset[tuple[str, str]]] = {
+    "block linear": frozenset({(PM1, PM1)}),  # n - 2 * popcount(xor(x_bits, W_bits))
+    "attention scores": frozenset({(PM1, PM1)}),  # Q_b K_b^T: d - 2 * popcount(xor(q_bits, k_bits))
+    "attention values": frozenset({(MASK01, PM1)}),  # P_b V_b: 2 * popcount(m & v_bits) - popcount(m)
+}
+"""The ``(left, right)`` packing levels each binary matmul of :func:`packed_forward` computes exactly."""
+
+
+def _levels(binarizer) -> str | None:
+    """A binarizer's packed levels if it packs to 1 bit, else None (a float operand)."""
+    return binarizer.packing.levels if binarizer is not None and binarizer.packing.bits == 1 else None
+
+
+def _binary_matmuls(model) -> list[tuple[str, str, tuple[str | None, str | None], str]]:
+    """``(layer path, matmul kind, (left, right) levels, binarizer names)`` of every binary matmul of ``model``."""
+    out = []
+    for path, module in nnx.iter_modules(model):
+        name = "/".join(map(str, path))
+        if isinstance(module, BinaryLinear) and module.weight_binarizer is not None:
+            pair = (module.input_binarizer, module.weight_binarizer)
+            out.append((name, "block linear", tuple(map(_levels, pair)), pair))
+        elif isinstance(module, Attention) and module.prob_binarizer is not None:
+            q, k, v = (m.binarizer for m in (module.q_sign, module.k_sign, module.v_sign))
+            out.append((name, "attention scores", (_levels(q), _levels(k)), (q, k)))
+            p = module.prob_binarizer
+            out.append((name, "attention values", (_levels(p), _levels(v)), (p, v)))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def check_packable(cfg: ViTConfig, opts: BinaryOptions) -> None:
+    """Raise ``ValueError`` unless :func:`packed_forward` computes every binary matmul of the model exactly.
+
+    Dispatches on the binarizers the layers hold (their
+    :class:`bvit_jax.nn.binarize.Packing`), not on option names: each binary
+    matmul's ``(left, right)`` levels must be one the packed forward has an
+    integer kernel for (:data:`PACKED_MATMULS`): a block linear needs +-1 on
+    both sides (XNOR-popcount), so binary weights with float inputs are
+    refused, and so is a binarizer with a forward the packed kernels do not
+    compute (``{0, 1}`` inputs, ternary), with the layer named. Cached per
+    ``(cfg, opts)``: the check walks the abstract model once.
+    """
+    matmuls = _binary_matmuls(abstract_model(cfg, opts))
+    if not matmuls:
         raise ValueError(
             "only models whose block linears binarize both weights and activations can be packed "
             f"(XNOR-popcount needs +-1 on both sides); got binarize_weights={opts.binarize_weights}, "
             f"binarize_acts={opts.binarize_acts} (preset 'fp' has no binary layers)"
         )
+    for path, kind, levels, binarizers in matmuls:
+        if levels not in PACKED_MATMULS[kind]:
+            names = [type(b).__name__ if b is not None else "float" for b in binarizers]
+            raise ValueError(
+                f"cannot pack the {kind} of {path}: its operands ({names[0]} x {names[1]}) have levels {levels}, "
+                f"and the packed forward computes {sorted(PACKED_MATMULS[kind])} there "
+                "(XNOR-popcount needs +-1 on both sides: set binarize_weights and binarize_acts; a binarizer with "
+                "another forward needs its packed matmul in bvit_jax/deploy/packed.py)"
+            )
 
 
 def _layer_norm(x, t, prefix, eps=1e-6):
@@ -399,7 +452,7 @@ def packed_forward(
         )
     if attention not in ("popcount", "float"):
         raise ValueError(f"attention must be 'popcount' or 'float', got {attention!r}")
-    check_packable(packed.opts)
+    check_packable(cfg, packed.opts)
     native = resolve_backend(backend)
     # ``live``: a runtime True that lets the popcount kernels run as separate XLA
     # computations (the ``live`` argument of bvit_jax.deploy.bitops.packed_matmul).

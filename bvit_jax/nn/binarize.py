@@ -13,9 +13,18 @@ weights) and ``elastic_binarize`` (BiT's {0, c} binarizer for attention
 probabilities). The layers hold them as small named objects,
 :class:`SteSign`, :class:`ApproxSign`, :class:`WeightBinarizer` and
 :class:`ElasticBinarizer` (as larq's quantizer classes): each carries its
-``name``, its output ``precision`` in bits (from which each layer's
-``report()`` gives its parameters' bit widths and its MACs' precision, what
-:mod:`bvit_jax.nn.summary` adds up) and its custom gradient (its ``__call__``).
+``name``, its ``packing`` (:class:`Packing`: the levels one stored bit
+stands for, the bits per value and where the scale comes from), its output
+``precision`` in bits (the packing's; from which each layer's ``report()``
+gives its parameters' bit widths and its MACs' precision, what
+:mod:`bvit_jax.nn.summary` adds up) and its custom gradient (its
+``__call__``). The deployment path dispatches on the packing alone: export
+stores a kernel by its kernel binarizer's packing
+(:mod:`bvit_jax.deploy.kernel_formats`) and the packed forward computes a
+block linear by the packings of its input and kernel binarizers, so a new
+surrogate gradient with the same forward exports and runs packed unchanged,
+and a new forward (``{0, 1}``, ternary) is refused there, by name, until it
+has a stored form and a packed matmul.
 
 The layers use the fused forms :func:`binary_matmul` (``x @ weight_binarize(W)``)
 and :func:`elastic_matmul` (``elastic_binarize(P, c) @ V``): the same values and
@@ -41,6 +50,9 @@ import jax.numpy as jnp
 __all__ = [
     "sign",
     "channel_alpha",
+    "Packing",
+    "PM1",
+    "MASK01",
     "Binarizer",
     "SteSign",
     "ApproxSign",
@@ -59,6 +71,7 @@ __all__ = [
     "elastic_matmul",
     "ACTIVATION_BINARIZERS",
     "get_activation_binarizer",
+    "register_activation_binarizer",
 ]
 
 
@@ -337,18 +350,61 @@ elastic_matmul.defvjp(_elastic_matmul_fwd, _elastic_matmul_bwd)
 # ----------------------------------------------------------------------------- binarizer objects
 
 
+PM1 = "pm1"
+"""Levels +-1: a stored bit is ``[v >= 0]`` (``sign(0) = +1``), the value ``2 * bit - 1``."""
+MASK01 = "01"
+"""Levels {0, 1}: a stored bit is ``[v > 0]``, the value the bit itself."""
+
+SCALES = (None, "channel_mean_abs", "parameter")
+"""Where a packing's scale comes from: none; ``alpha = mean|W|`` per output channel
+(:func:`channel_alpha`, computed once at export); a learned parameter of the layer (the level ``c``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How a binarizer's output is stored and computed with in the 1-bit model.
+
+    A value is ``scale * level(bits)``: ``levels`` names the values one stored
+    code stands for before the scale (:data:`PM1`: +-1, the XNOR-popcount
+    operand; :data:`MASK01`: {0, 1}, the AND-popcount operand), ``bits`` the
+    bits per value, ``scale`` where the float scale comes from
+    (:data:`SCALES`). Export's stored form of a kernel and the packed forward's
+    matmul of a block linear are looked up by these values (larq declares a
+    quantizer's precision the same way; here the declaration also says what
+    the deployment path must do with it).
+    """
+
+    levels: str
+    bits: int = 1
+    scale: str | None = None
+
+    def __post_init__(self):
+        if self.levels not in (PM1, MASK01) and self.bits == 1:
+            raise ValueError(f"a 1-bit packing has levels {PM1!r} or {MASK01!r}, got {self.levels!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown packing scale {self.scale!r}; choose one of {SCALES}")
+
+
 class Binarizer:
     """A named binarizer: ``__call__`` is its forward with its custom gradient.
 
     ``name`` names it (for the activation binarizers: their config name,
-    ``model.act_binarizer``); ``precision`` the bits of each output value
-    (1 for every binarizer here: +-1, +-alpha or {0, c}). Subclasses are frozen
-    dataclasses, so they compare by value and can sit in a module's static
-    attributes (and in the jit cache key) like a string.
+    ``model.act_binarizer``); ``packing`` (:class:`Packing`) how its output is
+    stored and multiplied in the 1-bit model; ``precision`` the bits of each
+    output value, the packing's (1 for every binarizer here: +-1, +-alpha or
+    {0, c}). Subclasses are frozen dataclasses, so they compare by value and
+    can sit in a module's static attributes (and in the jit cache key) like a
+    string. A subclass that changes only the backward (a new surrogate
+    gradient) keeps its parent's packing; one with a new forward declares its own.
     """
 
     name: ClassVar[str]
-    precision: ClassVar[int] = 1
+    packing: ClassVar[Packing] = Packing(PM1)
+
+    @property
+    def precision(self) -> int:
+        """Bits per output value in the 1-bit model (``packing.bits``)."""
+        return self.packing.bits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +440,11 @@ class WeightBinarizer(Binarizer):
     scale: bool = True
     name: ClassVar[str] = "weight"
 
+    @property
+    def packing(self) -> Packing:  # type: ignore[override]
+        """+-1 bits with ``alpha = mean|W|`` per output channel (no scale without ``scale``)."""
+        return Packing(PM1, scale="channel_mean_abs" if self.scale else None)
+
     def __call__(self, w: jax.Array) -> jax.Array:
         return weight_binarize(w, scale=self.scale)
 
@@ -407,6 +468,7 @@ class ElasticBinarizer(Binarizer):
     """{0, c} binarizer of attention probabilities with a learnable level ``c`` (:func:`elastic_binarize`; BiT)."""
 
     name: ClassVar[str] = "elastic"
+    packing: ClassVar[Packing] = Packing(MASK01, scale="parameter")
 
     def __call__(self, p: jax.Array, c: jax.Array) -> jax.Array:
         return elastic_binarize(p, c)
@@ -417,6 +479,24 @@ class ElasticBinarizer(Binarizer):
 
 
 ACTIVATION_BINARIZERS: dict[str, Binarizer] = {b.name: b for b in (SteSign(), ApproxSign())}
+"""The activation binarizers a config can name (``model.act_binarizer``): add one with
+:func:`register_activation_binarizer`."""
+
+
+def register_activation_binarizer(binarizer: Binarizer) -> Binarizer:
+    """Make ``binarizer`` selectable as ``model.act_binarizer = binarizer.name``; returns it.
+
+    The name must be new (``ValueError`` otherwise). Training, the summary,
+    export and the packed forward then use it through its ``__call__``,
+    ``precision`` and ``packing``: a surrogate gradient with a +-1 forward
+    (``packing = Packing(PM1)``, the default) needs nothing else.
+    """
+    if not isinstance(binarizer, Binarizer):
+        raise TypeError(f"expected a Binarizer instance, got {type(binarizer).__name__}")
+    if binarizer.name in ACTIVATION_BINARIZERS:
+        raise ValueError(f"an activation binarizer named {binarizer.name!r} exists already")
+    ACTIVATION_BINARIZERS[binarizer.name] = binarizer
+    return binarizer
 
 
 def get_activation_binarizer(name: str) -> Binarizer:

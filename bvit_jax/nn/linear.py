@@ -14,7 +14,7 @@ from einops import rearrange
 from flax import nnx
 
 from bvit_jax.nn.activations import SignActivation
-from bvit_jax.nn.binarize import WeightBinarizer
+from bvit_jax.nn.binarize import Binarizer, WeightBinarizer
 from bvit_jax.nn.folding import fold_branch_affine
 from bvit_jax.nn.fused_ops import rounded
 from bvit_jax.nn.layer_report import LayerReport, ParamReport
@@ -95,23 +95,31 @@ class BinaryLinear(nnx.Module):
             y, alpha = jnp.dot(x2, self.kernel[...].astype(self.dtype)), None
         return (y if flat else y.reshape(*lead, self.out_features)), alpha
 
-    def latent_weight_names(self) -> tuple[str, ...]:
-        """Names of the parameters the forward binarizes: ``('kernel',)`` with binary weights, else ``()``.
+    @property
+    def input_binarizer(self) -> Binarizer | None:
+        """The binarizer of the input (its :class:`SignActivation`'s), or None with float inputs."""
+        return self.act.binarizer if self.act is not None else None
+
+    def latent_weights(self) -> dict[str, Binarizer]:
+        """The parameters the forward binarizes, by name, with their binarizer: ``{'kernel': W_b}`` or ``{}``.
 
         Their float values are *latent*: the model uses only their signs (and
         ``alpha``), so GRS acts on them and weight decay leaves them alone
-        (:func:`bvit_jax.nn.param_groups.latent_weight_mask`).
+        (:func:`bvit_jax.nn.param_groups.latent_weight_mask`); export stores
+        each in the form its binarizer's ``packing`` names
+        (:mod:`bvit_jax.deploy.kernel_formats`).
         """
-        return ("kernel",) if self.weight_binarizer is not None else ()
+        return {"kernel": self.weight_binarizer} if self.weight_binarizer is not None else {}
 
     def report(self, num_tokens: int) -> LayerReport:
         """Kernel at its binarizer's precision (1 bit) or 32 bits, any bias 32 bits; ``num_tokens * in * out`` MACs.
 
         The MACs are binary when both operands are: the kernel's and the
         input's binarizers both have precision 1. A binary kernel with
-        ``weight_scale`` adds ``out`` derived 32-bit scales to the export.
+        a per-output-channel scale (``packing.scale == 'channel_mean_abs'``:
+        ``weight_scale``) adds ``out`` derived 32-bit scales to the export.
         """
-        wb, act = self.weight_binarizer, (self.act.binarizer if self.act is not None else None)
+        wb, act = self.weight_binarizer, self.input_binarizer
         w_bits = wb.precision if wb is not None else 32
         x_bits = act.precision if act is not None else 32
         macs = num_tokens * self.in_features * self.out_features
@@ -125,7 +133,7 @@ class BinaryLinear(nnx.Module):
             params,
             binary_macs=macs if binary else 0,
             fp_macs=0 if binary else macs,
-            derived_32bit=self.out_features if (wb is not None and wb.scale) else 0,
+            derived_32bit=self.out_features if (wb is not None and wb.packing.scale == "channel_mean_abs") else 0,
         )
 
 

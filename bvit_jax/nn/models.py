@@ -46,6 +46,7 @@ __all__ = [
     "VARIANTS",
     "PRESETS",
     "VisionTransformer",
+    "abstract_model",
     "REMAT_POLICIES",
     "DROP_PATH_STREAM",
     "drop_path_rates",
@@ -489,6 +490,15 @@ def create(
         get_preset(preset).options, dtype=jnp.dtype(dtype), **{k: v for k, v in overrides.items() if k in opt_fields}
     )
     return VisionTransformer(cfg, opts, rngs=nnx.Rngs(seed), drop_path_rate=drop_path_rate, remat_policy=remat_policy)
+
+
+def abstract_model(cfg: ViTConfig, opts: BinaryOptions) -> VisionTransformer:
+    """The model of ``cfg`` and ``opts`` with shapes but no values (``nnx.eval_shape``): its structure, for free.
+
+    What the deployment path reads to learn a model's parameters and its
+    layers' binarizers without building (or initialising) one.
+    """
+    return nnx.eval_shape(lambda: VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
 
 
 def training_view(model: nnx.Module) -> nnx.Module:

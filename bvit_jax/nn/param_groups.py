@@ -14,7 +14,14 @@ from typing import Any
 import jax
 from flax import nnx
 
-__all__ = ["path_str", "flatten_with_paths", "path_mask", "latent_weight_paths", "latent_weight_mask"]
+__all__ = [
+    "path_str",
+    "flatten_with_paths",
+    "path_mask",
+    "latent_weight_binarizers",
+    "latent_weight_paths",
+    "latent_weight_mask",
+]
 
 
 def path_str(keypath) -> str:
@@ -48,18 +55,23 @@ def path_mask(tree, include: str | Iterable[str], exclude: str | Iterable[str] =
     return jax.tree_util.tree_map_with_path(keep, tree)
 
 
-def latent_weight_paths(model: nnx.Module) -> set[str]:
-    """Paths of the latent (float) parameters that the forward binarizes.
+def latent_weight_binarizers(model: nnx.Module) -> dict[str, Any]:
+    """``{path: binarizer}`` of the latent (float) parameters that the forward binarizes.
 
-    Each layer names its own (``latent_weight_names()``, e.g.
-    :meth:`bvit_jax.nn.linear.BinaryLinear.latent_weight_names`); a module without
-    that method has none.
+    Each layer names its own with their binarizers (``latent_weights()``,
+    e.g. :meth:`bvit_jax.nn.linear.BinaryLinear.latent_weights`); a module
+    without that method has none.
     """
-    out = set()
+    out = {}
     for path, module in nnx.iter_modules(model):
-        for name in module.latent_weight_names() if hasattr(module, "latent_weight_names") else ():
-            out.add("/".join(str(p) for p in (*path, name)))
+        for name, binarizer in module.latent_weights().items() if hasattr(module, "latent_weights") else ():
+            out["/".join(str(p) for p in (*path, name))] = binarizer
     return out
+
+
+def latent_weight_paths(model: nnx.Module) -> set[str]:
+    """Paths of the latent (float) parameters that the forward binarizes (:func:`latent_weight_binarizers`)."""
+    return set(latent_weight_binarizers(model))
 
 
 def latent_weight_mask(model: nnx.Module, params) -> Any:

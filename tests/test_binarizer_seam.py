@@ -1,0 +1,161 @@
+"""The binarizer seam: a layer's binarizer objects decide training, accounting, export and the packed forward.
+
+Two binarizers written here as a user would (docs/architecture.md, "How to add"):
+a new surrogate gradient with the +-1 forward (it must train with its own
+gradient and export and run packed with nothing else added), and a {0, 1}
+forward (counted as 1 bit, refused by export and the packed forward with the
+layer named, since no packed matmul computes it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bvit_jax.deploy import kernel_formats
+from bvit_jax.deploy.bitops import unpack_signs
+from bvit_jax.deploy.export import export_model, load_packed
+from bvit_jax.deploy.packed import check_packable, packed_forward
+from bvit_jax.nn import binarize
+from bvit_jax.nn.binarize import MASK01, PM1, Binarizer, Packing, register_activation_binarizer, sign
+from bvit_jax.nn.models import create
+from bvit_jax.nn.summary import summary
+from tests.packed_helpers import model_forward, perturb, random_images
+
+
+@jax.custom_vjp
+def _tanh_sign(x):
+    return sign(x)
+
+
+def _tanh_sign_fwd(x):
+    return sign(x), x
+
+
+def _tanh_sign_bwd(x, g):
+    return (g * (1.0 - jnp.tanh(x) ** 2),)
+
+
+_tanh_sign.defvjp(_tanh_sign_fwd, _tanh_sign_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class TanhSign(Binarizer):
+    """sign(x) forward, ``1 - tanh(x)^2`` backward: only the gradient is new, so the default +-1 packing."""
+
+    name: ClassVar[str] = "tanh_test"
+
+    def __call__(self, x):
+        return _tanh_sign(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Heaviside(Binarizer):
+    """A {0, 1} forward ``[x > 0]`` (straight-through backward): a new packing."""
+
+    name: ClassVar[str] = "heaviside_test"
+    packing: ClassVar[Packing] = Packing(MASK01)
+
+    def __call__(self, x):
+        return jax.lax.stop_gradient((x > 0).astype(x.dtype) - x) + x
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The activation binarizers' registry, restored after the test."""
+    monkeypatch.setattr(binarize, "ACTIVATION_BINARIZERS", dict(binarize.ACTIVATION_BINARIZERS))
+    return binarize.ACTIVATION_BINARIZERS
+
+
+def _nano(act_binarizer, **kw):
+    return create("vit_nano", "binaryvit", image_size=16, embed_dim=24, num_heads=2, act_binarizer=act_binarizer, **kw)
+
+
+def test_registered_binarizer_is_chosen_by_name_and_unknown_or_taken_names_are_refused(registry):
+    register_activation_binarizer(TanhSign())
+    model = _nano("tanh_test")
+    assert model.blocks[0].attn.q.linear.input_binarizer == TanhSign()
+    assert model.blocks[0].attn.q_sign.binarizer == TanhSign()
+    with pytest.raises(ValueError, match="exists already"):
+        register_activation_binarizer(TanhSign())
+    with pytest.raises(TypeError, match="Binarizer instance"):
+        register_activation_binarizer("tanh_test")
+    with pytest.raises(ValueError, match="Unknown activation binarizer 'nope'"):
+        _nano("nope")
+
+
+def test_new_surrogate_gradient_trains_with_its_gradient(registry):
+    """The gradient through a sign input is the binarizer's own: 1 - tanh^2, not ApproxSign's max(0, 2 - 2|x|)."""
+    register_activation_binarizer(TanhSign())
+    x = jnp.asarray([-1.5, -0.3, 0.0, 0.4, 2.0])
+    for name, expect in (
+        ("tanh_test", 1.0 - np.tanh(np.asarray(x)) ** 2),
+        ("approx", np.maximum(0.0, 2 - 2 * np.abs(x))),
+    ):
+        act = _nano(name).blocks[0].mlp.fc1.linear.act.binarizer
+        np.testing.assert_allclose(jax.grad(lambda v, a=act: a(v).sum())(x), expect, rtol=1e-6)
+
+
+def test_new_surrogate_gradient_exports_and_runs_packed_bit_for_bit(registry):
+    """Same packing as ApproxSign: the summary is the same and the file runs the model's eval forward."""
+    register_activation_binarizer(TanhSign())
+    model = perturb(_nano("tanh_test"))
+    s_new, s_ref = summary(model), summary(_nano("approx"))
+    assert (s_new.total.binary_macs, s_new.total.fp_macs, s_new.params_1bit) == (
+        s_ref.total.binary_macs,
+        s_ref.total.fp_macs,
+        s_ref.params_1bit,
+    )
+    loaded = load_packed(export_model(model, data=None))
+    assert loaded.opts.act_binarizer == "tanh_test"
+    x = random_images(model.cfg)
+    got, ref = np.asarray(packed_forward(loaded, x)), model_forward(model, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_new_forward_is_counted_as_one_bit_and_refused_by_the_deployment_path(registry):
+    register_activation_binarizer(Heaviside())
+    model = _nano("heaviside_test")
+    s = summary(model)
+    assert s.total.binary_macs == summary(_nano("approx")).total.binary_macs > 0  # precision 1: binary MACs
+    with pytest.raises(ValueError, match=r"cannot pack the block linear of blocks/0/attn/k/linear: .*Heaviside"):
+        check_packable(model.cfg, model.opts)
+    with pytest.raises(ValueError, match="cannot pack the block linear"):
+        export_model(model, data=None)
+
+
+def test_float_inputs_to_binary_weights_are_refused_with_the_layer_named():
+    model = create("vit_nano", "baseline", binarize_acts=False, learnable_shift=False, asm=False)
+    with pytest.raises(ValueError, match=r"blocks/0/attn/k/linear: its operands \(float x WeightBinarizer\)"):
+        check_packable(model.cfg, model.opts)
+
+
+def test_kernel_formats_are_chosen_by_packing():
+    """A ±1 kernel is stored as sign bits and alpha (ones without a scale); another packing has no stored form."""
+    w = np.asarray(jax.random.normal(jax.random.key(0), (70, 3)), np.float32)  # in not a multiple of 32
+    for scale in (True, False):
+        wb = binarize.WeightBinarizer(scale=scale)
+        fmt = kernel_formats.kernel_format(wb)
+        stored = fmt.pack(w, wb)
+        assert {k: (str(v.dtype), v.shape) for k, v in stored.items()} == {
+            k: spec[:2] for k, spec in fmt.tensors(70, 3).items()
+        }
+        alpha = np.abs(w).mean(0) if scale else np.ones(3)
+        # mean of 70 |w| in float32: the sum's rounding bound gamma_70 * sum|w| over 70, well under 1e-5 relative
+        np.testing.assert_allclose(stored["alpha"], alpha, rtol=1e-5)
+        np.testing.assert_array_equal(unpack_signs(stored["kernel_bits"], 70, axis=0), np.where(w >= 0, 1.0, -1.0))
+
+    @dataclasses.dataclass(frozen=True)
+    class Ternary(Binarizer):
+        name: ClassVar[str] = "ternary_test"
+        packing: ClassVar[Packing] = Packing(PM1, bits=2)
+
+    with pytest.raises(ValueError, match=r"blocks/0/mlp/fc1/linear/kernel: .*Ternary packs as .*bits=2"):
+        kernel_formats.kernel_format(Ternary(), "blocks/0/mlp/fc1/linear/kernel")
