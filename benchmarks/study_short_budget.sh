@@ -14,19 +14,7 @@ OUT=${1:-workdirs/short_budget}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 
-train() {  # train CORES NAME FLAGS...: one run into OUT/NAME unless it has finished
-  local cores=$1 name=$2
-  shift 2
-  [[ -e "$OUT/$name/DONE" ]] && { echo "skip  $name (done)"; return 0; }
-  echo "start $name on cores $cores ($(date +%T))"
-  if taskset -c "$cores" "$PY" train.py --workdir="$OUT/$name" "$@" > "$OUT/$name.log" 2>&1; then
-    touch "$OUT/$name/DONE"
-    echo "done  $name ($(date +%T)): $(grep '^final eval' "$OUT/$name.log" | tail -1)"
-  else
-    echo "FAILED $name ($(date +%T)): see $OUT/$name.log"
-    return 1
-  fi
-}
+source benchmarks/study_lanes.sh
 
 student() {  # student CORE PRESET SEED
   train "$1" "$2_s$3" --config=configs/fashion_mnist.py:"$2" --config.seed="$3" \

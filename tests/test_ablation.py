@@ -9,6 +9,7 @@ import sys
 
 from tests.train_helpers import ROOT, run_env
 
+SIZE = "w48_d1"  # a model size of the sweep tool (benchmarks/ablation.py --sizes): its own folder and report
 TINY = [
     "--config.total_steps=4",
     "--config.warmup_steps=1",
@@ -49,36 +50,18 @@ def _plan(stdout: str) -> dict[str, str]:
     return rows
 
 
-def test_sweep_plans_resumes_shares_its_teacher_and_writes_results_json(tmp_path):
-    """Two invocations on one folder: the first trains fp; the second, a binary preset on two seeds
-    with ``--teacher_seed=0``, keeps the finished fp run (0 steps left; its logged step time prices the
-    plan) as the one teacher of both seeds (no fp_s1, fp_s2); results.json holds each run's top-1."""
-    first = _sweep(tmp_path, "fp")
-    assert _plan(first) == {"fp_s0": "4/4"}
-    assert "expected:" in first and "no step time measured yet" in first
-    _check_results(tmp_path, "fp", [0])
-    second = _sweep(tmp_path, "baseline", "--seeds=1,2", "--teacher_seed=0")
-    assert _plan(second) == {"fp_s0": "0/4", "baseline_s1": "4/4", "baseline_s2": "4/4"}
-    trained = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
-    assert trained == ["baseline_s1", "baseline_s2", "fp_s0"]
-    walls = json.loads((tmp_path / "runs" / "wall_times.json").read_text())
-    assert set(walls) == {"fp_s0", "baseline_s1", "baseline_s2"}
-    for seed in (1, 2):
-        config = json.loads((tmp_path / "runs" / f"baseline_s{seed}" / "config.json").read_text())
-        assert config["seed"] == seed
-        assert config["distill"]["teacher_workdir"] == str(tmp_path / "runs" / "fp_s0")
-    _check_results(tmp_path, "baseline", [1, 2])
-
-
-def _check_results(tmp_path, preset: str, seeds: list[int]) -> None:
+def _check_results(tmp_path, presets: list[str], seeds: list[int], size: str = SIZE) -> None:
     """results.json of the last invocation: the regime, the split and each seed's final eval top-1 in %."""
-    doc = json.loads((tmp_path / "docs" / "results.json").read_text())
-    assert doc["regime"] == "tiny" and doc["split"] == "test"
-    final = []
-    for seed in seeds:
-        rows = [json.loads(line) for line in (tmp_path / "runs" / f"{preset}_s{seed}" / "metrics.jsonl").open()]
-        final.append(round([r["top1"] for r in rows if r["split"] == "eval"][-1] * 100, 4))
-    assert doc["presets"][preset] == {"seeds": seeds, "top1": final}
+    doc = json.loads((tmp_path / "docs" / size / "results.json").read_text())
+    assert doc["regime"] == f"tiny {size}" and doc["split"] == "test"
+    for preset in presets:
+        final = []
+        for seed in seeds:
+            rows = [
+                json.loads(line) for line in (tmp_path / "runs" / size / f"{preset}_s{seed}" / "metrics.jsonl").open()
+            ]
+            final.append(round([r["top1"] for r in rows if r["split"] == "eval"][-1] * 100, 4))
+        assert doc["presets"][preset] == {"seeds": seeds, "top1": final}
 
 
 def _records(out) -> dict[str, list[dict]]:
@@ -103,40 +86,51 @@ def _final_rows(wd) -> tuple[dict, dict, int]:
     return train[-1], evals[-1], len(train)
 
 
-def test_parallel_sweep_waits_for_teachers_matches_sequential_and_resumes(tmp_path):
+def test_parallel_sweep_waits_for_teachers_matches_sequential_resumes_and_shares_a_teacher(tmp_path):
     """``--parallel=2`` at a size (``w48_d1``, its own folder): both teachers train at once, each student
     starts after its own teacher ended, the size reaches the model, each run logs to its train.log (not
-    to stdout); the same runs one at a time give the same metrics (CPU runs are deterministic); a rerun
-    trains nothing (0 steps left, no new train rows) and still starts the student after its teacher."""
+    to stdout), results.json holds each run's top-1. A second folder: the teacher of seed 1 alone, one
+    run at a time, gives the parallel run's metrics (CPU runs are deterministic); then a rerun there with
+    two students sharing that teacher (``--teacher_seed=1``, seeds 1 and 2) keeps the finished teacher
+    (0 steps left, no new train rows, no fp_s2), starts the students after it, and its student of seed 1
+    equals the parallel sweep's."""
     par = tmp_path / "par"
-    out = _sweep(par, "fp,baseline", "--seeds=0,1", "--sizes=w48_d1", "--parallel=2")
-    assert _plan(out) == {f"w48_d1/{p}_s{s}": "4/4" for s in (0, 1) for p in ("fp", "baseline")}
+    out = _sweep(par, "fp,baseline", "--seeds=0,1", f"--sizes={SIZE}", "--parallel=2")
+    assert _plan(out) == {f"{SIZE}/{p}_s{s}": "4/4" for s in (0, 1) for p in ("fp", "baseline")}
+    assert "expected:" in out and "no step time measured yet" in out
     assert "with 2 at once:" in out and "final eval" not in out
     rec = {name: r[0] for name, r in _records(par / "runs").items()}
     assert all(r["returncode"] == 0 for r in rec.values())
-    fp0, fp1 = rec["w48_d1/fp_s0"], rec["w48_d1/fp_s1"]
+    fp0, fp1 = rec[f"{SIZE}/fp_s0"], rec[f"{SIZE}/fp_s1"]
     assert fp0["start"] < fp1["end"] and fp1["start"] < fp0["end"], "the two teachers did not overlap"
     for seed in (0, 1):
-        assert rec[f"w48_d1/baseline_s{seed}"]["start"] >= rec[f"w48_d1/fp_s{seed}"]["end"]
-    size_dir = par / "runs" / "w48_d1"
+        assert rec[f"{SIZE}/baseline_s{seed}"]["start"] >= rec[f"{SIZE}/fp_s{seed}"]["end"]
+    size_dir = par / "runs" / SIZE
     for wd in size_dir.glob("*_s[01]"):
         config = json.loads((wd / "config.json").read_text())
         assert (config["model"]["overrides"]["embed_dim"], config["model"]["overrides"]["depth"]) == (48, 1)
         assert "final eval" in (wd / "train.log").read_text()
-    assert (par / "docs" / "w48_d1" / "results.json").exists()
+    _check_results(par, ["fp", "baseline"], [0, 1])
 
     seq = tmp_path / "seq"
-    _sweep(seq, "fp,baseline", "--seeds=1", "--sizes=w48_d1", "--parallel=1")
-    for name in ("fp_s1", "baseline_s1"):
-        assert _final_rows(seq / "runs" / "w48_d1" / name)[:2] == _final_rows(size_dir / name)[:2], name
+    _sweep(seq, "fp", "--seeds=1", f"--sizes={SIZE}", "--parallel=1")
+    seq_dir = seq / "runs" / SIZE
+    assert _final_rows(seq_dir / "fp_s1")[:2] == _final_rows(size_dir / "fp_s1")[:2]
+    teacher_rows = _final_rows(seq_dir / "fp_s1")[2]
 
-    before = {name: _final_rows(seq / "runs" / "w48_d1" / name)[2] for name in ("fp_s1", "baseline_s1")}
-    again = _sweep(seq, "fp,baseline", "--seeds=1", "--sizes=w48_d1", "--parallel=2")
-    assert _plan(again) == {"w48_d1/fp_s1": "0/4", "w48_d1/baseline_s1": "0/4"}
-    for name, n in before.items():
-        assert _final_rows(seq / "runs" / "w48_d1" / name)[2] == n, f"{name} trained again"
+    again = _sweep(seq, "baseline", "--seeds=1,2", "--teacher_seed=1", f"--sizes={SIZE}", "--parallel=2")
+    assert _plan(again) == {f"{SIZE}/fp_s1": "0/4", f"{SIZE}/baseline_s1": "4/4", f"{SIZE}/baseline_s2": "4/4"}
+    assert _final_rows(seq_dir / "fp_s1")[2] == teacher_rows, "the finished teacher trained again"
+    assert sorted(p.name for p in seq_dir.iterdir() if p.is_dir()) == ["baseline_s1", "baseline_s2", "fp_s1"]
     rec = _records(seq / "runs")
-    assert len(rec["w48_d1/fp_s1"]) == 2 and rec["w48_d1/baseline_s1"][1]["start"] >= rec["w48_d1/fp_s1"][1]["end"]
+    assert len(rec[f"{SIZE}/fp_s1"]) == 2
+    for seed in (1, 2):
+        assert rec[f"{SIZE}/baseline_s{seed}"][0]["start"] >= rec[f"{SIZE}/fp_s1"][1]["end"]
+        config = json.loads((seq_dir / f"baseline_s{seed}" / "config.json").read_text())
+        assert config["seed"] == seed and config["distill"]["teacher_workdir"] == str(seq_dir / "fp_s1")
+    assert set(json.loads((seq_dir / "wall_times.json").read_text())) == {"fp_s1", "baseline_s1", "baseline_s2"}
+    assert _final_rows(seq_dir / "baseline_s1")[:2] == _final_rows(size_dir / "baseline_s1")[:2]
+    _check_results(seq, ["baseline"], [1, 2])
 
 
 def test_schedule_estimate_respects_slots_and_teachers():

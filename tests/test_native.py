@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from bvit_jax.deploy import native
 from bvit_jax.deploy.bitops import masked_sign_sum, pack_planes, packed_matmul
-from bvit_jax.deploy.export import pack_model
-from bvit_jax.deploy.packed import packed_forward
-from bvit_jax.nn.models import VisionTransformer, get_preset, get_variant
-from bvit_jax.nn.options import ASM_MODES, BRANCH_NORMS
-from tests.packed_helpers import model_forward, perturb, random_images
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native library unavailable: {native.load_error()}")
 
@@ -67,19 +59,5 @@ def test_bad_input_is_refused_before_the_call():
         native.matmul(a, jnp.zeros((2, 3), jnp.uint32), 40, isa="sse9")
 
 
-@pytest.mark.parametrize("branch_norm", BRANCH_NORMS)
-@pytest.mark.parametrize("preset, asm_mode", [("baseline", "token_mean")] + [("binaryvit", m) for m in ASM_MODES])
-def test_native_forward_equals_the_xla_path_and_the_model(preset, asm_mode, branch_norm, monkeypatch):
-    """Bit-identical logits: integers exact, and each float epilogue rounds as XLA does there
-    (folded: product then add; layernorm: one fused multiply-add, XLA's contraction)."""
-    cfg = dataclasses.replace(get_variant("vit_nano"), image_size=24, embed_dim=36, num_heads=3, depth=2)
-    opts = dataclasses.replace(get_preset(preset).options, asm_mode=asm_mode, branch_norm=branch_norm)
-    model = perturb(VisionTransformer(cfg, opts, rngs=nnx.Rngs(0)))
-    packed = pack_model(model)
-    x = random_images(cfg, b=3)
-    ref = np.asarray(packed_forward(packed, x, backend="xla"))
-    np.testing.assert_array_equal(ref, model_forward(model, x))
-    every_level = (preset, asm_mode, branch_norm) == ("binaryvit", "token_mean", "layernorm")  # compiles are costly
-    for isa in _levels() if every_level else (native.best_isa(),):
-        monkeypatch.setenv("BVIT_NATIVE_ISA", isa)
-        np.testing.assert_array_equal(np.asarray(packed_forward(packed, x, backend="native")), ref, err_msg=isa)
+# The whole packed forward on the native path, every preset, ASM form and branch norm, against the XLA
+# path and the model: tests/test_packed.py::test_packed_forward_reproduces_every_sign.

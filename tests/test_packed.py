@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bvit_jax.deploy import native
 from bvit_jax.deploy.bitops import pack_planes, packed_matmul
 from bvit_jax.deploy.export import export_model, load_packed, pack_model
 from bvit_jax.deploy.packed import packed_forward
@@ -34,7 +35,7 @@ def test_packed_forward_matches_fresh_model():
 
 @pytest.mark.parametrize("branch_norm", BRANCH_NORMS)
 @pytest.mark.parametrize("preset, asm_mode", [("baseline", "token_mean")] + [("binaryvit", m) for m in ASM_MODES])
-def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm):
+def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm, monkeypatch):
     """Depth 4, odd widths: both forwards binarize every activation identically and give the same logits.
 
     Every ``asm_mode``: the packed forward computes the shift's statistic with the
@@ -43,7 +44,10 @@ def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm):
     The model computes its binary matmuls as exact integers scaled afterwards
     and its LayerNorms with the packed forward's function, so every sign input
     is the same float32 value (a sign can only differ when one value is
-    rounded differently near 0). Under jit on CPU the logits are bit-identical.
+    rounded differently near 0). Under jit on CPU the logits are bit-identical, and the native kernels'
+    (:mod:`bvit_jax.deploy.native`, where built) equal them bit for bit: integers exact, each float
+    epilogue rounded as XLA does there (folded: product then add; layernorm: one fused multiply-add);
+    every dispatch level the CPU runs for one case, the best one for the others (compiles are costly).
     With ``branch_norm='affine'`` the file holds the affine folded into each
     linear's scale and bias and the model computes that folded form itself
     (:func:`bvit_jax.nn.folding.fold_branch_affine`), so the same holds.
@@ -65,6 +69,11 @@ def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm):
     np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(got, ref)
+    if native.available():  # the native kernels give the XLA path's logits bit for bit (docs/export.md)
+        every_level = (preset, asm_mode, branch_norm) == ("binaryvit", "token_mean", "layernorm")  # compiles cost
+        for isa in native.ISAS[: native.ISAS.index(native.best_isa()) + 1] if every_level else (native.best_isa(),):
+            monkeypatch.setenv("BVIT_NATIVE_ISA", isa)
+            np.testing.assert_array_equal(np.asarray(packed_forward(packed, x, backend="native")), got, err_msg=isa)
 
 
 def test_packed_forward_odd_widths_through_file():
