@@ -39,7 +39,7 @@ def sigterm_after(procs, target, workdir, lines: int = 20) -> None:
 
 
 def test_sigterm_then_resume_from_the_bucket_equals_uninterrupted_run_bitwise(tmp_path, teacher, gcs):
-    steps = 300
+    steps = 100
     flags = [
         f"--config.total_steps={steps}",
         "--config.checkpoint_every_steps=100000",
@@ -69,7 +69,7 @@ def test_sigterm_then_resume_from_the_bucket_equals_uninterrupted_run_bitwise(tm
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_bitwise(tmp_path, gcs):
     """A preemption notice reaching only process 1: both processes save the same step into the bucket and
     exit 0; resuming with two processes ends bitwise equal to an uninterrupted run."""
-    steps = 150
+    steps = 80
     flags = [
         f"--config.total_steps={steps}",
         "--config.global_batch_size=16",

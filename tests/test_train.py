@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bvit_jax.nn.models import create
 from bvit_jax.runs.workdir import restore_params
 from bvit_jax.train.metric_writers import read_metrics
 from bvit_jax.train.trainer import ConfigError, load_teacher, train_and_evaluate
@@ -136,53 +135,55 @@ def test_a_non_finite_step_leaves_the_batchnorm_statistics_as_they_were():
 
 
 # ----------------------------------------------------------------------------- recipe
-def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently(tmp_path):
-    """Same seed and data, KD off: the presets differ only by their switches, and each switch shows."""
-    runs = {}
-    for name, preset, strength in [
-        ("baseline", "baseline", 0.0),
-        ("grs", "baseline+grs", 1e-2),
-        ("asm", "baseline+asm", 0.0),
-        ("binaryvit", "binaryvit", 1e-2),
-    ]:
-        cfg = tiny_config(
-            preset,
-            total_steps=40,
-            warmup_steps=2,
-            distill__enabled=False,
-            grs__strength=strength,
-            diagnostics_every_steps=0,
-            checkpoint_every_steps=40,
+def _train_in_memory(preset: str, strength: float, steps: int = 40, batch: int = 32):
+    """``steps`` updates of the trainer's own step (:func:`make_train_step`, jitted) on ``configs/fashion_mnist.py:
+    PRESET,tiny`` without KD, on fixed in-memory batches (random images, labels 0..9 cycled): ``(init params,
+    final params, [metrics of each step])``. The trainer's loop around it (input, checkpoints, logging) has
+    tests of its own; this is the recipe's arithmetic only."""
+    from bvit_jax.nn.param_groups import latent_weight_mask
+    from bvit_jax.runs.workdir import build_model
+    from bvit_jax.train.optim import build_optimizer
+    from bvit_jax.train.trainer import init_train_state, make_train_step, split_for_training
+
+    cfg = tiny_config(preset, total_steps=steps, warmup_steps=2, distill__enabled=False, grs__strength=strength)
+    model = build_model(cfg)
+    graphdef, params, stats = split_for_training(model)
+    latent = latent_weight_mask(model, params)
+    tx = build_optimizer(cfg, params, latent, total_steps=steps, warmup_steps=2, grs_warmup_steps=0)
+    step = jax.jit(make_train_step(cfg, graphdef, latent, tx))
+    state, rows = init_train_state(params, tx, latent, stats), []
+    labels = jnp.arange(batch) % 10
+    for i in range(steps):
+        images = jax.random.normal(jax.random.key(i % 8), (batch, 28, 28, 1))  # 8 batches, 5 epochs of them
+        state, metrics = step(
+            state, {"image": images, "label": jax.nn.one_hot(labels, 10), "label_index": labels}, None
         )
-        train_and_evaluate(cfg, tmp_path / name)
-        runs[name] = (read_metrics(tmp_path / name, "train"), flat(restore_params(tmp_path / name, "latest")[1]))
-    late_flips = {k: np.mean([r["flip_rate/all"] for r in rows[20:]]) for k, (rows, _) in runs.items()}
+        rows.append({k: float(v) for k, v in metrics.items()})
+    return flat(params), flat(state["params"]), rows
+
+
+def test_grs_lowers_the_flip_rate_and_each_binary_preset_trains_differently():
+    """Same seed and data, KD off: the presets differ only by their switches, and each switch shows."""
+    runs = {
+        name: _train_in_memory(preset, strength)
+        for name, preset, strength in [
+            ("baseline", "baseline", 0.0),
+            ("grs", "baseline+grs", 1e-2),
+            ("asm", "baseline+asm", 0.0),
+            ("binaryvit", "binaryvit", 1e-2),
+        ]
+    }
+    late_flips = {k: np.mean([r["flip_rate/all"] for r in rows[20:]]) for k, (_, _, rows) in runs.items()}
     # GRS switched on cuts late sign flips several-fold (strength 0 is no GRS: tests/test_optim.py).
     assert late_flips["baseline"] > 0
     assert late_flips["grs"] * 4 <= late_flips["baseline"], late_flips
     assert late_flips["binaryvit"] * 4 <= late_flips["asm"], late_flips
     # ASM adds parameters that learn, and changes the training trajectory.
-    asm_keys = runs["asm"][1].keys() - runs["baseline"][1].keys()
+    init, trained = runs["asm"][0], runs["asm"][1]
+    asm_keys = trained.keys() - runs["baseline"][1].keys()
     assert asm_keys and asm_keys <= runs["binaryvit"][1].keys()
-    init = flat(
-        nnx.to_pure_dict(
-            nnx.state(
-                create(
-                    "vit_micro_28",
-                    "baseline+asm",
-                    num_classes=10,
-                    image_size=28,
-                    in_channels=1,
-                    embed_dim=32,
-                    depth=1,
-                    num_heads=2,
-                ),
-                nnx.Param,
-            )
-        )
-    )
-    assert all(not np.array_equal(runs["asm"][1][k], init[k]) for k in asm_keys), asm_keys
-    losses = {k: [r["loss"] for r in rows] for k, (rows, _) in runs.items()}
+    assert all(not np.array_equal(trained[k], init[k]) for k in asm_keys), asm_keys
+    losses = {k: [r["loss"] for r in rows] for k, (_, _, rows) in runs.items()}
     names = sorted(losses)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
