@@ -41,6 +41,8 @@ VALUES = {
     "linear_shortcut": False,
     "branch_norm": "affine",
     "rprelu": False,
+    "rprelu_everywhere": True,
+    "attention_bypass": True,
     "binary_attention": False,
     "attn_level_init": 0.125,
     "attn_level_grad_scale": True,

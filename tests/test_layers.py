@@ -600,3 +600,93 @@ def test_drop_path_rate_outside_0_1_is_refused():
     for r in (-0.1, 1.0):
         with pytest.raises(ValueError, match="drop path rate must be in"):
             Block(8, 2, 2.0, 5, BIN, rngs=nnx.Rngs(0), drop_path_rate=r)
+
+
+# ----------------------------------------------------------------------------- Le & Li's switches
+LELI = dataclasses.replace(ATT, rprelu=True)
+
+
+def _perturbed_rprelus(module, seed=5):
+    """Every RPReLU of ``module`` moved off its init (shifts 0, slope 0.25), so each one shows in the output."""
+    for i, (_, m) in enumerate(nnx.iter_modules(module)):
+        if isinstance(m, RPReLU):
+            k = jax.random.split(jax.random.key(seed + i), 3)
+            m.gamma[...] = 0.3 * jax.random.normal(k[0], m.gamma.shape)
+            m.zeta[...] = 0.3 * jax.random.normal(k[1], m.zeta.shape)
+            m.slope[...] = jax.random.uniform(k[2], m.slope.shape, minval=-0.5, maxval=0.5)
+    return module
+
+
+def test_rprelu_everywhere_follows_every_block_linear_and_the_attention_output():
+    """``rprelu_everywhere``: each block linear is ``RPReLU(match(x) + N(linear(x)))`` with its own RPReLU
+    (the same block without the switch, same parameters, then that RPReLU: bit-identical, the same float
+    operations in the same order); a block holds 7 (Q, K, V, proj, fc1, fc2, the attention output) and
+    the MLP adds no activation of its own; without ``rprelu`` the switch is refused."""
+    from bvit_jax.nn.blocks import Block
+
+    opts = dataclasses.replace(LELI, rprelu_everywhere=True)
+    blk = _perturbed_rprelus(LinearBlock(8, 16, opts, rngs=nnx.Rngs(0)))
+    plain = LinearBlock(8, 16, LELI, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(7), (2, 3, 8))
+    np.testing.assert_array_equal(blk(x), blk.act(plain(x)))
+    block = Block(16, 2, 4.0, 9, opts, rngs=nnx.Rngs(0))
+    rprelus = sorted("/".join(map(str, p)) for p, m in nnx.iter_modules(block) if isinstance(m, RPReLU))
+    linears = ["attn/q", "attn/k", "attn/v", "attn/proj", "mlp/fc1", "mlp/fc2"]
+    assert rprelus == sorted([f"{n}/act" for n in linears] + ["attn/context_act"])
+    assert block.mlp.act is None and not block.mlp.gelu
+    with pytest.raises(ValueError, match="set model.rprelu=True with it"):
+        dataclasses.replace(ATT, rprelu_everywhere=True)
+
+
+def test_attention_bypass_adds_the_real_q_k_v_to_the_normalised_binary_attention():
+    """``attention_bypass``: the output is ``proj(LN(P_b V_b) + q + k + v)`` (composed here from the module's
+    own pieces: bit-identical), and it carries real information the binary attention drops: a nudge of the
+    input too small to flip any sign leaves the plain binary attention's output bit for bit unchanged
+    (everything before ``proj`` is a function of the signs) and moves the bypass's."""
+    opts = dataclasses.replace(LELI, attention_bypass=True)
+    attn, plain = _attention(opts), _attention(LELI)
+    for m in (attn, plain):
+        m.attn_level_raw[...] = jnp.asarray(0.3)
+        for s in (m.q_sign, m.k_sign, m.v_sign):
+            s.shift.beta[...] = 0.1 * jax.random.normal(jax.random.key(3), s.shift.beta.shape)
+    x = jax.random.normal(jax.random.key(2), (2, 9, 16))
+
+    q, k, v = attn.q(x), attn.k(x), attn.v(x)
+    qb, kb, vb = (rearrange_heads(s(t), 2) for s, t in ((attn.q_sign, q), (attn.k_sign, k), (attn.v_sign, v)))
+    probs = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", qb, kb) / jnp.sqrt(8.0).astype(qb.dtype), axis=-1)
+    out = attn.prob_binarizer.matmul(probs, attn.level(), vb)
+    out = out.transpose(0, 2, 1, 3).reshape(2, 9, 16)
+    np.testing.assert_array_equal(attn(x), attn.proj(attn.context_norm(out) + q + k + v))
+
+    def signs(m, x):  # every sign input of the attention (its linears' and Q, K, V's), as booleans
+        _, inter = nnx.capture(m, nnx.Intermediate)(x, capture=True)
+        flat = [(k, v.get_value() if hasattr(v, "get_value") else v) for k, v in nnx.to_flat_state(inter)]
+        return [np.asarray(v[0]) >= 0 for k, v in flat if str(k[-1]) == "shifted"]
+
+    nudged = x + 1e-4 * jax.random.normal(jax.random.key(4), x.shape)
+    for m in (attn, plain):  # the nudge flips no sign of either model
+        for a, b in zip(signs(m, x), signs(m, nudged)):
+            np.testing.assert_array_equal(a, b)
+    before, after = np.asarray(plain(x)), np.asarray(plain(nudged))
+    # plain: proj(ctx) with ctx unchanged; proj's shortcut carries ctx, not x, so nothing moves
+    np.testing.assert_array_equal(before, after)
+    assert not np.array_equal(np.asarray(attn(x)), np.asarray(attn(nudged)))
+    with pytest.raises(ValueError, match="needs model.binary_attention=True"):
+        dataclasses.replace(BIN, attention_bypass=True)
+
+
+def rearrange_heads(t, heads):
+    """``(b, n, h * d) -> (b, h, n, d)``."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def test_le_li_switches_are_refused_by_the_packed_forward():
+    """Neither switch is in the packed forward (it would ignore their parameters): export refuses, naming it."""
+    from bvit_jax.deploy.export import pack_model
+    from bvit_jax.nn.models import create
+
+    for switch in ("rprelu_everywhere", "attention_bypass"):
+        model = create("vit_nano", "binaryvit", **{switch: True})
+        with pytest.raises(ValueError, match=f"does not compute model.{switch}"):
+            pack_model(model)

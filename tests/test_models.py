@@ -38,9 +38,16 @@ def test_twin_presets_build_the_same_model():
     assert {"fp", "baseline", "baseline+grs", "baseline+asm", "binaryvit"} == set(PRESETS)
 
 
-@pytest.mark.parametrize("preset", ["fp", "baseline", "binaryvit"])
-def test_preset_compiles_and_every_parameter_gets_a_finite_nonzero_gradient(preset):
-    model = create("vit_nano", preset)
+LE_LI = {"rprelu_everywhere": True, "attention_bypass": True}  # Le & Li's switches (docs/method.md)
+
+
+@pytest.mark.parametrize(
+    "preset, switches",
+    [("fp", {}), ("baseline", {}), ("binaryvit", {}), ("binaryvit", LE_LI)],
+    ids=["fp", "baseline", "binaryvit", "binaryvit+le_li"],
+)
+def test_preset_compiles_and_every_parameter_gets_a_finite_nonzero_gradient(preset, switches):
+    model = create("vit_nano", preset, **switches)
     x, y = nano_batch()
     for images in (x, jnp.zeros_like(x)):
         loss, grads = _loss_and_grads(model, images, y)
@@ -60,6 +67,9 @@ def test_preset_compiles_and_every_parameter_gets_a_finite_nonzero_gradient(pres
     if preset != "fp":  # the binary additions are among the leaves checked
         assert {"beta", "attn_level_raw", "slope", "gamma", "zeta"} <= kinds
         assert any("/q/norm/" in p for p in params)
+    if switches:  # the switches' RPReLUs and the bypass's LayerNorm are among them
+        assert any("/attn/context_norm/" in p for p in params) and any("/attn/context_act/" in p for p in params)
+        assert any("/attn/q/act/slope" in p for p in params) and any("/mlp/fc2/act/slope" in p for p in params)
 
 
 @pytest.mark.parametrize("preset", ["baseline", "binaryvit"])

@@ -68,9 +68,15 @@ def test_size_ratio_full_counts_are_lower():
     assert c.size_ratio["full"] < c.size_ratio["fp-arch"]
 
 
-def test_full_count_matches_an_independent_count():
-    """Full count = latent kernels at 1 bit + every other Param at 32 bits + one 32-bit alpha per output channel."""
-    model = abstract("vit_micro_32", "binaryvit")
+@pytest.mark.parametrize("switch", [None, "rprelu_everywhere", "attention_bypass"])
+def test_full_count_matches_an_independent_count(switch):
+    """Full count = latent kernels at 1 bit + every other Param at 32 bits + one 32-bit alpha per output channel
+    (also with each of Le & Li's switches, whose RPReLUs and LayerNorm are 32-bit parameters the count finds)."""
+    model = (
+        abstract("vit_micro_32", "binaryvit")
+        if switch is None
+        else nnx.eval_shape(lambda: create("vit_micro_32", "binaryvit", **{switch: True}))
+    )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     mask = latent_weight_mask(model, params)
     leaves, masks = jax.tree.leaves(params), jax.tree.leaves(mask)

@@ -69,6 +69,7 @@ __all__ = [
     "PackedModel",
     "resolve_backend",
     "PACKED_MATMULS",
+    "UNPACKED_SWITCHES",
     "check_packable",
     "packed_linear_block",
     "packed_forward",
@@ -138,6 +139,11 @@ def _binary_matmuls(model) -> list[tuple[str, str, tuple[str | None, str | None]
     return out
 
 
+# Model switches whose float layers the packed forward does not compute (it would ignore their parameters):
+# refused by check_packable until a preset adopts one and the forward follows it.
+UNPACKED_SWITCHES = ("rprelu_everywhere", "attention_bypass")
+
+
 @functools.lru_cache(maxsize=64)
 def check_packable(cfg: ViTConfig, opts: BinaryOptions) -> None:
     """Raise ``ValueError`` unless :func:`packed_forward` computes every binary matmul of the model exactly.
@@ -149,8 +155,17 @@ def check_packable(cfg: ViTConfig, opts: BinaryOptions) -> None:
     both sides (XNOR-popcount), so binary weights with float inputs are
     refused, and so is a binarizer with a forward the packed kernels do not
     compute (``{0, 1}`` inputs, ternary), with the layer named. Cached per
-    ``(cfg, opts)``: the check walks the abstract model once.
+    ``(cfg, opts)``: the check walks the abstract model once. The switches
+    of :data:`UNPACKED_SWITCHES` (float layers this forward does not have) are
+    refused by name.
     """
+    unpacked = [name for name in UNPACKED_SWITCHES if getattr(opts, name)]
+    if unpacked:
+        raise ValueError(
+            f"the packed forward does not compute {', '.join('model.' + n for n in unpacked)} (switches tried on "
+            "validation, not adopted by a preset: docs/method.md, 'Le & Li's switches'); "
+            "export a model trained without them"
+        )
     matmuls = _binary_matmuls(abstract_model(cfg, opts))
     if not matmuls:
         raise ValueError(

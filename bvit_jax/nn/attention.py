@@ -9,10 +9,11 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from bvit_jax.nn.activations import SignActivation
+from bvit_jax.nn.activations import RPReLU, SignActivation
 from bvit_jax.nn.binarize import ElasticBinarizer, lsq_grad_scale, positive_level, positive_level_inverse, scale_grad
 from bvit_jax.nn.layer_report import LayerReport, ParamReport
 from bvit_jax.nn.linear import LinearBlock
+from bvit_jax.nn.norms import BranchLayerNorm
 from bvit_jax.nn.options import BinaryOptions
 
 __all__ = ["Attention"]
@@ -33,6 +34,13 @@ class Attention(nnx.Module):
     (:func:`bvit_jax.nn.binarize.elastic_matmul`: an exact {0, 1} x +-1 matmul,
     then the level, as the packed forward does).
     q, k, v and the output projection are :class:`LinearBlock` layers.
+
+    Le & Li's additions (CVPRW 2023), each a switch: ``attention_bypass`` makes
+    the attention output ``LN(P_b V_b) + q + k + v`` (``q, k, v`` the
+    real-valued outputs of the Q, K, V linears, before their signs;
+    ``context_norm``), and ``rprelu_everywhere`` passes that output through an
+    RPReLU (``context_act``) before the projection, as every block linear's
+    output is.
     """
 
     def __init__(self, dim: int, num_heads: int, num_tokens: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
@@ -53,6 +61,10 @@ class Attention(nnx.Module):
         else:
             self.q_sign = self.k_sign = self.v_sign = self.attn_level_raw = self.prob_binarizer = None
         self.level_grad_scale = bool(opts.attn_level_grad_scale)
+        self.context_norm = (
+            BranchLayerNorm(dim, epsilon=1e-6, dtype=opts.dtype, rngs=rngs) if opts.attention_bypass else None
+        )
+        self.context_act = RPReLU(dim) if opts.rprelu_everywhere else None
 
     def level(self) -> jax.Array | None:
         """The {0, c} level ``c = LEVEL_MIN + softplus(attn_level_raw)`` (> 0), or None without binary attention."""
@@ -62,6 +74,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         q, k, v = (m(x, capture=capture) for m in (self.q, self.k, self.v))
+        real = (q, k, v)  # the real-valued q, k, v before their signs (attention_bypass)
         if self.attn_level_raw is not None:
             q = self.q_sign(q, capture=capture)
             k = self.k_sign(k, capture=capture)
@@ -76,7 +89,12 @@ class Attention(nnx.Module):
             out = self.prob_binarizer.matmul(probs, c, v)
         else:
             out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"), capture=capture)
+        out = rearrange(out, "b h n d -> b n (h d)")
+        if self.context_norm is not None:
+            out = self.context_norm(out) + real[0] + real[1] + real[2]
+        if self.context_act is not None:
+            out = self.context_act(out)
+        return self.proj(out, capture=capture)
 
     def report(self, num_tokens: int) -> LayerReport:
         """The two attention matmuls, ``2 * N^2 * dim`` MACs (``Q K^T`` and ``P V`` over all heads).

@@ -16,16 +16,24 @@ __all__ = ["Mlp", "fold_example_keys", "drop_path", "Block"]
 
 
 class Mlp(nnx.Module):
-    """Transformer MLP: ``fc2(act(fc1(x)))``, act = RPReLU (binary baseline) or GELU (DeiT)."""
+    """Transformer MLP: ``fc2(act(fc1(x)))``, act = RPReLU (binary baseline) or GELU (DeiT).
+
+    With ``rprelu_everywhere`` every block linear ends in its own RPReLU, so the
+    activation is fc1's (``fc1.act``) and the MLP adds none.
+    """
 
     def __init__(self, dim: int, hidden: int, opts: BinaryOptions, *, rngs: nnx.Rngs):
         self.fc1 = LinearBlock(dim, hidden, opts, rngs=rngs)
-        self.act = RPReLU(hidden) if opts.rprelu else None
+        self.act = RPReLU(hidden) if opts.rprelu and not opts.rprelu_everywhere else None
+        self.gelu = not opts.rprelu
         self.fc2 = LinearBlock(hidden, dim, opts, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         h = self.fc1(x, capture=capture)
-        h = self.act(h) if self.act is not None else nnx.gelu(h, approximate=False)
+        if self.act is not None:
+            h = self.act(h)
+        elif self.gelu:
+            h = nnx.gelu(h, approximate=False)
         return self.fc2(h, capture=capture)
 
 

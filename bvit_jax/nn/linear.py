@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from bvit_jax.nn.activations import SignActivation
+from bvit_jax.nn.activations import RPReLU, SignActivation
 from bvit_jax.nn.binarize import Binarizer, WeightBinarizer
 from bvit_jax.nn.folding import fold_branch_affine
 from bvit_jax.nn.fused_ops import rounded
@@ -165,7 +165,8 @@ class LinearBlock(nnx.Module):
     per-channel affine (``'affine'``, :class:`BranchAffine`, same parameter
     names) or a BatchNorm (``'batchnorm'``, :class:`BranchBatchNorm`, plus
     the statistics ``norm/mean``, ``norm/var``; the linear then has no bias,
-    ``b = 0``, which the batch mean would remove). The last two, at inference
+    ``b = 0``, which the batch mean would remove). With ``opts.rprelu_everywhere``
+    the block's output goes through its own :class:`RPReLU` (``act``). The last two, at inference
     (a BatchNorm in eval mode is the affine map of its running statistics,
     :func:`batchnorm_affine`), are computed folded into the linear as
     ``d * (alpha * scale) + (b * scale + shift)`` for ``linear(x) = d * alpha + b``
@@ -188,6 +189,8 @@ class LinearBlock(nnx.Module):
             self.norm = BranchAffine(out_features)
         else:
             self.norm = None
+        # rprelu_everywhere (Le & Li 2023): an RPReLU on the block's output, ``act(match(x) + N(linear(x)))``.
+        self.act = RPReLU(out_features) if opts.rprelu_everywhere else None
 
     def _folded(self) -> bool:
         """Whether the normalisation is an affine map now (affine; a BatchNorm at inference)."""
@@ -196,6 +199,11 @@ class LinearBlock(nnx.Module):
         return self.branch_norm == "affine"
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
+        out = self._block(x, capture)
+        return out if self.act is None else self.act(out)
+
+    def _block(self, x: jax.Array, capture: bool) -> jax.Array:
+        """``match(x) + N(linear(x))``, before the optional RPReLU."""
         if self._folded():
             d, alpha = self.linear.unscaled(x, capture=capture, flat=True)
             bias = self.linear.bias[...] if self.linear.bias is not None else None

@@ -57,6 +57,17 @@ class BinaryOptions:
         folds both of the last two into the binary linear's per-channel scale
         and bias (:func:`fold_branch_affine`).
       rprelu: RPReLU in the MLP instead of GELU.
+      rprelu_everywhere: an RPReLU after every block linear (Q, K, V, the
+        attention projection, fc1, fc2) and after the attention output, not
+        only in the MLP: Le & Li's W1A1 DeiT (CVPRW 2023), which follows every
+        binary operation of a block with one (needs ``rprelu``; fc1's is the
+        MLP's activation).
+      attention_bypass: a real-valued bypass around the binary attention
+        (Le & Li 2023): the attention output is ``LN(P_b V_b) + q + k + v``,
+        with ``q, k, v`` the real-valued outputs of the Q, K, V linears before
+        their signs (after their RPReLU with ``rprelu_everywhere``), so the
+        projection sees real information that the +-1 attention dropped.
+        Needs ``binary_attention``; the matmuls stay binary.
       binary_attention: Q, K, V in +-1 and attention probabilities in {0, c}.
       attn_level_init: initial ``c`` of the {0, c} binarizer; ``None`` -> ``1/N``.
         The level is stored as ``attn_level_raw`` with ``c = LEVEL_MIN +
@@ -81,6 +92,8 @@ class BinaryOptions:
     linear_shortcut: bool = False
     branch_norm: str = "layernorm"
     rprelu: bool = False
+    rprelu_everywhere: bool = False
+    attention_bypass: bool = False
     binary_attention: bool = False
     attn_level_init: float | None = None
     attn_level_grad_scale: bool = False
@@ -104,6 +117,17 @@ class BinaryOptions:
             raise ValueError(
                 "model.asm / model.learnable_shift shift the input of a sign, but no "
                 "activation is binarized: set model.binarize_acts or model.binary_attention."
+            )
+
+        if self.rprelu_everywhere and not self.rprelu:
+            raise ValueError(
+                "model.rprelu_everywhere adds an RPReLU after every block linear, the MLP's included: "
+                "set model.rprelu=True with it (the MLP's activation is then fc1's RPReLU, not GELU)"
+            )
+        if self.attention_bypass and not self.binary_attention:
+            raise ValueError(
+                "model.attention_bypass adds the real-valued q, k, v around the binary attention: "
+                "it needs model.binary_attention=True (without it the attention is real-valued already)"
             )
 
     @property
