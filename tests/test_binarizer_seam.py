@@ -1,15 +1,18 @@
 """The binarizer seam: a layer's binarizer objects decide training, accounting, export and the packed forward.
 
-Two binarizers written here as a user would (docs/architecture.md, "How to add"):
+Binarizers written here as a user would (docs/architecture.md, "How to add"):
 a new surrogate gradient with the +-1 forward (it must train with its own
 gradient and export and run packed with nothing else added), and a {0, 1}
 forward (counted as 1 bit, refused by export and the packed forward with the
-layer named, since no packed matmul computes it).
+layer named, since no packed matmul computes it), both for activations; and
+a kernel binarizer with a new gradient (the straight-through estimator
+without its clip), chosen by ``model.kernel_binarizer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -22,7 +25,17 @@ from bvit_jax.deploy.bitops import unpack_signs
 from bvit_jax.deploy.export import export_model, load_packed
 from bvit_jax.deploy.packed import check_packable, packed_forward
 from bvit_jax.nn import binarize
-from bvit_jax.nn.binarize import MASK01, PM1, Binarizer, Packing, register_activation_binarizer, sign
+from bvit_jax.nn.binarize import (
+    MASK01,
+    PM1,
+    Binarizer,
+    Packing,
+    WeightBinarizer,
+    channel_alpha,
+    register_activation_binarizer,
+    register_kernel_binarizer,
+    sign,
+)
 from bvit_jax.nn.models import create
 from bvit_jax.nn.summary import summary
 from tests.packed_helpers import model_forward, perturb, random_images
@@ -159,3 +172,91 @@ def test_kernel_formats_are_chosen_by_packing():
 
     with pytest.raises(ValueError, match=r"blocks/0/mlp/fc1/linear/kernel: .*Ternary packs as .*bits=2"):
         kernel_formats.kernel_format(Ternary(), "blocks/0/mlp/fc1/linear/kernel")
+
+
+# ----------------------------------------------------------------------------- a kernel binarizer
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _unclipped_matmul(x, w, scale):
+    return binarize.binary_matmul(x, w, scale)  # the same forward, bit for bit
+
+
+def _unclipped_fwd(x, w, scale):
+    return binarize.binary_matmul(x, w, scale), (x, w)
+
+
+def _unclipped_bwd(scale, res, g):
+    """``dL/dx = g @ W_b^T``, ``dL/dW = alpha * (x^T @ g)``: the straight-through gradient without ``1{|W| <= 1}``."""
+    x, w = res
+    alpha = channel_alpha(w) if scale else None
+    wb = alpha * sign(w) if scale else sign(w)
+    dx = jax.lax.dot_general(g, wb.astype(x.dtype), (((1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, alpha * dw if scale else dw
+
+
+_unclipped_matmul.defvjp(_unclipped_fwd, _unclipped_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnclippedSign(WeightBinarizer):
+    """``alpha * sign(W)`` forward, straight-through backward without the clip: only the gradient is new."""
+
+    name: ClassVar[str] = "unclipped_test"
+
+    def matmul(self, x, w):
+        return _unclipped_matmul(x, w, self.scale)
+
+    def unscaled_matmul(self, x, w):
+        return _unclipped_matmul(x, w, False)
+
+
+@pytest.fixture
+def kernel_registry(monkeypatch):
+    """The kernel binarizers' registry, restored after the test."""
+    monkeypatch.setattr(binarize, "KERNEL_BINARIZERS", dict(binarize.KERNEL_BINARIZERS))
+    return binarize.KERNEL_BINARIZERS
+
+
+def test_registered_kernel_binarizer_is_chosen_by_name_and_trains_with_its_gradient(kernel_registry):
+    """``model.kernel_binarizer`` builds every binary linear with the registered class (with
+    ``weight_scale``); the kernel gradient is the new one: nonzero where ``|W| > 1`` (the default's
+    is exactly 0 there) and bit for bit the default's elsewhere (the same operations, times 1)."""
+    register_kernel_binarizer(UnclippedSign)
+    model = _nano("approx", kernel_binarizer="unclipped_test")
+    assert model.blocks[0].mlp.fc2.linear.weight_binarizer == UnclippedSign(scale=True)
+    unscaled = _nano("approx", kernel_binarizer="unclipped_test", weight_scale=False)
+    assert unscaled.blocks[0].attn.q.linear.weight_binarizer == UnclippedSign(scale=False)
+    with pytest.raises(ValueError, match="exists already"):
+        register_kernel_binarizer(UnclippedSign)
+    with pytest.raises(TypeError, match="WeightBinarizer subclass"):
+        register_kernel_binarizer(TanhSign)
+    with pytest.raises(ValueError, match="Unknown kernel binarizer 'nope'"):
+        _nano("approx", kernel_binarizer="nope")
+
+    x = jnp.where(jax.random.normal(jax.random.key(1), (6, 40)) >= 0, 1.0, -1.0)
+    w = 1.5 * jax.random.normal(jax.random.key(2), (40, 5))  # about half of |W| > 1
+    g = jax.random.normal(jax.random.key(3), (6, 5))
+    grads = {}
+    for b in (UnclippedSign(), WeightBinarizer()):
+        y, vjp = jax.vjp(b.matmul, x, w)
+        grads[type(b).__name__] = vjp(g)[1]
+        np.testing.assert_array_equal(y, binarize.binary_matmul(x, w, True))  # one forward
+    outside = np.abs(np.asarray(w)) > 1
+    assert outside.any() and (~outside).any()
+    new, ref = np.asarray(grads["UnclippedSign"]), np.asarray(grads["WeightBinarizer"])
+    assert np.all(ref[outside] == 0) and np.all(new[outside] != 0)
+    np.testing.assert_array_equal(new[~outside], ref[~outside])
+
+
+def test_registered_kernel_binarizer_exports_and_runs_packed_bit_for_bit(kernel_registry):
+    """Same packing as the default: the file records the binarizer's name, loads it back and runs the
+    model's eval forward bit for bit on CPU."""
+    register_kernel_binarizer(UnclippedSign)
+    model = perturb(_nano("approx", kernel_binarizer="unclipped_test"))
+    loaded = load_packed(export_model(model, data=None))
+    assert loaded.opts.kernel_binarizer == "unclipped_test"
+    x = random_images(model.cfg)
+    got, ref = np.asarray(packed_forward(loaded, x)), model_forward(model, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref)

@@ -7,7 +7,9 @@ takes its variant and preset by position or name. (The recipe, :mod:`bvit_jax.tr
 is tested in ``tests/test_recipes.py``.)
 """
 
+import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 import ml_collections
 import pytest
@@ -15,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bvit_jax.errors import ConfigError
+from bvit_jax.nn import binarize
 from bvit_jax.nn.models import PRESETS, VARIANTS, create, override_fields
 from bvit_jax.runs.workdir import build_model
 from bvit_jax.train import recipes
@@ -23,8 +26,14 @@ from configs import fashion_mnist, imagenet_deit
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = str(ROOT / "configs" / "fashion_mnist.py")
 
+
 # One non-default value per override field, valid for configs/fashion_mnist.py:binaryvit,tiny
 # (28 px, embed 32, depth 1, 2 heads). A new field must be added here (asserted below).
+@dataclasses.dataclass(frozen=True)
+class WeightTest(binarize.WeightBinarizer):
+    name: ClassVar[str] = "weight_test"
+
+
 VALUES = {
     "patch_size": 4,
     "embed_dim": 48,
@@ -34,6 +43,7 @@ VALUES = {
     "binarize_weights": False,
     "binarize_acts": False,
     "act_binarizer": "ste",
+    "kernel_binarizer": "weight_test",  # registered for the case (a WeightBinarizer subclass)
     "weight_scale": False,
     "learnable_shift": False,
     "asm": False,
@@ -73,8 +83,10 @@ def test_values_cover_every_override_field():
 
 
 @pytest.mark.parametrize("name", sorted(VALUES))
-def test_every_override_field_is_settable_from_the_command_line(name):
+def test_every_override_field_is_settable_from_the_command_line(name, monkeypatch):
     value = VALUES[name]
+    if name == "kernel_binarizer":  # only the default is built in: a second one, for this case only
+        monkeypatch.setitem(binarize.KERNEL_BINARIZERS, value, WeightTest)
     config = _parse(f"--config.model.overrides.{name}={value}")
     assert config.model.overrides[name] == value
     model = _abstract(config)

@@ -71,6 +71,9 @@ __all__ = [
     "elastic_matmul",
     "ACTIVATION_BINARIZERS",
     "get_activation_binarizer",
+    "KERNEL_BINARIZERS",
+    "get_kernel_binarizer",
+    "register_kernel_binarizer",
     "register_activation_binarizer",
 ]
 
@@ -497,6 +500,41 @@ def register_activation_binarizer(binarizer: Binarizer) -> Binarizer:
         raise ValueError(f"an activation binarizer named {binarizer.name!r} exists already")
     ACTIVATION_BINARIZERS[binarizer.name] = binarizer
     return binarizer
+
+
+KERNEL_BINARIZERS: dict[str, type[WeightBinarizer]] = {WeightBinarizer.name: WeightBinarizer}
+"""The kernel binarizers a config can name (``model.kernel_binarizer``), each a :class:`WeightBinarizer`
+class built with ``scale=model.weight_scale``: add one with :func:`register_kernel_binarizer`."""
+
+
+def register_kernel_binarizer(cls: type[WeightBinarizer]) -> type[WeightBinarizer]:
+    """Make the kernel binarizer class ``cls`` selectable as ``model.kernel_binarizer = cls.name``; returns it.
+
+    ``cls`` subclasses :class:`WeightBinarizer` (a binary linear calls its
+    ``matmul``, ``unscaled_matmul`` and ``alpha``) and its name must be new
+    (``ValueError`` otherwise). A kernel binarizer with the ``alpha * sign(W)``
+    forward and a new gradient keeps the parent's packing and exports and runs
+    packed with nothing else added; one with another forward declares its
+    :class:`Packing`, which export refuses until a kernel format stores it
+    (:mod:`bvit_jax.deploy.kernel_formats`). Usable as a class decorator.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, WeightBinarizer)):
+        raise TypeError(f"expected a WeightBinarizer subclass, got {cls!r}")
+    if cls.name in KERNEL_BINARIZERS:
+        raise ValueError(f"a kernel binarizer named {cls.name!r} exists already")
+    KERNEL_BINARIZERS[cls.name] = cls
+    return cls
+
+
+def get_kernel_binarizer(name: str, scale: bool = True) -> WeightBinarizer:
+    """The kernel binarizer of a config name (``'weight'``, ``model.kernel_binarizer``), with ``scale``."""
+    try:
+        return KERNEL_BINARIZERS[name](scale=scale)
+    except KeyError:
+        raise ValueError(
+            f"Unknown kernel binarizer {name!r}; choose one of "
+            f"{sorted(KERNEL_BINARIZERS)} (config field model.kernel_binarizer)."
+        ) from None
 
 
 def get_activation_binarizer(name: str) -> Binarizer:

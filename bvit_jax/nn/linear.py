@@ -14,7 +14,7 @@ from einops import rearrange
 from flax import nnx
 
 from bvit_jax.nn.activations import RPReLU, SignActivation
-from bvit_jax.nn.binarize import Binarizer, WeightBinarizer
+from bvit_jax.nn.binarize import Binarizer, get_kernel_binarizer
 from bvit_jax.nn.folding import fold_branch_affine
 from bvit_jax.nn.fused_ops import rounded
 from bvit_jax.nn.layer_report import LayerReport, ParamReport
@@ -48,7 +48,9 @@ class BinaryLinear(nnx.Module):
         self, in_features: int, out_features: int, opts: BinaryOptions, *, use_bias: bool = True, rngs: nnx.Rngs
     ):
         self.in_features, self.out_features = in_features, out_features
-        self.weight_binarizer = WeightBinarizer(scale=opts.weight_scale) if opts.binarize_weights else None
+        self.weight_binarizer = (
+            get_kernel_binarizer(opts.kernel_binarizer, opts.weight_scale) if opts.binarize_weights else None
+        )
         self.dtype = opts.dtype
         self.kernel = nnx.Param(trunc_normal(rngs.params(), (in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None

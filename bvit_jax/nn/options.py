@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from bvit_jax.nn.binarize import LEVEL_MIN, get_activation_binarizer
+from bvit_jax.nn.binarize import LEVEL_MIN, get_activation_binarizer, get_kernel_binarizer
 
 __all__ = ["ASM_MODES", "BRANCH_NORMS", "BRANCH_BN_MOMENTUM", "BRANCH_BN_EPSILON", "BinaryOptions"]
 
@@ -34,6 +34,10 @@ class BinaryOptions:
       binarize_acts: inputs of binary linears -> ``sign(x - shift)``.
       act_binarizer: backward of the activation sign: ``'approx'`` (Bi-Real
         ApproxSign) or ``'ste'`` (clipped straight-through).
+      kernel_binarizer: the binarizer of the latent kernels (a name of
+        :data:`bvit_jax.nn.binarize.KERNEL_BINARIZERS`): ``'weight'``
+        (``alpha * sign(W)``, clipped straight-through gradient) or one added
+        with :func:`bvit_jax.nn.binarize.register_kernel_binarizer`.
       weight_scale: multiply binary weights by ``alpha = mean|W|`` per output channel.
       learnable_shift: static per-channel ``beta`` before every sign (RSign).
       asm: the adaptive ASM term ``gamma * m(x)`` before every sign, ``m`` set by ``asm_mode``.
@@ -85,6 +89,7 @@ class BinaryOptions:
     binarize_weights: bool = False
     binarize_acts: bool = False
     act_binarizer: str = "approx"
+    kernel_binarizer: str = "weight"
     weight_scale: bool = True
     learnable_shift: bool = False
     asm: bool = False
@@ -100,7 +105,8 @@ class BinaryOptions:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        get_activation_binarizer(self.act_binarizer)  # validates the name
+        get_activation_binarizer(self.act_binarizer)  # validates the names
+        get_kernel_binarizer(self.kernel_binarizer)
         if self.asm_mode not in ASM_MODES:
             raise ValueError(f"model.asm_mode={self.asm_mode!r} is not one of {list(ASM_MODES)}")
         if self.branch_norm not in BRANCH_NORMS:
