@@ -19,6 +19,10 @@ from tests.train_helpers import ROOT
 from tests.xla_flags import xla_flags
 
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+# The notebook's BinaryViT student (200 steps of 64 images, distilled from a 100-step teacher) scored 0.425 on
+# this project's 2-core AMD EPYC; the bound leaves 0.125 for other CPUs' float rounding, and is still 29 chance
+# standard deviations above chance.
+STUDENT_TOP1_BOUND = 0.3
 
 
 def _read():
@@ -71,7 +75,11 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     print(f"notebook executed in {elapsed:.0f} s")
 
     text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
-    assert "BinaryViT student: top-1" in text
+    # A short binary run learns: the student's top-1 on 2,000 test images, far above chance (0.1; one
+    # standard deviation of a chance score there is sqrt(0.1 * 0.9 / 2000) = 0.007).
+    student = next(l for l in text.splitlines() if l.startswith("BinaryViT student: top-1"))
+    top1 = float(student.split()[3])
+    assert top1 >= STUDENT_TOP1_BOUND, student
     assert "flip rate at the last logged step" in text
     assert "packed-model top-1" in text
     pngs = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
