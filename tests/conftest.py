@@ -36,3 +36,25 @@ absl_logging.set_verbosity(absl_logging.WARNING)
 # Fixtures shared by several test modules (the TFDS-built fake ImageNet and its damaged copies; the
 # trainer's distillation teacher; a Cloud Storage emulator).
 pytest_plugins = ["tests.data_fixtures", "tests.train_helpers", "tests.gcs_emulator"]
+
+
+# Longest first: the modules whose tests start training processes or run the trainer for many steps (a minute
+# or more each on 2 cores) are handed out before the hundreds of short tests, so that with work stealing
+# (``--dist worksteal``, scripts/test.sh) the two workers end within a short test of each other instead of one
+# waiting while the other runs a long test that came last. The other modules keep their order.
+SLOW_MODULES_FIRST = (
+    "test_preemption.py",
+    "test_multihost.py",
+    "test_ablation.py",
+    "test_notebook.py",
+    "test_sharding.py",
+    "test_convert.py",
+    "test_train.py",
+    "test_stochastic_depth.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: ties keep the collection order
+
