@@ -38,10 +38,12 @@ absl_logging.set_verbosity(absl_logging.WARNING)
 pytest_plugins = ["tests.data_fixtures", "tests.train_helpers", "tests.gcs_emulator"]
 
 
-# Longest first: the modules whose tests start training processes or run the trainer for many steps (a minute
-# or more each on 2 cores) are handed out before the hundreds of short tests, so that with work stealing
-# (``--dist worksteal``, scripts/test.sh) the two workers end within a short test of each other instead of one
-# waiting while the other runs a long test that came last. The other modules keep their order.
+# Longest first on every worker: the modules whose tests start training processes or run the trainer for many
+# steps (a minute or more each on 2 cores) go to the head of each pytest-xdist worker's share, dealt round-robin,
+# and the hundreds of short tests after them. Under ``--dist worksteal`` (scripts/test.sh) a worker first gets
+# one contiguous share of the collection (the scheduler splits it into equal counts, in order) and an idle worker
+# steals from the tail of another's queue, so the run ends on short tests, not on one worker running a long test
+# that came last while the other waits. Both workers compute the same order (a deterministic, stable sort).
 SLOW_MODULES_FIRST = (
     "test_preemption.py",
     "test_multihost.py",
@@ -55,6 +57,15 @@ SLOW_MODULES_FIRST = (
 
 
 def pytest_collection_modifyitems(config, items):
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
     rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: ties keep the collection order
-
+    slow = sorted((it for it in items if it.path.name in rank), key=lambda it: rank[it.path.name])
+    rest = [it for it in items if it.path.name not in rank]
+    order, remaining = [], len(items)
+    for w in range(workers):  # worksteal's first split: worker w gets the next remaining // (workers - w)
+        share = remaining // (workers - w)
+        head = slow[w::workers]
+        take = max(share - len(head), 0)
+        order += head + rest[:take]
+        rest, remaining = rest[take:], remaining - share
+    items[:] = order + rest

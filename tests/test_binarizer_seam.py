@@ -260,3 +260,23 @@ def test_registered_kernel_binarizer_exports_and_runs_packed_bit_for_bit(kernel_
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(got, ref)
+
+
+def test_a_file_whose_binarizers_this_process_has_not_registered_loads_as_the_built_in_ones(
+    registry, kernel_registry, caplog
+):
+    """A process that never registered the training run's binarizers (``bvit-predict`` elsewhere) still loads
+    and runs the file: the names read as the built-in ones, with a warning naming each, and the logits are the
+    registered model's (the file stores the same sign bits and alpha; the forward needs no gradient)."""
+    register_activation_binarizer(TanhSign())
+    register_kernel_binarizer(UnclippedSign)
+    model = perturb(_nano("tanh_test", kernel_binarizer="unclipped_test"))
+    blob = export_model(model, data=None)
+    x = random_images(model.cfg)
+    ref = np.asarray(packed_forward(load_packed(blob), x))
+    del binarize.ACTIVATION_BINARIZERS["tanh_test"], binarize.KERNEL_BINARIZERS["unclipped_test"]
+    with caplog.at_level("WARNING", logger="bvit_jax.deploy.export"):
+        loaded = load_packed(blob)
+    assert (loaded.opts.act_binarizer, loaded.opts.kernel_binarizer) == ("approx", "weight")
+    assert "'tanh_test' is not registered" in caplog.text and "'unclipped_test' is not registered" in caplog.text
+    np.testing.assert_array_equal(np.asarray(packed_forward(loaded, x)), ref)

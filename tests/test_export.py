@@ -72,6 +72,19 @@ def test_file_without_asm_mode_loads_as_token_mean():
         load_packed(bad)
 
 
+def test_later_options_are_written_only_when_used_and_a_switch_the_forward_lacks_is_refused_at_load():
+    """A default model's header has none of the options added after format version 4 (a version-4 reader takes
+    the file); a header that sets one of Le & Li's switches is refused by load_packed, naming it (the packed
+    forward does not compute it; the expected tensors alone would accept its parameters)."""
+    blob = export_model(perturb(create("vit_nano", "binaryvit")), data=None, preset="binaryvit")
+    options = read_header(blob)["options"]
+    assert not set(options) & set(export._LATER_OPTIONS) and "asm_mode" in options
+    for switch in ("rprelu_everywhere", "attention_bypass"):
+        bad = with_header(blob, lambda h, s=switch: h["options"].update({s: True}))
+        with pytest.raises(PackedFormatError, match=f"does not compute model.{switch}"):
+            load_packed(bad)
+
+
 @pytest.mark.parametrize("branch_norm", ["affine", "batchnorm"])
 def test_foldable_branch_norm_is_folded_into_the_file(branch_norm):
     """``branch_norm='affine'`` / ``'batchnorm'``: no ``norm`` tensors; each linear's alpha and bias hold the

@@ -628,11 +628,11 @@ def test_rprelu_everywhere_follows_every_block_linear_and_the_attention_output()
     blk = _perturbed_rprelus(LinearBlock(8, 16, opts, rngs=nnx.Rngs(0)))
     plain = LinearBlock(8, 16, LELI, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(7), (2, 3, 8))
-    np.testing.assert_array_equal(blk(x), blk.act(plain(x)))
+    np.testing.assert_array_equal(blk(x), blk.out_act(plain(x)))
     block = Block(16, 2, 4.0, 9, opts, rngs=nnx.Rngs(0))
     rprelus = sorted("/".join(map(str, p)) for p, m in nnx.iter_modules(block) if isinstance(m, RPReLU))
     linears = ["attn/q", "attn/k", "attn/v", "attn/proj", "mlp/fc1", "mlp/fc2"]
-    assert rprelus == sorted([f"{n}/act" for n in linears] + ["attn/context_act"])
+    assert rprelus == sorted([f"{n}/out_act" for n in linears] + ["attn/context_act"])
     assert block.mlp.act is None and not block.mlp.gelu
     with pytest.raises(ValueError, match="set model.rprelu=True with it"):
         dataclasses.replace(ATT, rprelu_everywhere=True)

@@ -69,7 +69,7 @@ def test_preset_compiles_and_every_parameter_gets_a_finite_nonzero_gradient(pres
         assert any("/q/norm/" in p for p in params)
     if switches:  # the switches' RPReLUs and the bypass's LayerNorm are among them
         assert any("/attn/context_norm/" in p for p in params) and any("/attn/context_act/" in p for p in params)
-        assert any("/attn/q/act/slope" in p for p in params) and any("/mlp/fc2/act/slope" in p for p in params)
+        assert any("/attn/q/out_act/slope" in p for p in params) and any("/mlp/fc2/out_act/slope" in p for p in params)
 
 
 @pytest.mark.parametrize("preset", ["baseline", "binaryvit"])

@@ -33,19 +33,18 @@ def test_packed_forward_matches_fresh_model():
     )
 
 
-# Every binary model with every branch norm, every ASM form with the default norm (LayerNorm, computed at run
-# time), and the two forms of their own statistic each with a folded norm: the shift's statistic and the branch
-# norm are computed in separate places (a sign's input, a linear's output), so not every form meets every
-# norm (8 cases, not 12).
-PACKED_CASES = [("baseline", "token_mean", norm) for norm in BRANCH_NORMS] + [
-    ("binaryvit", "token_mean", "layernorm"),
+# The shipped ASM form (token_mean) with every branch norm, each other form with the default norm (LayerNorm,
+# computed at run time) and one folded norm, and the baseline (no ASM) with the default: every preset, ASM form
+# and branch norm, 8 cases instead of the 12 of the full product (the branch norm's code does not depend on ASM).
+PACKED_CASES = [
+    ("baseline", "token_mean", "layernorm"),
+    *(("binaryvit", "token_mean", norm) for norm in BRANCH_NORMS),
     ("binaryvit", "per_token", "layernorm"),
+    ("binaryvit", "per_token", "affine"),
     ("binaryvit", "per_head", "layernorm"),
-    ("binaryvit", "per_token", "batchnorm"),
-    ("binaryvit", "per_head", "affine"),
+    ("binaryvit", "per_head", "batchnorm"),
 ]
-assert {c[2] for c in PACKED_CASES if c[0] == "binaryvit"} == set(BRANCH_NORMS)
-assert {c[1] for c in PACKED_CASES if c[0] == "binaryvit" and c[2] == "layernorm"} == set(ASM_MODES)
+assert {(c[1], c[2]) for c in PACKED_CASES} >= {(m, "layernorm") for m in ASM_MODES}
 
 
 @pytest.mark.parametrize("preset, asm_mode, branch_norm", PACKED_CASES)
@@ -83,7 +82,7 @@ def test_packed_forward_reproduces_every_sign(preset, asm_mode, branch_norm, mon
     np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(got, ref)
-    if native.available():  # the native kernels give the XLA path's logits bit for bit (docs/export.md)
+    if native.available() and jax.default_backend() == "cpu":  # the native kernels: the XLA path's logits bit for bit
         every_level = (preset, asm_mode, branch_norm) == ("binaryvit", "token_mean", "layernorm")  # compiles cost
         for isa in native.ISAS[: native.ISAS.index(native.best_isa()) + 1] if every_level else (native.best_isa(),):
             monkeypatch.setenv("BVIT_NATIVE_ISA", isa)

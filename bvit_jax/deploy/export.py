@@ -39,6 +39,7 @@ Command line (a trainer workdir's best checkpoint -> file)::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -57,6 +58,7 @@ from bvit_jax.deploy.kernel_formats import kernel_format
 from bvit_jax.deploy.latency import packed_vs_fp32
 from bvit_jax.deploy.packed import PackedModel, check_packable, resolve_backend
 from bvit_jax.errors import UserError
+from bvit_jax.nn import binarize
 from bvit_jax.nn.folding import branch_norm_affine, fold_branch_affine
 from bvit_jax.nn.models import VisionTransformer, ViTConfig, abstract_model, model_variables
 from bvit_jax.nn.options import BinaryOptions
@@ -135,18 +137,52 @@ def _missing_data(fn: str) -> TypeError:
 # --------------------------------------------------------------------------
 
 
+_log = logging.getLogger(__name__)
+
+# Option fields added after format version 4 first appeared: written only when they differ from their
+# default, so a file that does not use them stays readable by every version-4 reader (which refuses an option
+# it does not know, as it should for a file that needs one).
+_LATER_OPTIONS = ("kernel_binarizer", "rprelu_everywhere", "attention_bypass")
+
+
 def _options_to_json(opts: BinaryOptions) -> dict[str, Any]:
     d = dataclasses.asdict(opts)
     d.pop("dtype")
+    defaults = BinaryOptions()
+    for name in _LATER_OPTIONS:
+        if d[name] == getattr(defaults, name):
+            d.pop(name)
     return d
 
 
 def _options_from_json(d: Mapping[str, Any]) -> BinaryOptions:
-    """The header's ``options``; a field it lacks (e.g. ``asm_mode`` in older files) takes its default."""
+    """The header's ``options``; a field it lacks (e.g. ``asm_mode`` in older files) takes its default.
+
+    A binarizer name this process has not registered (a user's own, registered by their code at
+    training time; :func:`bvit_jax.nn.binarize.register_activation_binarizer`,
+    :func:`~bvit_jax.nn.binarize.register_kernel_binarizer`) is read as the built-in one with a
+    warning: export only writes binarizers whose values the file's tensors store as the built-in ones
+    do (sign bits, with ``alpha``), and the packed forward needs their forward only, not their gradient.
+    """
     known = {f.name for f in dataclasses.fields(BinaryOptions)} - {"dtype"}
     unknown = set(d) - known
     if unknown:
         raise PackedFormatError(f"unknown model options in header: {sorted(unknown)}")
+    d = dict(d)
+    defaults = BinaryOptions()
+    for name, registry in (
+        ("act_binarizer", binarize.ACTIVATION_BINARIZERS),
+        ("kernel_binarizer", binarize.KERNEL_BINARIZERS),
+    ):
+        if name in d and d[name] not in registry:
+            _log.warning(
+                "the file's %s %r is not registered in this process: loading it as %r, whose forward "
+                "(+-1 signs) the file stores",
+                name,
+                d[name],
+                getattr(defaults, name),
+            )
+            d[name] = getattr(defaults, name)
     return BinaryOptions(**d, dtype=jnp.float32)
 
 
@@ -413,6 +449,10 @@ def load_packed(source) -> PackedModel:
     except (KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(f"{where}: corrupt .bvit header ({type(e).__name__}: {e})") from None
 
+    try:  # a model the packed forward cannot run is refused when loaded, with the reason
+        check_packable(cfg, opts)
+    except ValueError as e:
+        raise PackedFormatError(f"{where}: {e}") from None
     expected = _expected_tensors(cfg, opts)
     for entry in header["tensors"]:
         name, dt, shape = entry["name"], entry["dtype"], tuple(entry["shape"])

@@ -19,7 +19,7 @@ class Mlp(nnx.Module):
     """Transformer MLP: ``fc2(act(fc1(x)))``, act = RPReLU (binary baseline) or GELU (DeiT).
 
     With ``rprelu_everywhere`` every block linear ends in its own RPReLU, so the
-    activation is fc1's (``fc1.act``) and the MLP adds none.
+    activation is fc1's (``fc1.out_act``) and the MLP adds none.
     """
 
     def __init__(self, dim: int, hidden: int, opts: BinaryOptions, *, rngs: nnx.Rngs):

@@ -168,7 +168,7 @@ class LinearBlock(nnx.Module):
     names) or a BatchNorm (``'batchnorm'``, :class:`BranchBatchNorm`, plus
     the statistics ``norm/mean``, ``norm/var``; the linear then has no bias,
     ``b = 0``, which the batch mean would remove). With ``opts.rprelu_everywhere``
-    the block's output goes through its own :class:`RPReLU` (``act``). The last two, at inference
+    the block's output goes through its own :class:`RPReLU` (``out_act``). The last two, at inference
     (a BatchNorm in eval mode is the affine map of its running statistics,
     :func:`batchnorm_affine`), are computed folded into the linear as
     ``d * (alpha * scale) + (b * scale + shift)`` for ``linear(x) = d * alpha + b``
@@ -192,7 +192,7 @@ class LinearBlock(nnx.Module):
         else:
             self.norm = None
         # rprelu_everywhere (Le & Li 2023): an RPReLU on the block's output, ``act(match(x) + N(linear(x)))``.
-        self.act = RPReLU(out_features) if opts.rprelu_everywhere else None
+        self.out_act = RPReLU(out_features) if opts.rprelu_everywhere else None
 
     def _folded(self) -> bool:
         """Whether the normalisation is an affine map now (affine; a BatchNorm at inference)."""
@@ -202,7 +202,7 @@ class LinearBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, *, capture: bool = False) -> jax.Array:
         out = self._block(x, capture)
-        return out if self.act is None else self.act(out)
+        return out if self.out_act is None else self.out_act(out)
 
     def _block(self, x: jax.Array, capture: bool) -> jax.Array:
         """``match(x) + N(linear(x))``, before the optional RPReLU."""

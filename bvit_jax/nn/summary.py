@@ -134,6 +134,8 @@ _RANK = {
     "q_sign": 3,
     "k_sign": 4,
     "v_sign": 5,
+    "context_norm": 6,
+    "context_act": 6,
     "proj": 7,
     "fc1": 0,
     "act": 1,
@@ -141,6 +143,7 @@ _RANK = {
     "linear": 0,
     "shift": 0,
     "norm": 4,
+    "out_act": 5,
 }
 
 
