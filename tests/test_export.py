@@ -78,7 +78,7 @@ def test_later_options_are_written_only_when_used_and_a_switch_the_forward_lacks
     forward does not compute it; the expected tensors alone would accept its parameters)."""
     blob = export_model(perturb(create("vit_nano", "binaryvit")), data=None, preset="binaryvit")
     options = read_header(blob)["options"]
-    assert not set(options) & set(export._LATER_OPTIONS) and "asm_mode" in options
+    assert not set(options) & set(export.LATER_OPTIONS) and "asm_mode" in options
     for switch in ("rprelu_everywhere", "attention_bypass"):
         bad = with_header(blob, lambda h, s=switch: h["options"].update({s: True}))
         with pytest.raises(PackedFormatError, match=f"does not compute model.{switch}"):

@@ -70,6 +70,7 @@ __all__ = [
     "export_params",
     "pack_model",
     "load_packed",
+    "LATER_OPTIONS",
     "resolve_data",
     "export_workdir",
     "main",
@@ -142,14 +143,14 @@ _log = logging.getLogger(__name__)
 # Option fields added after format version 4 first appeared: written only when they differ from their
 # default, so a file that does not use them stays readable by every version-4 reader (which refuses an option
 # it does not know, as it should for a file that needs one).
-_LATER_OPTIONS = ("kernel_binarizer", "rprelu_everywhere", "attention_bypass")
+LATER_OPTIONS = ("kernel_binarizer", "rprelu_everywhere", "attention_bypass")
 
 
 def _options_to_json(opts: BinaryOptions) -> dict[str, Any]:
     d = dataclasses.asdict(opts)
     d.pop("dtype")
     defaults = BinaryOptions()
-    for name in _LATER_OPTIONS:
+    for name in LATER_OPTIONS:
         if d[name] == getattr(defaults, name):
             d.pop(name)
     return d
