@@ -89,6 +89,18 @@ def _nano(act_binarizer, **kw):
     return create("vit_nano", "binaryvit", image_size=16, embed_dim=24, num_heads=2, act_binarizer=act_binarizer, **kw)
 
 
+def _file_runs_the_model(model):
+    """``model`` exported and loaded back: the file's packed forward gives the model's eval logits (bit for bit on
+    CPU, where both compute the same float32 operations); returns the loaded model."""
+    loaded = load_packed(export_model(model, data=None))
+    x = random_images(model.cfg)
+    got, ref = np.asarray(packed_forward(loaded, x)), model_forward(model, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, ref)
+    return loaded
+
+
 def test_registered_binarizer_is_chosen_by_name_and_unknown_or_taken_names_are_refused(registry):
     register_activation_binarizer(TanhSign())
     model = _nano("tanh_test")
@@ -124,13 +136,7 @@ def test_new_surrogate_gradient_exports_and_runs_packed_bit_for_bit(registry):
         s_ref.total.fp_macs,
         s_ref.params_1bit,
     )
-    loaded = load_packed(export_model(model, data=None))
-    assert loaded.opts.act_binarizer == "tanh_test"
-    x = random_images(model.cfg)
-    got, ref = np.asarray(packed_forward(loaded, x)), model_forward(model, x)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    if jax.default_backend() == "cpu":
-        np.testing.assert_array_equal(got, ref)
+    assert _file_runs_the_model(model).opts.act_binarizer == "tanh_test"
 
 
 def test_new_forward_is_counted_as_one_bit_and_refused_by_the_deployment_path(registry):
@@ -253,13 +259,7 @@ def test_registered_kernel_binarizer_exports_and_runs_packed_bit_for_bit(kernel_
     model's eval forward bit for bit on CPU."""
     register_kernel_binarizer(UnclippedSign)
     model = perturb(_nano("approx", kernel_binarizer="unclipped_test"))
-    loaded = load_packed(export_model(model, data=None))
-    assert loaded.opts.kernel_binarizer == "unclipped_test"
-    x = random_images(model.cfg)
-    got, ref = np.asarray(packed_forward(loaded, x)), model_forward(model, x)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    if jax.default_backend() == "cpu":
-        np.testing.assert_array_equal(got, ref)
+    assert _file_runs_the_model(model).opts.kernel_binarizer == "unclipped_test"
 
 
 def test_a_file_whose_binarizers_this_process_has_not_registered_loads_as_the_built_in_ones(
