@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import ClassVar
 
 import jax
@@ -214,6 +215,7 @@ class UnclippedSign(WeightBinarizer):
     """``alpha * sign(W)`` forward, straight-through backward without the clip: only the gradient is new."""
 
     name: ClassVar[str] = "unclipped_test"
+    ste_window: ClassVar[float] = math.inf  # the gradient reaches every latent weight
 
     def matmul(self, x, w):
         return _unclipped_matmul(x, w, self.scale)
@@ -258,6 +260,46 @@ def test_registered_kernel_binarizer_is_chosen_by_name_and_trains_with_its_gradi
     new, ref = np.asarray(grads["UnclippedSign"]), np.asarray(grads["WeightBinarizer"])
     assert np.all(ref[outside] == 0) and np.all(new[outside] != 0)
     np.testing.assert_array_equal(new[~outside], ref[~outside])
+
+
+def test_the_trainer_counts_latent_weights_outside_the_kernel_binarizers_own_gradient_window(kernel_registry):
+    """``outside_window/all`` of a train step is the share of latent weights past the chosen kernel
+    binarizer's ``ste_window``: the default's |W| > 1 (those get no gradient), none for one whose
+    gradient is not clipped (they all get one)."""
+    from bvit_jax.nn.param_groups import latent_weight_mask
+    from bvit_jax.runs.workdir import build_model
+    from bvit_jax.train.optim import build_optimizer
+    from bvit_jax.train.trainer import init_train_state, make_train_step, split_for_training
+    from tests.train_helpers import tiny_config
+
+    register_kernel_binarizer(UnclippedSign)
+    shares = {}
+    for name in ("weight", "unclipped_test"):
+        cfg = tiny_config("baseline", distill__enabled=False, model__overrides__kernel_binarizer=name)
+        graphdef, params, stats = split_for_training(build_model(cfg))
+        latent = latent_weight_mask(build_model(cfg), params)
+        # Latent weights drawn so that about half are past 1 (N(0, 1.5^2): P(|W| > 1) = 0.50).
+        leaves, tree = jax.tree.flatten(params)
+        flags = jax.tree.leaves(latent)
+        keys = jax.random.split(jax.random.key(0), len(leaves))
+        leaves = [1.5 * jax.random.normal(k, v.shape) if m else v for k, v, m in zip(keys, leaves, flags)]
+        params = jax.tree.unflatten(tree, leaves)
+        tx = build_optimizer(cfg, params, latent, total_steps=8, warmup_steps=2, grs_warmup_steps=0)
+        step = make_train_step(cfg, graphdef, latent, tx)
+        labels = jnp.arange(8) % 10
+        images = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+        batch = {"image": images, "label": jax.nn.one_hot(labels, 10), "label_index": labels}
+        state, metrics = jax.jit(step)(init_train_state(params, tx, latent, stats), batch, None)
+        new = [np.asarray(v) for v, m in zip(jax.tree.leaves(state["params"]), flags) if m]
+        assert len(new) == 6  # the bound below counts them
+        expected = sum(int((np.abs(v) > 1).sum()) for v in new) / sum(v.size for v in new)
+        shares[name] = (float(metrics["outside_window/all"]), expected)
+    got, expected = shares["weight"]
+    # The logged share is float32: per layer an exact count (< 2^24) divided by its size (one rounding), times
+    # the size, summed over the L latent kernels and divided by the total: at most (L + 3) roundings of 2^-24
+    # relative, L = 6 here (q, k, v, proj, fc1, fc2), so 5.4e-7 < 1e-6.
+    assert 0.4 < expected < 0.6 and got == pytest.approx(expected, rel=1e-6)
+    assert shares["unclipped_test"][0] == 0.0
 
 
 def test_registered_kernel_binarizer_exports_and_runs_packed_bit_for_bit(kernel_registry):

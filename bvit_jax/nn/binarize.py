@@ -442,6 +442,9 @@ class WeightBinarizer(Binarizer):
 
     scale: bool = True
     name: ClassVar[str] = "weight"
+    # The straight-through gradient reaches a latent weight only where |W| <= ste_window (math.inf: everywhere);
+    # a subclass with another gradient states its own (the trainer logs the share outside it).
+    ste_window: ClassVar[float] = 1.0
 
     @property
     def packing(self) -> Packing:  # type: ignore[override]

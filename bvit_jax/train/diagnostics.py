@@ -83,7 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bvit_jax.nn.binarize import channel_alpha, sign
+from bvit_jax.nn.binarize import WeightBinarizer, channel_alpha, sign
 from bvit_jax.nn.param_groups import flatten_with_paths
 
 __all__ = [
@@ -105,8 +105,9 @@ __all__ = [
 ]
 
 _EPS = 1e-12
-# The weight binarizer's straight-through gradient is alpha * dL/dW_b * 1{|W| <= STE_WINDOW} (bvit_jax.nn.binarize).
-STE_WINDOW = 1.0
+# The default kernel binarizer's straight-through gradient is alpha * dL/dW_b * 1{|W| <= STE_WINDOW}
+# (bvit_jax.nn.binarize.WeightBinarizer; another kernel binarizer states its own ste_window).
+STE_WINDOW = WeightBinarizer.ste_window
 
 
 def _sign_int8(x: jax.Array) -> jax.Array:
@@ -247,11 +248,13 @@ def near_zero_share(params: Any, mask: Any, frac: float = 0.25) -> dict[str, jax
 def outside_ste_window_share(params: Any, mask: Any, window: float = STE_WINDOW) -> dict[str, jax.Array]:
     """Share of latent weights outside the straight-through window, ``|W| > window``, per layer.
 
-    The weight binarizer passes ``dL/dW = alpha * dL/dW_b * 1{|W| <= 1}``
+    The default kernel binarizer passes ``dL/dW = alpha * dL/dW_b * 1{|W| <= 1}``
     (the clipped STE of Hubara et al., 2016; :mod:`bvit_jax.nn.binarize`), so
     a latent weight with ``|W| > 1`` gets no gradient from the loss: its sign
     is fixed until GRS (which pulls ``|W|`` towards ``alpha``) or the latent
     weight clip (:func:`bvit_jax.train.optim.clip_latent_weights`) moves it back.
+    ``window`` is the kernel binarizer's ``ste_window`` (``math.inf`` for one
+    whose gradient is not clipped: the share is then 0).
     Keys ``outside_window/<path>``, ``outside_window/mean``,
     ``outside_window/all`` (pooled over all latent weights; the train step
     logs this one every step).
@@ -279,12 +282,14 @@ def bimodality(params: Any, mask: Any) -> dict[str, jax.Array]:
     return _summarize("bimodality", per)
 
 
-def weight_metrics(prev_params: Any, params: Any, mask: Any, near_zero_frac: float = 0.25) -> dict[str, jax.Array]:
-    """Flip rate, near-zero share, share outside the STE window and bimodality in one dict."""
+def weight_metrics(
+    prev_params: Any, params: Any, mask: Any, near_zero_frac: float = 0.25, window: float = STE_WINDOW
+) -> dict[str, jax.Array]:
+    """Flip rate, near-zero share, share outside the STE window (``window``) and bimodality in one dict."""
     return {
         **flip_rate(prev_params, params, mask),
         **near_zero_share(params, mask, near_zero_frac),
-        **outside_ste_window_share(params, mask),
+        **outside_ste_window_share(params, mask, window),
         **bimodality(params, mask),
     }
 

@@ -23,6 +23,7 @@ from flax import nnx
 from bvit_jax import cli
 from bvit_jax import data as input_pipeline
 from bvit_jax.errors import ConfigError, UserError
+from bvit_jax.nn.binarize import KERNEL_BINARIZERS
 from bvit_jax.nn.models import PRESETS, REMAT_POLICIES, VARIANTS, drop_path_keys, model_variables, training_view
 from bvit_jax.nn.param_groups import latent_weight_mask
 from bvit_jax.nn.precision import COMPUTE_DTYPES, compute_dtype
@@ -324,8 +325,8 @@ def make_train_step(
     (:func:`bvit_jax.train.grad_accum.accumulated_value_and_grad`); then ``tx``
     (GRS -> clip -> AdamW), a non-finite guard, and the flip-rate /
     oscillation statistics and the share of latent weights outside the
-    straight-through window (``outside_window/all``,
-    :func:`bvit_jax.train.diagnostics.outside_ste_window_share`) when ``latent``
+    straight-through window of the config's kernel binarizer (its ``ste_window``;
+    ``outside_window/all``, :func:`bvit_jax.train.diagnostics.outside_ste_window_share`) when ``latent``
     marks binary kernels, with the shares of never-flipped weights (since
     step ``flips_from``, the trainer passes the end of the warm-up) and of
     silent weights (:func:`bvit_jax.train.diagnostics.oscillation_update`).
@@ -341,6 +342,8 @@ def make_train_step(
     teacher's forward never drops.
     """
     has_latent = any(jax.tree.leaves(latent))
+    kernel_binarizer = (config.model.get("overrides") or {}).get("kernel_binarizer") or "weight"
+    ste_window = KERNEL_BINARIZERS[kernel_binarizer].ste_window  # where the kernel's gradient passes
     distill = teacher_graphdef is not None
     d = config.distill
     drop = (config.model.get("drop_path_rate", 0.0) or 0.0) > 0
@@ -386,7 +389,7 @@ def make_train_step(
             weight_stats = {
                 **diagnostics.flip_rate(p, new_p, latent),
                 **osc_metrics,
-                **diagnostics.outside_ste_window_share(new_p, latent),
+                **diagnostics.outside_ste_window_share(new_p, latent, ste_window),
             }
             weight_stats = {k: v for k, v in weight_stats.items() if k.endswith("/all")}
         metrics = {
