@@ -118,6 +118,26 @@ def test_binary_student_gets_the_shared_tensors_and_keeps_binary_only_params_at_
     assert "left at init 68 tensors" in str(report)
 
 
+def test_the_report_names_the_kind_of_every_parameter_of_le_and_lis_switches():
+    """A model with ``rprelu_everywhere`` and ``attention_bypass`` imports like the baseline: the RPReLU of
+    every block linear and of the attention output, and the bypass's LayerNorm, are left at init and
+    reported by kind (not by raw path); everything timm has is copied."""
+    tm = _timm_model("deit_tiny_patch16_224", depth=1, seed=4)
+    model = create("deit_tiny", "baseline", depth=1, rprelu_everywhere=True, attention_bypass=True)
+    report = load_timm_state_dict(model, tm.state_dict())
+    kinds = report.left_by_kind()
+    assert set(kinds) == {
+        "activation shift beta (RSign)",
+        "shortcut LayerNorm",
+        "RPReLU",
+        "attention level c",
+        "attention bypass LayerNorm",
+    }
+    # 7 RPReLUs of 3 vectors each: q, k, v, proj, fc2 and the attention output 192 wide, fc1 4 x 192
+    assert kinds["RPReLU"] == (3 * 7, 3 * (6 * 192 + 4 * 192))
+    assert kinds["attention bypass LayerNorm"] == (2, 2 * 192)
+
+
 def test_load_into_an_existing_model_and_skip_head():
     tm = _timm_model("deit_tiny_patch16_224", depth=1, seed=2)
     model = create("deit_tiny", "baseline", depth=1, num_classes=10)

@@ -114,7 +114,8 @@ _KINDS = (  # (regex on our path, what it is) for the report
     (r"/shift/beta$", "activation shift beta (RSign)"),
     (r"/shift/gamma$", "ASM gamma"),
     (r"/(q|k|v|proj|fc1|fc2)/norm/(scale|bias)$", "shortcut LayerNorm"),
-    (r"/mlp/act/(gamma|zeta|slope)$", "RPReLU"),
+    (r"/(mlp/act|out_act|attn/context_act)/(gamma|zeta|slope)$", "RPReLU"),
+    (r"/attn/context_norm/(scale|bias)$", "attention bypass LayerNorm"),
     (r"/attn_level(_raw)?$", "attention level c"),
     (r"^head/", "head (skip_head)"),
 )
