@@ -31,7 +31,7 @@ def _late_mean(rows: list[dict], key: str, frac: float = 0.2) -> float:
 
 
 # The sign-movement shares at the end of training (train rows; runs from before they were logged: "–").
-END_SHARES = (("never_flipped/all", "never flipped"), ("silent/all", "silent"), ("outside_window/all", "|W| > 1"))
+END_SHARES = (("never_flipped/all", "never flipped"), ("silent/all", "silent"), ("outside_window/all", "abs(W) > 1"))
 
 
 def _final_share(rows: list[dict], key: str) -> float:
