@@ -219,13 +219,17 @@ def test_adaptive_grs_is_rebnn_per_channel_rule_from_the_last_update_s_flips():
     np.testing.assert_array_equal(upd["layer"]["bias"], grads["layer"]["bias"])
 
     p1 = {"layer": {"kernel": jnp.asarray(w1), "bias": params["layer"]["bias"]}}
-    upd, _ = tx.update(grads, state, p1)
+    upd, state = tx.update(grads, state, p1)
     p = np.array([2, 1, 0]) / 4
     lam = s * np.clip(p * np.abs(g).max(axis=0), lo, hi)  # [hi, 0.02, lo] times s
     np.testing.assert_allclose(lam / s, [hi, 0.02, lo])
     # one more rounding than _bound counts (the product p * max|g|): gamma_{n+5}
     bound = _bound(w1, g, lam) * gamma_n(w1.shape[0] + 5) / gamma_n(w1.shape[0] + 4)
     assert_within(upd["layer"]["kernel"], _expected(w1, g, lam), bound, "second update: per-channel lambda")
+
+    # The state moved on to W1's signs: the same W1 again has no flips, so every channel is back at the floor.
+    upd, _ = tx.update(grads, state, p1)
+    assert_within(upd["layer"]["kernel"], _expected(w1, g, s * lo), _bound(w1, g, s * lo), "third update: floor")
 
 
 def test_grs_schedule_lr_follows_the_learning_rate_s_shape():

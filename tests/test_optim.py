@@ -22,7 +22,7 @@ from bvit_jax.train.optim import (
     weight_decay_mask,
 )
 from bvit_jax.train.trainer import ConfigError, validate_config
-from tests.tolerances import U32, assert_within
+from tests.tolerances import U32, assert_within, gamma_n
 from tests.train_helpers import tiny_config
 
 
@@ -269,6 +269,44 @@ def test_grs_schedule_fields_reach_the_chain(kind, start, length, first_move):
         p = optax.apply_updates(p, upd)
 
 
+def test_grs_schedule_lr_in_the_chain_divides_by_the_batch_scaled_peak():
+    """``grs.schedule='lr'``: lambda_t = strength * lr_t / peak with the peak the schedule climbs to,
+    ``base_lr * global_batch / lr_reference_batch`` (here a quarter of base_lr). Zero data gradient, and
+    Adam's eps far above the gradient, so the first update is -lr_0 * g / (|g| + eps) with g the pull
+    lambda_0 * (|W| - alpha) sign(W): the pull's strength shows in the update (it would not with Adam's
+    usual eps, which normalises it away)."""
+    from bvit_jax.train.optim import learning_rate_schedule
+
+    params, latent = _tiny("baseline+grs")
+    strength, eps = 1e-3, 1e3
+    cfg = tiny_config(
+        "baseline+grs",
+        grs__strength=strength,
+        grs__schedule="lr",
+        optimizer__weight_decay=0.0,
+        optimizer__clip_norm=0.0,
+        optimizer__eps=eps,
+    )
+    o = cfg.optimizer
+    tx = build_optimizer(cfg, params, latent, total_steps=20, warmup_steps=4, grs_warmup_steps=0)
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    lr0 = float(learning_rate_schedule(o, 20, 4, cfg.global_batch_size)(0))
+    peak = o.base_lr * cfg.global_batch_size / o.lr_reference_batch
+    assert cfg.global_batch_size * 4 == o.lr_reference_batch  # so a peak of base_lr would give 4x the pull
+    lam0 = strength * lr0 / peak
+    u, w, m = dict(flatten_with_paths(upd)), dict(flatten_with_paths(params)), dict(flatten_with_paths(latent))
+    for k in (k for k in u if m[k]):
+        wk = np.asarray(w[k], np.float64)
+        alpha = np.abs(wk).mean(axis=0)  # float64: the code's float32 mean is within gamma_n(n) * alpha of it
+        g = lam0 * (np.abs(wk) - alpha) * np.where(wk >= 0, 1.0, -1.0)
+        ref = -lr0 * g / (np.abs(g) + eps)
+        # float32: the pull's products and difference, Adam's two moments, their bias corrections, sqrt, + eps,
+        # the divide and the lr product: 16 roundings of U32 relative at most; and |W| - alpha inherits alpha's
+        # error (the mean over the n inputs, gamma_n(n) * alpha), which is not relative where |W| ~ alpha.
+        bound = gamma_n(16) * np.abs(ref) + lr0 / eps * lam0 * gamma_n(wk.shape[0]) * alpha
+        assert_within(u[k], ref, bound, k)
+
+
 # ----------------------------------------------------------------------------- iterative freezing
 def _flip_grads(p):
     """sign(W): AdamW's first update is -lr * sign(W), so every weight with |W| < lr flips."""
@@ -340,6 +378,8 @@ def test_freezing_is_not_added_without_latent_weights():
         (dict(grs__coupling="after"), "config.grs.coupling='after' is unknown"),
         (dict(grs__adaptive=True, grs__coupling="decoupled"), "needs config.grs.coupling='coupled'"),
         (dict(grs__adaptive=True, grs__adaptive_min=1e-3), "must satisfy 0 <= min <= max"),
+        (dict(grs__adaptive=True), "config.grs.adaptive needs config.grs.strength > 0"),  # fp: strength 0
+        (dict(grs__strength=1.0, grs__coupling="decoupled", grs__schedule="lr"), "it would follow lr_t\\^2"),
     ],
 )
 def test_validate_config_rejects_bad_grs_variant_fields(fields, message):
@@ -356,7 +396,7 @@ def test_validate_config_accepts_the_grs_variants():
         dict(grs__freeze_threshold=0.02, grs__freeze_momentum=0.99),
         dict(grs__schedule="lr"),
         dict(grs__coupling="decoupled", grs__schedule="cosine", grs__ramp_start_steps=5),
-        dict(grs__adaptive=True, grs__adaptive_min=0.0, grs__adaptive_max=1e-4),
+        dict(grs__adaptive=True, grs__strength=1e-5, grs__adaptive_min=0.0, grs__adaptive_max=1e-4),
     ):
         validate_config(tiny_config("fp", **fields), 1, 1)
 

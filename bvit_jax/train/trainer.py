@@ -189,6 +189,11 @@ def _validate_grs(g) -> None:
     coupling = g.get("coupling", "coupled")
     if coupling not in GRS_COUPLINGS:
         raise ConfigError(f"config.grs.coupling={coupling!r} is unknown; choose one of {list(GRS_COUPLINGS)}")
+    if coupling == "decoupled" and kind == "lr":
+        raise ConfigError(
+            "config.grs.coupling='decoupled' already scales the pull by the learning rate (lr_t * lambda_t); "
+            "with config.grs.schedule='lr' it would follow lr_t^2: use schedule 'constant' (or a ramp)"
+        )
     if g.get("adaptive", False):
         if coupling != "coupled":
             raise ConfigError(
@@ -198,6 +203,11 @@ def _validate_grs(g) -> None:
         lo, hi = g.get("adaptive_min", 1e-5), g.get("adaptive_max", 2e-4)
         if not 0 <= lo <= hi:
             raise ConfigError(f"config.grs.adaptive_min={lo} and adaptive_max={hi} must satisfy 0 <= min <= max")
+        if not g.strength > 0:
+            raise ConfigError(
+                "config.grs.adaptive needs config.grs.strength > 0 (the strength switches GRS on and its schedule "
+                "shapes the adaptive lambda, which comes from adaptive_min/adaptive_max)"
+            )
     if kind == "constant" and ramp:
         raise ConfigError(
             "config.grs.ramp_start_*/ramp_* only apply to config.grs.schedule='linear' or 'cosine'; "
