@@ -634,7 +634,7 @@ def test_rprelu_everywhere_follows_every_block_linear_and_the_attention_output()
     linears = ["attn/q", "attn/k", "attn/v", "attn/proj", "mlp/fc1", "mlp/fc2"]
     assert rprelus == sorted([f"{n}/out_act" for n in linears] + ["attn/context_act"])
     assert block.mlp.act is None and not block.mlp.gelu
-    with pytest.raises(ValueError, match="set model.rprelu=True with it"):
+    with pytest.raises(ValueError, match="set model.overrides.rprelu=True with it"):
         dataclasses.replace(ATT, rprelu_everywhere=True)
 
 
@@ -671,7 +671,7 @@ def test_attention_bypass_adds_the_real_q_k_v_to_the_normalised_binary_attention
     # plain: proj(ctx) with ctx unchanged; proj's shortcut carries ctx, not x, so nothing moves
     np.testing.assert_array_equal(before, after)
     assert not np.array_equal(np.asarray(attn(x)), np.asarray(attn(nudged)))
-    with pytest.raises(ValueError, match="needs model.binary_attention=True"):
+    with pytest.raises(ValueError, match="needs model.overrides.binary_attention=True"):
         dataclasses.replace(BIN, attention_bypass=True)
 
 

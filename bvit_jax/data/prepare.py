@@ -21,7 +21,7 @@ opens (ArrayRecord footer and index only) and holds the records
   python -m bvit_jax.data.prepare --verify --dataset=imagenet2012 \
       --data_dir=/data/tfds [--splits=train,validation] [--full]
 
-It exits with status 0 and a summary, or 2 and a message naming every bad
+It exits with status 0 and a summary, or 1 and a message naming every bad
 file and the command that repairs it (``--full`` also reads every record).
 """
 

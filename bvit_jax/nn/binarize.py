@@ -536,7 +536,7 @@ def get_kernel_binarizer(name: str, scale: bool = True) -> WeightBinarizer:
     except KeyError:
         raise ValueError(
             f"Unknown kernel binarizer {name!r}; choose one of "
-            f"{sorted(KERNEL_BINARIZERS)} (config field model.kernel_binarizer)."
+            f"{sorted(KERNEL_BINARIZERS)} (config field model.overrides.kernel_binarizer)."
         ) from None
 
 
@@ -547,5 +547,5 @@ def get_activation_binarizer(name: str) -> Binarizer:
     except KeyError:
         raise ValueError(
             f"Unknown activation binarizer {name!r}; choose one of "
-            f"{sorted(ACTIVATION_BINARIZERS)} (config field model.act_binarizer)."
+            f"{sorted(ACTIVATION_BINARIZERS)} (config field model.overrides.act_binarizer)."
         ) from None

@@ -1,4 +1,4 @@
-"""The switches of a model: :class:`BinaryOptions`, one frozen record of every ``model.*`` field
+"""The switches of a model: :class:`BinaryOptions`, one frozen record of every ``model.overrides.*`` field
 that decides where the bits are, and the names each switch may take.
 
 Every layer of :mod:`bvit_jax.nn` reads its switches from here; with every
@@ -27,7 +27,7 @@ BRANCH_BN_EPSILON = 1e-5
 
 @dataclasses.dataclass(frozen=True)
 class BinaryOptions:
-    """The switches of one model; every field is a config field (``model.*``).
+    """The switches of one model; every field is a config field (``model.overrides.*``).
 
     Attributes:
       binarize_weights: latent float kernels -> ``alpha * sign(W)`` in the forward.
@@ -108,32 +108,32 @@ class BinaryOptions:
         get_activation_binarizer(self.act_binarizer)  # validates the names
         get_kernel_binarizer(self.kernel_binarizer)
         if self.asm_mode not in ASM_MODES:
-            raise ValueError(f"model.asm_mode={self.asm_mode!r} is not one of {list(ASM_MODES)}")
+            raise ValueError(f"model.overrides.asm_mode={self.asm_mode!r} is not one of {list(ASM_MODES)}")
         if self.branch_norm not in BRANCH_NORMS:
             raise ValueError(
-                f"model.branch_norm={self.branch_norm!r} is not one of {list(BRANCH_NORMS)} "
-                "(the normalisation on the output branch of every block linear with model.linear_shortcut)"
+                f"model.overrides.branch_norm={self.branch_norm!r} is not one of {list(BRANCH_NORMS)} "
+                "(the normalisation on the output branch of every block linear with model.overrides.linear_shortcut)"
             )
         if self.attn_level_init is not None and not (LEVEL_MIN < self.attn_level_init < float("inf")):
             raise ValueError(
-                f"model.attn_level_init={self.attn_level_init} must be a finite number > {LEVEL_MIN} "
+                f"model.overrides.attn_level_init={self.attn_level_init} must be a finite number > {LEVEL_MIN} "
                 "(the {0, c} level is positive; None starts at 1/N)"
             )
         if (self.asm or self.learnable_shift) and not (self.binarize_acts or self.binary_attention):
             raise ValueError(
-                "model.asm / model.learnable_shift shift the input of a sign, but no "
-                "activation is binarized: set model.binarize_acts or model.binary_attention."
+                "model.overrides.asm / model.overrides.learnable_shift shift the input of a sign, but no "
+                "activation is binarized: set model.overrides.binarize_acts or model.overrides.binary_attention."
             )
 
         if self.rprelu_everywhere and not self.rprelu:
             raise ValueError(
-                "model.rprelu_everywhere adds an RPReLU after every block linear, the MLP's included: "
-                "set model.rprelu=True with it (the MLP's activation is then fc1's RPReLU, not GELU)"
+                "model.overrides.rprelu_everywhere adds an RPReLU after every block linear, the MLP's included: "
+                "set model.overrides.rprelu=True with it (the MLP's activation is then fc1's RPReLU, not GELU)"
             )
         if self.attention_bypass and not self.binary_attention:
             raise ValueError(
-                "model.attention_bypass adds the real-valued q, k, v around the binary attention: "
-                "it needs model.binary_attention=True (without it the attention is real-valued already)"
+                "model.overrides.attention_bypass adds the real-valued q, k, v around the binary attention: "
+                "it needs model.overrides.binary_attention=True (without it the attention is real-valued already)"
             )
 
     @property
