@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "STE_CLIP",
     "sign",
     "channel_alpha",
     "Packing",
@@ -78,6 +79,10 @@ __all__ = [
 ]
 
 
+# The straight-through estimators pass the gradient where |input| <= STE_CLIP (Hubara et al., 2016).
+STE_CLIP = 1.0
+
+
 def sign(x: jax.Array) -> jax.Array:
     """Hard sign with ``sign(0) = +1``: ``+1 if x >= 0 else -1`` (no gradient rule)."""
     return jnp.where(x >= 0, 1, -1).astype(x.dtype)
@@ -97,7 +102,7 @@ def ste_sign(x: jax.Array) -> jax.Array:
 
 def _ste_sign_fwd(x):
     # The backward needs only 1{|x| <= 1}: saved as a boolean (1 byte per value) instead of x.
-    return sign(x), jnp.abs(x) <= 1
+    return sign(x), jnp.abs(x) <= STE_CLIP
 
 
 def _ste_sign_bwd(inside, g):
@@ -303,7 +308,7 @@ def _binary_matmul_bwd(scale, res, g):
     dwb = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32).astype(w.dtype)
     if scale:
         dwb = alpha * dwb
-    dw = dwb * (jnp.abs(w) <= 1).astype(dwb.dtype)
+    dw = dwb * (jnp.abs(w) <= STE_CLIP).astype(dwb.dtype)
     return dx, dw
 
 
@@ -444,7 +449,7 @@ class WeightBinarizer(Binarizer):
     name: ClassVar[str] = "weight"
     # The straight-through gradient reaches a latent weight only where |W| <= ste_window (math.inf: everywhere);
     # a subclass with another gradient states its own (the trainer logs the share outside it).
-    ste_window: ClassVar[float] = 1.0
+    ste_window: ClassVar[float] = STE_CLIP
 
     @property
     def packing(self) -> Packing:  # type: ignore[override]
