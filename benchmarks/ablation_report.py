@@ -23,7 +23,7 @@ def _final_eval(wd: Path) -> float:
     return read_metrics(wd, "eval")[-1]["top1"]
 
 
-def _late_mean(rows: list[dict], key: str, frac: float = 0.2) -> float:
+def late_mean(rows: list[dict], key: str, frac: float = 0.2) -> float:
     """Mean of ``key`` over the rows in the last ``frac`` of training."""
     last = rows[-1]["step"]
     vals = [r[key] for r in rows if r["step"] > (1 - frac) * last and key in r]
@@ -34,7 +34,7 @@ def _late_mean(rows: list[dict], key: str, frac: float = 0.2) -> float:
 END_SHARES = (("never_flipped/all", "never flipped"), ("silent/all", "silent"), ("outside_window/all", "abs(W) > 1"))
 
 
-def _final_share(rows: list[dict], key: str) -> float:
+def final_share(rows: list[dict], key: str) -> float:
     """``key`` of the last train row that has it, as a percentage (nan when no row has it)."""
     vals = [r[key] for r in rows if key in r]
     return 100.0 * vals[-1] if vals else float("nan")
@@ -44,7 +44,7 @@ def _share_cells(train_rows: list[list[dict]]) -> str:
     """The END_SHARES columns of a table row: each share's mean over the runs, in %."""
     cells = []
     for key, _ in END_SHARES:
-        v = [x for x in (_final_share(r, key) for r in train_rows) if np.isfinite(x)]
+        v = [x for x in (final_share(r, key) for r in train_rows) if np.isfinite(x)]
         cells.append(f"{np.mean(v):.1f}" if v else "–")
     return " | ".join(cells)
 
@@ -186,7 +186,7 @@ def write_tuning_table(out: Path, extra_runs: dict, presets, seeds) -> None:
             continue
         acc = np.mean([_final_eval(w) for w in wds]) * 100
         train_rows = [read_metrics(w, "train") for w in wds]
-        flip = np.mean([_late_mean(r, "flip_rate/all") for r in train_rows])
+        flip = np.mean([late_mean(r, "flip_rate/all") for r in train_rows])
         diags = [read_metrics(w, "diagnostics") for w in wds]
         bim = np.mean([d[-1]["bimodality/mean"] for d in diags if d]) if any(diags) else float("nan")
         rows.append(f"| {label} | {acc:.2f} | {flip:.2e} | {bim:.3f} | {_share_cells(train_rows)} |")
@@ -253,7 +253,7 @@ def write_report(out: Path, presets, seeds, docs: Path, *, split: str, machine: 
         acc = np.array([_final_eval(w) for w in wds]) * 100
         train_rows = [read_metrics(w, "train") for w in wds]
         diag_rows = [read_metrics(w, "diagnostics") for w in wds]
-        flip = np.mean([_late_mean(r, "flip_rate/all") for r in train_rows])
+        flip = np.mean([late_mean(r, "flip_rate/all") for r in train_rows])
         bim = np.mean([d[-1]["bimodality/mean"] for d in diag_rows if d]) if any(diag_rows) else float("nan")
         ent = np.mean([d[-1]["act_entropy/mean"] for d in diag_rows if d]) if any(diag_rows) else float("nan")
         size = _sizes(wds[0])

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.ablation_report import END_SHARES, _final_share, _late_mean  # noqa: E402
+from benchmarks.ablation_report import END_SHARES, final_share, late_mean  # noqa: E402
 from bvit_jax.train.metric_writers import read_metrics  # noqa: E402
 
 CHECKPOINTS = 5  # top-1 after 1/5, 2/5, ... of training: epochs 3 / 6 / 9 / 12 / 15 of the 15-epoch students
@@ -46,11 +46,11 @@ def run_row(wd: Path) -> dict:
         "steps": last,
         "top1_curve": curve,
         "top1": curve[-1],
-        "flip_rate_late": _late_mean(train, "flip_rate/all") if train and "flip_rate/all" in train[-1] else nan,
+        "flip_rate_late": late_mean(train, "flip_rate/all") if train and "flip_rate/all" in train[-1] else nan,
         "bimodality": d.get("bimodality/mean", nan),
         "entropy_channel": d.get("act_entropy/mean", nan),
         "entropy_token": d.get("act_token_entropy/mean", nan),
-        **{name: _final_share(train, key) for key, name in END_SHARES},
+        **{name: final_share(train, key) for key, name in END_SHARES},
     }
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 from bvit_jax import cli
 from bvit_jax import data as input_pipeline
 from bvit_jax.errors import ConfigError, UserError
-from bvit_jax.nn.binarize import KERNEL_BINARIZERS
+from bvit_jax.nn.binarize import get_kernel_binarizer
 from bvit_jax.nn.models import PRESETS, REMAT_POLICIES, VARIANTS, drop_path_keys, model_variables, training_view
 from bvit_jax.nn.param_groups import latent_weight_mask
 from bvit_jax.nn.precision import COMPUTE_DTYPES, compute_dtype
@@ -353,7 +353,7 @@ def make_train_step(
     """
     has_latent = any(jax.tree.leaves(latent))
     kernel_binarizer = (config.model.get("overrides") or {}).get("kernel_binarizer") or "weight"
-    ste_window = KERNEL_BINARIZERS[kernel_binarizer].ste_window  # where the kernel's gradient passes
+    ste_window = get_kernel_binarizer(kernel_binarizer).ste_window  # where the kernel's gradient passes
     distill = teacher_graphdef is not None
     d = config.distill
     drop = (config.model.get("drop_path_rate", 0.0) or 0.0) > 0
